@@ -1,0 +1,290 @@
+"""Qwen2.5-VL: load it (hub id, local directory or the embedded `tiny`), its processor, LoRA, generation.
+
+The 7B and the tiny model go through the same code: `tiny` is built from a config in this file,
+saved once to a cache directory, and from then on loaded with `from_pretrained` like any checkpoint,
+so quantisation, LoRA and generation are exercised exactly as on the real model.
+"""
+
+import os
+import re
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2TokenizerFast,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+# LoRA goes on the language model only: the vision blocks reuse the names q_proj/.../down_proj,
+# so we match on the module path, not on the name alone.
+LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+# The Qwen2.5-VL chat format, for the tiny tokenizer (real checkpoints bring their own template):
+# <|im_start|>system\n...<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>text<|im_end|>\n
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if loop.first and m.role != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}"
+    "{% else %}{% for c in m.content %}"
+    "{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c.type == 'text' %}{{ c.text }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded tiny Qwen2.5-VL: real architecture (M-RoPE, windowed vision attention), random init
+
+TINY_SIZES = {
+    # text hidden / layers / heads / kv heads / mlp;  vision hidden / depth / heads / mlp
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, v_hidden=64, v_depth=2, v_heads=4, v_mlp=128),
+    "tiny-small": dict(hidden=128, layers=4, heads=4, kv_heads=2, mlp=256, v_hidden=128, v_depth=4, v_heads=4,
+                       v_mlp=256),
+}
+
+
+def tiny_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: the prompt/answer vocabulary of this project, so the
+    demo's sequences are a few dozen tokens rather than one token per byte."""
+    from mcq import TRAINING_WORDS, format_prompt_text
+
+    example = format_prompt_text("Which stain dominates this patch?", ["brown", "blue", "mixed"])
+    return [example] * 50 + TRAINING_WORDS
+
+
+def build_tiny_tokenizer(vocab_size: int = 640) -> Qwen2TokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, bos_token=None, additional_special_tokens=SPECIAL_TOKENS[1:])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(tokenizer, size: str = "tiny") -> Qwen2_5_VLConfig:
+    s = TINY_SIZES[size]
+    head_dim = s["hidden"] // s["heads"]
+    # M-RoPE splits head_dim/2 rotary frequencies over (time, height, width); the 7B uses [16, 24, 24]
+    t = head_dim // 2 // 4
+    mrope_section = [t, (head_dim // 2 - t) // 2, head_dim // 2 - t - (head_dim // 2 - t) // 2]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=s["hidden"], intermediate_size=s["mlp"],
+            num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+            max_position_embeddings=4096, rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                                               mrope_section=mrope_section),
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=s["v_depth"], hidden_size=s["v_hidden"], intermediate_size=s["v_mlp"], num_heads=s["v_heads"],
+            out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            window_size=112, fullatt_block_indexes=[s["v_depth"] - 1],
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_model(size: str = "tiny", seed: int = 0):
+    """A random-init tiny Qwen2.5-VL and its tokenizer; the same seed gives the same weights."""
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, size))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def cache_dir() -> str:
+    return os.environ.get("PATHVLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pathvlm-r1"))
+
+
+def resolve_model_path(name: str, seed: int = 0) -> str:
+    """`tiny`/`tiny-small` -> a directory holding it (built once per seed); anything else unchanged."""
+    if name not in TINY_SIZES:
+        return name
+    path = os.path.join(cache_dir(), f"{name}-seed{seed}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        model, tokenizer = build_tiny_model(name, seed)
+        tmp = f"{path}.tmp{os.getpid()}"
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.replace(tmp, path)  # atomic: a concurrent builder of the same seed wrote the same bytes
+        except OSError:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Processor: Qwen2.5-VL's, without the video processor (it needs torchvision, which does not import
+# beside the CPU torch; AutoProcessor then silently returns a bare tokenizer)
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
+
+
+def load_processor(path: str, min_pixels: int, max_pixels: int) -> ImageOnlyQwen2_5_VLProcessor:
+    if not os.path.isdir(path) and os.sep in path:
+        raise FileNotFoundError(f"model directory not found: {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # batched generation appends to the right end of every row
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels,
+                                               patch_size=14, temporal_patch_size=2, merge_size=2)
+    return ImageOnlyQwen2_5_VLProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model loading
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+            "fp32": torch.float32, "float32": torch.float32}[name]
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype):
+    # The vision tower and lm_head stay in full precision: quantising them saves little, costs accuracy,
+    # and bitsandbytes' CPU kernels crash on layers with fewer than 64 input features (the tiny vision MLP).
+    skip = ["visual", "lm_head"]
+    if kind == "none":
+        return None
+    if kind == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    raise ValueError(f"quantization must be none, 4bit or 8bit, got '{kind}'")
+
+
+def load_model(cfg, adapter: str | None = None, trainable: bool = True):
+    """cfg: a config with ModelConfig's keys. Returns (model, processor); the model is a PeftModel
+    with a trainable adapter named 'default' when `trainable`, loaded from `adapter` if given."""
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    path = resolve_model_path(cfg.model, cfg.seed if cfg.model in TINY_SIZES else 0)
+    if cfg.backend == "unsloth":
+        from unsloth_backend import load_unsloth_model  # optional, GPU only
+        return load_unsloth_model(cfg, path, adapter, trainable)
+    if cfg.attn_implementation == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise SystemExit("attn_implementation=flash_attention_2 needs `pip install flash-attn` (GPU only); "
+                             "use attn_implementation=sdpa")
+    quant = quantization_config(cfg.quantization, dtype)
+    if quant is not None and device.type == "cpu" and dtype != torch.float32:
+        dtype = torch.float32
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, quantization_config=quant, attn_implementation=cfg.attn_implementation,
+        device_map={"": device} if quant is not None else None)
+    if quant is None:
+        model.to(device)
+    processor = load_processor(path, cfg.min_pixels, cfg.max_pixels)
+    model.requires_grad_(False)  # the vision tower (and the rest of the base) stays frozen
+    model = attach_lora(model, cfg, adapter, trainable)
+    return model, processor
+
+
+def attach_lora(model, cfg, adapter: str | None, trainable: bool):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if cfg.gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # with checkpointing, the frozen embeddings must hand a grad-requiring tensor to the first
+        # block, or no gradient reaches the adapters
+        model.enable_input_require_grads()
+    if adapter is not None:
+        check_adapter_dir(adapter)
+        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=LORA_TARGET, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def check_adapter_dir(path: str):
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise FileNotFoundError(f"adapter directory not found or has no adapter_config.json: {path} "
+                                "(give the output_dir of a finished train_sft.py / train_grpo.py run)")
+
+
+def lora_module_names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0]
+
+
+def count_params(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and generation
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Tokens a sampled completion must never contain: a sampled <|image_pad|> crashes the next
+    forward pass (image features and image tokens no longer match)."""
+    names = ["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    return [tokenizer.convert_tokens_to_ids(n) for n in names]
+
+
+def encode_prompts(processor, messages_list, images, device):
+    """Chat messages + PIL images -> left-padded model inputs (input_ids, attention_mask,
+    pixel_values, image_grid_thw)."""
+    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages_list]
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    batch.pop("mm_token_type_ids", None)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def generate(model, processor, inputs: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             num_return_sequences: int = 1):
+    """-> completion_ids (N*num_return_sequences, T) padded with pad id after EOS, and their decoded texts."""
+    tok = processor.tokenizer
+    sample = temperature > 0
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+        top_p=top_p if sample else None, top_k=None, num_return_sequences=num_return_sequences,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        suppress_tokens=special_token_ids(tok))
+    completion_ids = out[:, inputs["input_ids"].shape[1]:]
+    texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
+    return completion_ids, texts
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for tokens up to and including the first EOS, 0 after it. (N, T) -> (N, T) long."""
+    is_eos = completion_ids == eos_id
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.shape[1])
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+    return (positions[None, :] <= first_eos[:, None]).long()
