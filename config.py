@@ -139,3 +139,109 @@ def to_json(cfg) -> str:
 
 
 __all__ = ["ConfigError", "ModelConfig", "load_config", "parse_args", "save_config", "dataclass", "field"]
+
+
+@dataclass
+class EvalConfig(ModelConfig):
+    adapter: str | None = None  # LoRA adapter directory; none = the base model
+    # test sets as name=path-to-jsonl; the first one gives the top-level `accuracy`
+    sets: list[str] = field(default_factory=lambda: ["demo=data/demo/prepared/test.jsonl"])
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    limit: int = 0  # evaluate only the first N items of each set (0 = all)
+    judge: str = "none"  # reasoning-quality judge: none | api | self | rule
+    judge_base_url: str = "https://api.openai.com/v1"
+    judge_model: str = "gpt-4o"
+    judge_api_key_env: str = "OPENAI_API_KEY"  # the key itself never goes in a config
+    judge_concurrency: int = 8
+    run_name: str = ""  # label in reports; default: the output_dir's name
+
+
+@dataclass
+class TrainConfig(ModelConfig):
+    """Keys shared by the two training scripts: optimisation, logging, checkpoints."""
+
+    init_adapter: str | None = None  # start from this LoRA adapter (e.g. the SFT output_dir)
+    max_steps: int = 100
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine | constant (after warmup)
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes; for GPUs)
+    log_every: int = 10
+    save_every: int = 100  # steps between checkpoints (0 = only at the end and on Ctrl-C)
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (newest checkpoint in output_dir) | none | a checkpoint directory
+    tensorboard: bool = False
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    data: str = "data/demo/prepared/sft.jsonl"
+    eval_data: str | None = "data/demo/prepared/test.jsonl"  # held-out loss; none to skip
+    eval_items: int = 64
+    eval_every: int = 50
+    finetune: str = "lora"  # lora | full (every language-model weight: the authors' own stage 1)
+    train_vision: bool = False  # the paper keeps the vision tower frozen
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_len: int = 2048  # longer examples are dropped (never cut: cutting image tokens breaks the model)
+    merge_export: bool = False  # also write output_dir/merged: base + adapter as one model (for vLLM etc.)
+
+    def validate(self):
+        if self.finetune not in ("lora", "full"):
+            raise ConfigError(f"finetune must be lora or full, got '{self.finetune}'")
+        if self.finetune == "full" and self.quantization != "none":
+            raise ConfigError("finetune=full trains the weights themselves: use quantization=none")
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    data: str = "data/demo/prepared/rl.jsonl"
+    eval_data: str | None = None  # optional test split scored (greedy) every eval_every steps
+    eval_every: int = 0
+    eval_items: int = 0  # 0 = the whole split
+    reference: str = "sft"  # sft (init_adapter as a frozen 2nd adapter) | base (adapters disabled) | none
+    # group sampling
+    num_prompts: int = 8  # B: prompts per step
+    group_size: int = 4  # G: completions per prompt
+    max_prompt_len: int = 1024  # longer prompts are dropped and counted (never cut inside the image)
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # rewards: name -> weight (rewards.REWARDS); the paper sums them with equal weight
+    rewards: dict = field(default_factory=lambda: {"format": 1.0, "accuracy": 1.0})
+    accuracy_requires_format: bool = False
+    judge: str = "none"  # process reward judge: api | self | rule
+    judge_base_url: str = "https://api.openai.com/v1"
+    judge_model: str = "gpt-4o"
+    judge_api_key_env: str = "OPENAI_API_KEY"  # name of the variable; the key never enters a config
+    judge_concurrency: int = 8
+    judge_cache_dir: str | None = None
+    # objective (grpo.py)
+    scale_rewards: str = "group"  # group | batch | none
+    skip_equal_groups: bool = False  # drop groups whose rewards are all equal (their advantage is 0)
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    clip_eps: float = 0.2  # ε
+    clip_eps_high: float | None = None  # ε_high (DAPO's clip-higher); none = ε
+    kl_coef: float = 0.04  # β; 0 skips the reference pass
+    num_iterations: int = 1  # μ: policy updates per batch of samples
+    mask_truncated: bool = False  # completions that hit max_new_tokens get no loss
+    # memory and logging
+    micro_batch_size: int = 8  # completions per log-prob forward/backward pass
+    logprob_chunk: int = 1024  # tokens per vocab-projection chunk
+    sample_every: int = 10  # write sample completions every N steps
+    max_bad_steps: int = 5  # stop (with a checkpoint) after this many NaN/inf steps in a row
+
+    def validate(self):
+        if self.reference not in ("sft", "base", "none"):
+            raise ConfigError(f"reference must be sft, base or none, got '{self.reference}'")
+        if self.reference == "sft" and self.init_adapter is None and self.kl_coef != 0:
+            raise ConfigError("reference=sft needs init_adapter (the SFT adapter); or use reference=base")
+        if self.reference == "none" and self.kl_coef != 0:
+            raise ConfigError("reference=none needs kl_coef=0")
+        if "process" in self.rewards and self.judge == "none":
+            raise ConfigError("the process reward needs a judge: judge=api | self | rule")

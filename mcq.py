@@ -203,11 +203,9 @@ class SplitWriter:
 # prompt, the answer format and the demo's explanations.
 TRAINING_WORDS = [
     "<think>", "</think>", "<answer>", "</answer>", "A) ", "B) ", "C) ", "D) ",
-    "The patch is mostly brown: DAB staining dominates over hematoxylin.",
-    "The patch is mostly blue: hematoxylin staining dominates over DAB.",
-    "The patch shows both brown and blue: DAB and hematoxylin are balanced.",
-    "Brown is ruled out. Blue is ruled out. Mixed is ruled out.",
-    "DAB marks the antigen brown; hematoxylin stains nuclei blue.",
+    "The patch is mostly brown. The patch is mostly blue. The patch shows both brown and blue.",
+    "Brown and blue are ruled out. Brown and mixed are ruled out. Blue and mixed are ruled out.",
+    "DAB marks the antigen brown. Hematoxylin stains nuclei blue. DAB and hematoxylin are balanced.",
     "Which stain dominates this patch? brown blue mixed",
     "Which half of the patch is denser in nuclei? left right top bottom upper lower",
     "Nuclei are dense in the left half. Nuclei are dense in the right half.",

@@ -9,6 +9,7 @@ import os
 import re
 
 import torch
+import torch.utils.checkpoint
 from transformers import (
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -187,9 +188,12 @@ def quantization_config(kind: str, compute_dtype: torch.dtype):
     raise ValueError(f"quantization must be none, 4bit or 8bit, got '{kind}'")
 
 
-def load_model(cfg, adapter: str | None = None, trainable: bool = True):
-    """cfg: a config with ModelConfig's keys. Returns (model, processor); the model is a PeftModel
-    with a trainable adapter named 'default' when `trainable`, loaded from `adapter` if given."""
+def load_model(cfg, adapter: str | None = None, trainable: bool = True, lora: bool = True,
+               train_vision: bool = False):
+    """cfg: a config with ModelConfig's keys. Returns (model, processor).
+    lora=True: a PeftModel whose adapter 'default' is loaded from `adapter` (or new), trainable if
+    `trainable`. lora=False: the plain model with every language-model weight trainable (full
+    fine-tuning). The vision tower stays frozen unless `train_vision`."""
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     path = resolve_model_path(cfg.model, cfg.seed if cfg.model in TINY_SIZES else 0)
@@ -212,7 +216,15 @@ def load_model(cfg, adapter: str | None = None, trainable: bool = True):
         model.to(device)
     processor = load_processor(path, cfg.min_pixels, cfg.max_pixels)
     model.requires_grad_(False)  # the vision tower (and the rest of the base) stays frozen
-    model = attach_lora(model, cfg, adapter, trainable)
+    if lora:
+        model = attach_lora(model, cfg, adapter, trainable)
+    elif trainable:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train_vision and trainable:
+        model.get_base_model().model.visual.requires_grad_(True) if lora else model.model.visual.requires_grad_(True)
     return model, processor
 
 
@@ -258,12 +270,85 @@ def special_token_ids(tokenizer) -> list[int]:
 
 
 def encode_prompts(processor, messages_list, images, device):
-    """Chat messages + PIL images -> left-padded model inputs (input_ids, attention_mask,
-    pixel_values, image_grid_thw)."""
+    """Chat messages + PIL images -> left-padded model inputs: input_ids, attention_mask,
+    mm_token_type_ids (1 on image tokens: M-RoPE needs it to place them), pixel_values, image_grid_thw."""
     texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages_list]
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    batch.pop("mm_token_type_ids", None)
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def encode_completions(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target texts (each ending with EOS) -> right-padded ids and mask, (N, T). Tokenised apart from
+    the prompt so that the prompt/completion boundary is exact."""
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def unwrap(model):
+    """The Qwen2_5_VLForConditionalGeneration under a PeftModel (LoRA layers stay in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@torch.no_grad()
+def image_features(model, inputs: dict, repeat: int = 1):
+    """Vision-tower output for each prompt's image, each repeated `repeat` times (one per completion
+    of its group). The tower is frozen and LoRA sits on the language model only, so these features
+    are the same for the sampling, old, reference and policy passes: computed once per step."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    out = unwrap(model).model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    per_image = [f for f in out.pooler_output for _ in range(repeat)]
+    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(per_image))}
+
+
+def repeat_prompts(inputs: dict, repeat: int) -> dict:
+    """Each prompt row repeated `repeat` times (rows i*repeat ... i*repeat+repeat-1 share prompt i)."""
+    out = {k: inputs[k].repeat_interleave(repeat, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out["image_grid_thw"] = inputs["image_grid_thw"].repeat_interleave(repeat, 0)
+    return out
+
+
+def _selected_logprobs(hidden, lm_head, targets):
+    logits = lm_head(hidden).float()  # (n, V): only `chunk_size` rows of the vocab projection at a time
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def completion_logprobs(model, prompt: dict, completion_ids, completion_mask, features=None, position_ids=None,
+                        chunk_size: int = 1024):
+    """log π(c_t | prompt, c_<t) for every completion token -> (N, T).
+
+    prompt: left-padded prompt rows (input_ids, attention_mask, mm_token_type_ids, image_grid_thw and
+    either pixel_values or precomputed `features`); completion_ids/mask: (N, T), right-padded.
+    The vocab projection runs on `chunk_size` tokens at a time (recomputed in backward), so the
+    (N, T, vocab) fp32 logits never exist at once: 16 x 1024 x 152k floats would be 10 GB."""
+    base = unwrap(model)
+    n_prompt = prompt["input_ids"].shape[1]
+    kwargs = dict(
+        input_ids=torch.cat([prompt["input_ids"], completion_ids], 1),
+        attention_mask=torch.cat([prompt["attention_mask"], completion_mask], 1),
+        mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1),
+        image_grid_thw=prompt["image_grid_thw"], position_ids=position_ids)
+    if features is not None:
+        kwargs["mm_encoder_outputs"] = features
+    else:
+        kwargs["pixel_values"] = prompt["pixel_values"]
+    hidden = base.model(**kwargs).last_hidden_state[:, n_prompt - 1:-1]  # (N, T, H): states that predict c_t
+    n, t, h = hidden.shape
+    flat_hidden, flat_targets = hidden.reshape(n * t, h), completion_ids.reshape(n * t)
+    pieces = []
+    for i in range(0, n * t, chunk_size):
+        args = (flat_hidden[i:i + chunk_size], base.lm_head, flat_targets[i:i + chunk_size])
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(_selected_logprobs, *args, use_reentrant=False))
+        else:
+            pieces.append(_selected_logprobs(*args))
+    return torch.cat(pieces).view(n, t)
 
 
 @torch.no_grad()

@@ -1,0 +1,133 @@
+"""Checkpoints that resume exactly: trainable weights, optimizer, scheduler, RNG states, data position.
+
+A checkpoint is written to `<output_dir>/checkpoints/.tmp-step_N` and renamed to `step_N` only when
+complete, so a run killed mid-save never leaves a half-written checkpoint that `resume=auto` picks up.
+"""
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+CKPT_DIR = "checkpoints"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, extra: dict, keep: int = 2,
+                    save_model=None) -> str:
+    """extra: JSON-able loop state (data position, counters). save_model(dir) optionally writes a
+    loadable adapter/model beside the state, so a checkpoint can also be evaluated directly."""
+    root = os.path.join(output_dir, CKPT_DIR)
+    final = os.path.join(root, f"step_{step:07d}")
+    tmp = os.path.join(root, f".tmp-step_{step:07d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": rng_state()}, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "loop.json"), "w") as f:
+        json.dump({"step": step, **extra}, f)
+    if save_model is not None:
+        save_model(os.path.join(tmp, "model"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    root = os.path.join(output_dir, CKPT_DIR)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_"))
+    return [os.path.join(root, n) for n in names]
+
+
+def find_resume(output_dir: str, resume: str) -> str | None:
+    """resume: 'auto' (newest checkpoint in output_dir, if any), 'none', or a checkpoint directory."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    if not os.path.isfile(os.path.join(resume, "state.pt")):
+        raise FileNotFoundError(f"resume: no checkpoint at {resume} (expected {resume}/state.pt)")
+    return resume
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    params = dict(model.named_parameters())
+    missing = [n for n in state["model"] if n not in params]
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match this model: {len(missing)} unknown weights, e.g. {missing[0]}")
+    with torch.no_grad():
+        for n, value in state["model"].items():
+            params[n].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    with open(os.path.join(path, "loop.json")) as f:
+        return json.load(f)
+
+
+def truncate_metrics(path: str, step: int):
+    """Drop metric lines logged after `step`: they came from the part of the run being redone."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = []
+    for ln in lines:
+        try:
+            if json.loads(ln).get("step", 0) <= step:
+                kept.append(ln)
+        except json.JSONDecodeError:
+            continue  # a line cut by the interruption
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+class MetricsLog:
+    """One JSON object per line in output_dir/metrics.jsonl, flushed as written."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = open(path, "a")
+
+    def write(self, row: dict):
+        self.file.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()

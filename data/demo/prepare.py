@@ -1,0 +1,134 @@
+"""The demo dataset: stain questions on real immunohistochemistry patches, for the embedded tiny model.
+
+    python data/demo/prepare.py            # -> data/demo/prepared/{sft,rl,test}.jsonl + images/
+
+Source: `skimage.data.immunohistochemistry()`, a 512x512 IHC-stained section of human colon that
+ships with scikit-image: DAB (brown) marks the antigen, hematoxylin (blue) counterstains nuclei.
+Each 56-px patch asks "Which stain dominates this patch?" with options brown / blue / mixed in a
+shuffled order. The answer is measured, not guessed: colour deconvolution (`rgb2hed`) separates the
+two stains and the log ratio of mean DAB to mean hematoxylin gives the class; patches near a class
+boundary are dropped so that every kept answer is visible.
+
+Test patches come from image blocks never used for training (no overlapping crops across splits).
+
+The SFT split carries a *systematic annotator error*: a share of the blue patches (--sft-blue-as-mixed,
+default 0.65) are labelled "mixed", with an explanation to match, as a careless annotator would.
+The RL and test splits carry the true labels. SFT then learns the format and most of the task but
+confuses blue with mixed; GRPO, rewarded by the verifiable true answer, can correct it. That is the
+paper's story (RL improves on SFT) made measurable on a CPU in minutes. Set --sft-blue-as-mixed 0 for
+clean SFT labels.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+from skimage import data as skdata
+from skimage.color import rgb2hed
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from mcq import Record, SplitWriter  # noqa: E402
+
+CLASSES = ["brown", "blue", "mixed"]
+QUESTION = "Which stain dominates this patch?"
+# The reasoning follows the paper's order: image feature -> option elimination -> knowledge -> answer.
+FEATURE = {"brown": "The patch is mostly brown.", "blue": "The patch is mostly blue.",
+           "mixed": "The patch shows both brown and blue."}
+KNOWLEDGE = {"brown": "DAB marks the antigen brown.", "blue": "Hematoxylin stains nuclei blue.",
+             "mixed": "DAB and hematoxylin are balanced."}
+
+PATCH = 56  # 56 px = 4x4 vision patches of 14 px = 4 tokens after the 2x2 merge
+BLOCK = 128  # the image is cut into 4x4 blocks of 128 px; a patch never crosses a block
+TEST_BLOCKS = {(0, 1), (1, 3), (2, 0), (3, 2)}  # one block per row and column, held out for test
+
+
+def explanation(label: str) -> str:
+    others = [c for c in CLASSES if c != label]
+    return f"{FEATURE[label]} {others[0].capitalize()} and {others[1]} are ruled out. {KNOWLEDGE[label]}"
+
+
+def stain_score(patch_rgb: np.ndarray) -> float:
+    """log(mean DAB / mean hematoxylin): > 0 brown-dominated, < 0 blue-dominated."""
+    hed = rgb2hed(patch_rgb)
+    return float(np.log((hed[..., 2].mean() + 1e-3) / (hed[..., 0].mean() + 1e-3)))
+
+
+def candidate_patches(image: np.ndarray, rng: np.random.Generator, per_block: int):
+    """Random crops inside each block, with a random dihedral transform (rotation/flip) each."""
+    out = []
+    for by in range(image.shape[0] // BLOCK):
+        for bx in range(image.shape[1] // BLOCK):
+            for _ in range(per_block):
+                y = by * BLOCK + rng.integers(0, BLOCK - PATCH + 1)
+                x = bx * BLOCK + rng.integers(0, BLOCK - PATCH + 1)
+                patch = np.rot90(image[y:y + PATCH, x:x + PATCH], k=int(rng.integers(4)))
+                if rng.random() < 0.5:
+                    patch = patch[:, ::-1]
+                out.append(((by, bx) in TEST_BLOCKS, np.ascontiguousarray(patch), stain_score(patch)))
+    return out
+
+
+def label_patches(candidates, margin: float):
+    """Class boundaries at the 33rd/67th percentiles of the score; patches within `margin`
+    percentile points of a boundary are ambiguous and dropped."""
+    scores = np.array([c[2] for c in candidates])
+    ranks = scores.argsort().argsort() / len(scores) * 100
+    labelled = []
+    for (is_test, patch, _), rank in zip(candidates, ranks):
+        if abs(rank - 33.3) < margin or abs(rank - 66.7) < margin:
+            continue
+        label = "blue" if rank < 33.3 else ("mixed" if rank < 66.7 else "brown")
+        labelled.append((is_test, patch, label))
+    return labelled
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="data/demo/prepared")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sft-size", type=int, default=1500)
+    p.add_argument("--rl-size", type=int, default=900)
+    p.add_argument("--test-size", type=int, default=300)
+    p.add_argument("--sft-blue-as-mixed", type=float, default=0.65,
+                   help="share of blue SFT patches labelled 'mixed' (the annotator error GRPO should fix)")
+    p.add_argument("--margin", type=float, default=4.0, help="percentile points dropped around each boundary")
+    args = p.parse_args(argv)
+
+    rng = np.random.default_rng(args.seed)
+    image = skdata.immunohistochemistry()
+    train_blocks = 16 - len(TEST_BLOCKS)
+    per_block = int(1.6 * max((args.sft_size + args.rl_size) / train_blocks, args.test_size / len(TEST_BLOCKS)))
+    labelled = label_patches(candidate_patches(image, rng, per_block), args.margin)
+
+    # balanced classes: each split takes size/3 patches of each class from its own blocks
+    pools = {(t, c): [p for is_t, p, lab in labelled if is_t == t and lab == c] for t in (0, 1) for c in CLASSES}
+    wanted = {"sft": args.sft_size, "rl": args.rl_size, "test": args.test_size}
+    writer = SplitWriter(args.out)
+    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
+    taken = {key: 0 for key in pools}
+    for split, size in wanted.items():
+        is_test = int(split == "test")
+        for i in range(size):
+            label = CLASSES[i % 3]
+            pool = pools[(is_test, label)]
+            if taken[(is_test, label)] >= len(pool):
+                sys.exit(f"not enough '{label}' patches for split {split}: lower the split sizes or the margin")
+            patch = pool[taken[(is_test, label)]]
+            taken[(is_test, label)] += 1
+            given = label
+            if split == "sft" and label == "blue" and rng.random() < args.sft_blue_as_mixed:
+                given = "mixed"
+            options = list(rng.permutation(CLASSES))
+            rid = f"demo-{split}-{i:05d}"
+            rel = f"images/{rid}.png"
+            Image.fromarray(patch).save(os.path.join(args.out, rel))
+            writer.add(split, Record(id=rid, image=rel, question=QUESTION, options=options,
+                                     answer="ABC"[options.index(given)], explanation=explanation(given),
+                                     source=f"demo/stain/{label}"))
+    writer.write(extra={"seed": args.seed, "sft_blue_as_mixed": args.sft_blue_as_mixed})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The GRPO math: pure tensor functions, no I/O, no model. Each is checked by hand in tests/test_grpo.py.
+
+Shapes: N = B*G completions (B prompts, G samples each, rows i*G ... i*G+G-1 share prompt i),
+T = completion tokens.
+"""
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
+    """A_i = (r_i - mean(r_group)) / (std + eps)                                   rewards: (N,) -> (N,)
+
+    scale: 'group' = the std of the prompt's own group (the GRPO paper; PathVLM-R1),
+           'batch' = the std over the whole batch (more stable when a group is nearly uniform),
+           'none'  = no division (Dr. GRPO: dividing by a small std over-weights easy prompts).
+    We use the unbiased std (ddof=1), as TRL does: rewards [1, 0] -> advantages +-0.707.
+    A group whose rewards are all equal gets advantage 0 and so no gradient."""
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centered = centered / (rewards.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale_rewards must be group, batch or none, got '{scale}'")
+    return centered.view(-1)
+
+
+def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) -> (B,) bool: groups whose G rewards are all equal (zero advantage: no learning signal)."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped == grouped[:, :1]).all(dim=1)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, clip_eps_high=None, kl_coef=0.04,
+              loss_type="grpo", max_completion_len=None, num_tokens=None):
+    """The clipped GRPO objective with a KL penalty to the reference policy.
+
+        ρ_t  = π_θ(c_t) / π_old(c_t) = exp(logp - old_logp)
+        L_t  = -min(ρ_t·A, clip(ρ_t, 1-ε, 1+ε_high)·A) + β·KL_t
+        KL_t = exp(ref_logp - logp) - (ref_logp - logp) - 1      (k3 estimator: unbiased, >= 0)
+
+    How the per-token L_t become one number (loss_type):
+        grpo    : mean over sequences of  Σ_t m_t·L_t / Σ_t m_t      (the GRPO paper; long answers
+                  count less per token)
+        bnpo    : Σ m·L / Σ m over this micro-batch                    (token mean)
+        dapo    : Σ m·L / num_tokens, num_tokens = completion tokens in the whole step, so micro-batches
+                  add up to one token mean over the step (DAPO)
+        dr_grpo : Σ m·L / (N · max_completion_len)                     (Dr. GRPO: no length bias)
+
+    logp, old_logp, ref_logp, mask: (N, T); advantages: (N,). ref_logp may be None when kl_coef = 0.
+    Returns (loss, stats) with stats = mean KL and the fraction of tokens whose ratio was clipped."""
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)  # (N, T)
+    adv = advantages[:, None]  # (N, 1)
+    clipped_ratio = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps_high)
+    per_token = -torch.min(ratio * adv, clipped_ratio * adv)  # (N, T)
+    kl = torch.zeros_like(logp)
+    if kl_coef != 0:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1  # (N, T)
+        per_token = per_token + kl_coef * kl
+
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dapo":
+        loss = (per_token * mask).sum() / (num_tokens if num_tokens is not None else mask.sum().clamp(min=1))
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (mask.shape[0] * (max_completion_len or mask.shape[1]))
+    else:
+        raise ValueError(f"loss_type must be grpo, bnpo, dapo or dr_grpo, got '{loss_type}'")
+
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        is_clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps_high) & (adv > 0))
+        stats = {"kl": float((kl * mask).sum() / n), "clip_frac": float((is_clipped.to(mask.dtype) * mask).sum() / n)}
+    return loss, stats

@@ -1,0 +1,275 @@
+"""Stages β and R1 of PathVLM-R1: GRPO with format, accuracy and (optionally) process rewards.
+
+    python train_grpo.py configs/grpo.yaml                 # 7B QLoRA, stage β (format + accuracy)
+    python train_grpo.py configs/grpo_process.yaml         # stage R1: + the cross-modal process reward
+    python train_grpo.py configs/demo_grpo.yaml init_adapter=runs/demo/sft output_dir=runs/demo/grpo
+
+One step, top to bottom:
+  1. sample G completions for each of B prompts (no grad)
+  2. score them (rewards.py) and normalise within each group (grpo.group_advantages)
+  3. old and reference log-probs (no grad)
+  4. μ updates of grpo.grpo_loss over micro-batches, then one optimizer step
+  5. log, write samples, checkpoint
+The policy is a LoRA adapter; the reference is a second, frozen adapter on the same base (or the base
+itself with adapters disabled), so it costs no second copy of the model.
+"""
+
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import checkpoint as ckpt
+from config import GRPOConfig, parse_args, save_config
+from grpo import equal_reward_groups, group_advantages, grpo_loss
+from judges import make_judge
+from mcq import image_path, is_well_formed, parse_answer, prompt_messages
+from model import (completion_logprobs, completion_mask, count_params, encode_prompts, image_features, load_model,
+                   repeat_prompts, special_token_ids, unwrap)
+from rewards import score_completions
+from train_sft import DataOrder, load_examples, make_optimizer, make_scheduler, open_tensorboard
+
+
+def is_full_model(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+        os.path.join(path, "adapter_config.json"))
+
+
+def reference_context(model, reference: str):
+    """Run the enclosed forward pass as the reference policy."""
+    if reference == "base":
+        return model.disable_adapter()  # LoRA off: exactly the base model's logits
+
+    @contextlib.contextmanager
+    def use_sft_adapter():
+        model.set_adapter("reference")
+        try:
+            yield
+        finally:
+            model.set_adapter("default")  # PEFT's set_adapter also makes 'default' trainable again
+    return use_sft_adapter()
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process RSS)
+
+
+@torch.no_grad()
+def sample_groups(model, processor, prompt, cfg):
+    """B prompts -> B*G completions (ids, mask up to and including EOS, texts, truncated flags)."""
+    tok = processor.tokenizer
+    model.eval()  # no dropout while sampling, and generate keeps its KV cache under checkpointing
+    out = unwrap(model).generate(
+        **prompt, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=None,
+        max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.group_size,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, suppress_tokens=special_token_ids(tok))
+    model.train()
+    ids = out[:, prompt["input_ids"].shape[1]:]  # (N, T)
+    mask = completion_mask(ids, tok.eos_token_id)  # (N, T)
+    ids = ids.masked_fill(mask == 0, tok.pad_token_id)
+    truncated = ~(ids == tok.eos_token_id).any(1)  # (N,): no EOS within max_new_tokens
+    texts = tok.batch_decode(ids, skip_special_tokens=True)
+    return ids, mask, texts, truncated
+
+
+@torch.no_grad()
+def logprobs_no_grad(model, rows, ids, mask, features, cfg):
+    return torch.cat([completion_logprobs(model, rows_slice(rows, i, cfg.micro_batch_size), ids[i:i + cfg.micro_batch_size],
+                                          mask[i:i + cfg.micro_batch_size], features_slice(features, i, cfg.micro_batch_size),
+                                          chunk_size=cfg.logprob_chunk)
+                      for i in range(0, ids.shape[0], cfg.micro_batch_size)])
+
+
+def rows_slice(rows: dict, start: int, size: int) -> dict:
+    return {k: v[start:start + size] for k, v in rows.items()}
+
+
+def features_slice(features: dict, start: int, size: int) -> dict:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    return {"image": BaseModelOutputWithPooling(pooler_output=features["image"].pooler_output[start:start + size])}
+
+
+def main(argv=None):
+    cfg = parse_args(GRPOConfig, argv)
+    ckpt.seed_everything(cfg.seed)
+    if cfg.init_adapter and is_full_model(cfg.init_adapter):
+        # finetune=full SFT wrote a whole model: it becomes the base, the policy a new LoRA on it, and
+        # the SFT reference is that base with the adapter disabled
+        print(f"init_adapter {cfg.init_adapter} is a full model: using it as the base with a new LoRA")
+        cfg.model, cfg.init_adapter = cfg.init_adapter, None
+        cfg.reference = "base" if cfg.reference == "sft" else cfg.reference
+    save_config(cfg, cfg.output_dir)
+
+    model, processor = load_model(cfg, adapter=cfg.init_adapter)
+    if cfg.reference == "sft" and cfg.kl_coef != 0:
+        model.load_adapter(cfg.init_adapter, adapter_name="reference", is_trainable=False)
+        model.set_adapter("default")
+    device = next(model.parameters()).device
+    tok = processor.tokenizer
+    train = load_examples(cfg.data, processor, cfg.max_prompt_len, with_target=False)
+    judge = None
+    if cfg.judge != "none":
+        judge_settings = {"self": dict(model=model, processor=processor), "rule": {},
+                          "api": dict(model=cfg.judge_model, base_url=cfg.judge_base_url,
+                                      api_key_env=cfg.judge_api_key_env, max_concurrency=cfg.judge_concurrency,
+                                      cache_dir=cfg.judge_cache_dir)}[cfg.judge]
+        judge = make_judge(cfg.judge, **judge_settings)
+    n_trainable, n_total = count_params(model)
+    print(f"policy: LoRA on {cfg.model}, {n_trainable:,} trainable of {n_total:,} parameters; reference: "
+          f"{cfg.reference if cfg.kl_coef else 'none (kl_coef=0)'}; {len(train)} prompts; B={cfg.num_prompts} "
+          f"G={cfg.group_size}; rewards {cfg.rewards}")
+
+    optimizer = make_optimizer(cfg, model.parameters())
+    scheduler = make_scheduler(cfg, optimizer)
+    order, step, counters = DataOrder(len(train), cfg.seed), 0, {"bad_steps": 0, "skipped_steps": 0}
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
+    if resume_from:
+        loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        step, order, counters = loop["step"], DataOrder(len(train), cfg.seed, **loop["data"]), loop["counters"]
+        ckpt.truncate_metrics(metrics_path, step)
+        print(f"resumed from {resume_from} at step {step}")
+    log, tb = ckpt.MetricsLog(metrics_path), open_tensorboard(cfg)
+    samples = open(os.path.join(cfg.output_dir, "samples.jsonl"), "a")
+    G = cfg.group_size
+
+    def save(at_step):
+        return ckpt.save_checkpoint(cfg.output_dir, at_step, model, optimizer, scheduler,
+                                    {"data": order.state(), "counters": counters}, keep=cfg.keep_checkpoints,
+                                    save_model=lambda d: model.save_pretrained(d, selected_adapters=["default"]))
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", dynamic_ncols=True)
+    try:
+        while step < cfg.max_steps:
+            t_start = time.perf_counter()
+            # 1. sample G completions per prompt --------------------------------------------------
+            batch = [train[i] for i in order.next(cfg.num_prompts)]
+            images = [Image.open(image_path(cfg.data, r)).convert("RGB") for r in batch]
+            prompt = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
+            ids, mask, texts, truncated = sample_groups(model, processor, prompt, cfg)
+            t_generated = time.perf_counter()
+
+            # 2. rewards and advantages --------------------------------------------------------------
+            records = [r for r in batch for _ in range(G)]  # (N,) the record of each completion
+            scores = score_completions(cfg.rewards, texts, records, judge=judge,
+                                       image_paths=[image_path(cfg.data, r) for r in records],
+                                       require_format=cfg.accuracy_requires_format)
+            rewards = torch.tensor(scores["total"], dtype=torch.float32, device=device)  # (N,)
+            advantages = group_advantages(rewards, G, cfg.scale_rewards)  # (N,)
+            equal = equal_reward_groups(rewards, G)  # (B,)
+            keep = torch.ones_like(rewards, dtype=torch.bool)
+            if cfg.skip_equal_groups:
+                keep = ~equal.repeat_interleave(G)
+            loss_mask = mask * keep[:, None]
+            if cfg.mask_truncated:
+                loss_mask = loss_mask * (~truncated)[:, None]
+
+            # 3. old and reference log-probs (no grad) -----------------------------------------------
+            rows = repeat_prompts(prompt, G)  # prompt rows aligned with the N completions
+            features = image_features(model, prompt, repeat=G)  # vision tower once per step
+            ref_logp = None
+            if cfg.kl_coef != 0:
+                with reference_context(model, cfg.reference):
+                    ref_logp = logprobs_no_grad(model, rows, ids, mask, features, cfg)
+            # μ = 1: π_old is the policy being updated, so ρ = 1 and old_logp is logp.detach() (one
+            # pass saved); μ > 1: π_old is frozen before the first update
+            old_logp = logprobs_no_grad(model, rows, ids, mask, features, cfg) if cfg.num_iterations > 1 else None
+
+            # 4. μ policy updates ----------------------------------------------------------------
+            n_tokens = loss_mask.sum().clamp(min=1)
+            loss_total, kl_sum, clip_sum, finite = 0.0, 0.0, 0.0, bool(torch.isfinite(rewards).all())
+            n_micro = (ids.shape[0] + cfg.micro_batch_size - 1) // cfg.micro_batch_size
+            for _ in range(cfg.num_iterations):
+                for i in range(0, ids.shape[0], cfg.micro_batch_size):
+                    sl = slice(i, i + cfg.micro_batch_size)
+                    logp = completion_logprobs(model, rows_slice(rows, i, cfg.micro_batch_size), ids[sl], mask[sl],
+                                               features_slice(features, i, cfg.micro_batch_size),
+                                               chunk_size=cfg.logprob_chunk)
+                    loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[sl],
+                                            None if ref_logp is None else ref_logp[sl], advantages[sl], loss_mask[sl],
+                                            cfg.clip_eps, cfg.clip_eps_high, cfg.kl_coef, cfg.loss_type,
+                                            cfg.max_new_tokens, n_tokens)
+                    # dapo already divides by the step's tokens; the others average their micro-batches
+                    loss = loss if cfg.loss_type == "dapo" else loss / n_micro
+                    finite = finite and bool(torch.isfinite(loss))
+                    if finite:
+                        loss.backward()
+                    loss_total += loss.item()
+                    kl_sum += stats["kl"] / n_micro
+                    clip_sum += stats["clip_frac"] / n_micro
+                if not finite:
+                    break
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                           cfg.grad_clip)
+                finite = finite and bool(torch.isfinite(grad_norm))
+                if finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            if not finite:
+                counters["bad_steps"] += 1
+                counters["skipped_steps"] += 1
+                print(f"\nstep {step}: non-finite loss, reward or gradient; update skipped "
+                      f"({counters['bad_steps']} in a row)", file=sys.stderr)
+                if counters["bad_steps"] >= cfg.max_bad_steps:
+                    path = save(step)
+                    sys.exit(f"{cfg.max_bad_steps} non-finite steps in a row: stopped; last state saved to {path}. "
+                             "Lower lr or check the rewards.")
+            else:
+                counters["bad_steps"] = 0
+            t_end = time.perf_counter()
+
+            # 5. log ----------------------------------------------------------------------------
+            lengths = mask.sum(1).float()
+            correct = [parse_answer(t, r.options) == r.answer for t, r in zip(texts, records)]
+            row = {"step": step, "loss": loss_total / cfg.num_iterations, "lr": scheduler.get_last_lr()[0],
+                   **{f"reward/{k}": sum(v) / len(v) for k, v in scores.items()},
+                   "accuracy": sum(correct) / len(correct),
+                   "format_rate": sum(map(is_well_formed, texts)) / len(texts),
+                   "kl": kl_sum / cfg.num_iterations, "clip_frac": clip_sum / cfg.num_iterations,
+                   "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
+                   "truncated_frac": truncated.float().mean().item(), "equal_reward_groups": int(equal.sum()),
+                   "gen_tokens_per_s": lengths.sum().item() / (t_generated - t_start),
+                   "train_tokens_per_s": cfg.num_iterations * (rows["attention_mask"].sum() + mask.sum()).item()
+                   / (t_end - t_generated), "step_s": t_end - t_start,
+                   "peak_mem_gib": peak_memory_gib(device), "skipped_steps": counters["skipped_steps"]}
+            if judge is not None:
+                row.update({f"judge/{k}": v for k, v in judge.stats.as_dict().items()})
+            log.write(row)
+            if tb:
+                for k, v in row.items():
+                    tb.add_scalar(k, v, step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                for t, r, rew in list(zip(texts, records, scores["total"]))[:G * 2]:
+                    samples.write(json.dumps({"step": step, "id": r.id, "gold": r.answer, "reward": rew,
+                                              "completion": t}) + "\n")
+                samples.flush()
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward/total']:.2f}", acc=f"{row['accuracy']:.2f}",
+                            fmt=f"{row['format_rate']:.2f}", kl=f"{row['kl']:.3f}", len=f"{row['completion_len_mean']:.0f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                save(step)
+    except KeyboardInterrupt:
+        path = save(step)
+        sys.exit(f"\ninterrupted: saved {path}; run the same command again to resume")
+    bar.close()
+    log.close()
+    samples.close()
+    save(step)
+    model.save_pretrained(cfg.output_dir, selected_adapters=["default"])
+    processor.tokenizer.save_pretrained(cfg.output_dir)
+    processor.image_processor.save_pretrained(cfg.output_dir)
+    print(f"saved the policy adapter to {cfg.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

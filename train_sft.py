@@ -1,0 +1,247 @@
+"""Stage 1 of PathVLM-R1: supervised fine-tuning on `<think>explanation</think><answer>X) text</answer>`.
+
+    python train_sft.py configs/sft.yaml                  # Qwen2.5-VL-7B, QLoRA, PathMMU SFT split
+    python train_sft.py configs/demo_sft.yaml             # the embedded tiny model on the demo data (CPU)
+    python train_sft.py configs/demo_sft.yaml lr=1e-3 max_steps=50
+
+Reads top to bottom: config -> data (over-long examples dropped and named) -> model -> loop
+(micro-batches, gradient accumulation, clipping, cosine schedule, held-out loss, checkpoints) -> save.
+The loss is on the assistant's tokens only: prompt, image and padding tokens never enter it.
+"""
+
+import math
+import os
+import sys
+import time
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import checkpoint as ckpt
+from config import SFTConfig, parse_args, save_config
+from mcq import Record, image_path, load_split, prompt_messages, target_text
+from model import completion_logprobs, count_params, encode_completions, encode_prompts, load_model, unwrap
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+def example_length(processor, record: Record, split_path: str, with_target: bool = True) -> int:
+    """Prompt tokens (image tokens included) [+ target tokens + EOS], without building pixel tensors."""
+    with Image.open(image_path(split_path, record)) as im:
+        width, height = im.size
+    n_patches = processor.image_processor.get_number_of_image_patches(height, width, {})
+    n_image_tokens = n_patches // processor.image_processor.merge_size ** 2
+    prompt = processor.apply_chat_template(prompt_messages(record), tokenize=False, add_generation_prompt=True)
+    n_prompt = len(processor.tokenizer(prompt)["input_ids"]) - 1 + n_image_tokens  # one <|image_pad|> expands
+    if not with_target:
+        return n_prompt
+    return n_prompt + len(processor.tokenizer(target_text(record))["input_ids"]) + 1
+
+
+def load_examples(path: str, processor, max_len: int, with_target: bool = True) -> list[Record]:
+    records = load_split(path)
+    missing = [r for r in records if not os.path.isfile(image_path(path, r))]
+    if missing:
+        raise FileNotFoundError(f"{path}: {len(missing)} images missing, e.g. {image_path(path, missing[0])} "
+                                f"(record {missing[0].id}); re-run the data preparation")
+    kept, dropped = [], []
+    for r in records:
+        (kept if example_length(processor, r, path, with_target) <= max_len else dropped).append(r)
+    if dropped:
+        print(f"{path}: dropped {len(dropped)} examples longer than max_len={max_len} tokens "
+              f"(truncating would cut image tokens): {', '.join(r.id for r in dropped[:10])}"
+              + (" ..." if len(dropped) > 10 else ""))
+    if not kept:
+        raise ValueError(f"{path}: no examples left (all longer than max_len={max_len})")
+    return kept
+
+
+def batch_tensors(records: list[Record], split_path: str, processor, device):
+    """-> prompt inputs (left-padded), completion ids and mask (right-padded). The loss mask is the
+    completion mask: exactly the assistant's tokens, EOS included."""
+    images = [Image.open(image_path(split_path, r)).convert("RGB") for r in records]
+    prompt = encode_prompts(processor, [prompt_messages(r) for r in records], images, device)
+    completion_ids, completion_mask = encode_completions(processor.tokenizer, [target_text(r) for r in records], device)
+    return prompt, completion_ids, completion_mask
+
+
+class DataOrder:
+    """Shuffled epochs from (seed, epoch): the position (epoch, cursor) is all that resume needs."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, cursor: int = 0):
+        self.n, self.seed, self.epoch, self.cursor = n, seed, epoch, cursor
+        self.perm = self._perm()
+
+    def _perm(self):
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch)).tolist()
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.perm = self._perm()
+            out.append(self.perm[self.cursor])
+            self.cursor += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation pieces shared with train_grpo.py
+
+def make_optimizer(cfg, params):
+    params = [p for p in params if p.requires_grad]
+    kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb  # 8-bit optimizer states: ~75% less optimizer memory, for GPUs
+
+    if cfg.optimizer == "adamw_8bit":
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    if cfg.optimizer == "paged_adamw_8bit":
+        return bnb.optim.PagedAdamW8bit(params, **kwargs)
+    sys.exit(f"config error: optimizer must be adamw, adamw_8bit or paged_adamw_8bit, got '{cfg.optimizer}'")
+
+
+def make_scheduler(cfg, optimizer):
+    def factor(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_trained(model, processor, out_dir: str):
+    """A PEFT adapter directory (PeftModel.from_pretrained(base, out_dir) loads it), or the whole
+    model for finetune=full; the tokenizer and image processor beside it either way."""
+    model.save_pretrained(out_dir)
+    processor.tokenizer.save_pretrained(out_dir)
+    processor.image_processor.save_pretrained(out_dir)
+
+
+def open_tensorboard(cfg):
+    if not cfg.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(os.path.join(cfg.output_dir, "tb"))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def sft_loss(model, prompt, completion_ids, completion_mask):
+    """Mean negative log-likelihood over the assistant's tokens of the micro-batch."""
+    logp = completion_logprobs(model, prompt, completion_ids, completion_mask)  # (B, T)
+    return -(logp * completion_mask).sum() / completion_mask.sum()
+
+
+@torch.no_grad()
+def heldout_loss(model, records, split_path, processor, device, batch_size) -> float:
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(records), batch_size):
+        prompt, ids, mask = batch_tensors(records[i:i + batch_size], split_path, processor, device)
+        total += -(completion_logprobs(model, prompt, ids, mask) * mask).sum().item()
+        tokens += mask.sum().item()
+    model.train()
+    return total / tokens
+
+
+def main(argv=None):
+    cfg = parse_args(SFTConfig, argv)
+    ckpt.seed_everything(cfg.seed)
+    save_config(cfg, cfg.output_dir)
+
+    model, processor = load_model(cfg, adapter=cfg.init_adapter, lora=cfg.finetune == "lora",
+                                  train_vision=cfg.train_vision)
+    device = next(model.parameters()).device
+    train = load_examples(cfg.data, processor, cfg.max_len)
+    heldout = load_examples(cfg.eval_data, processor, cfg.max_len)[:cfg.eval_items] if cfg.eval_data else []
+    n_trainable, n_total = count_params(model)
+    print(f"model {cfg.model} ({cfg.finetune}): {n_trainable:,} trainable of {n_total:,} parameters; "
+          f"{len(train)} training examples on {device}")
+
+    optimizer = make_optimizer(cfg, model.parameters())
+    scheduler = make_scheduler(cfg, optimizer)
+    order, step = DataOrder(len(train), cfg.seed), 0
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
+    if resume_from:
+        loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        step, order = loop["step"], DataOrder(len(train), cfg.seed, **loop["data"])
+        ckpt.truncate_metrics(metrics_path, step)
+        print(f"resumed from {resume_from} at step {step}")
+    log, tb = ckpt.MetricsLog(metrics_path), open_tensorboard(cfg)
+
+    def save(at_step):
+        return ckpt.save_checkpoint(cfg.output_dir, at_step, model, optimizer, scheduler, {"data": order.state()},
+                                    keep=cfg.keep_checkpoints)
+
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True)
+    try:
+        while step < cfg.max_steps:
+            t0, loss_sum, n_tokens = time.perf_counter(), 0.0, 0
+            for _ in range(cfg.grad_accum):
+                batch = [train[i] for i in order.next(cfg.batch_size)]
+                prompt, ids, mask = batch_tensors(batch, cfg.data, processor, device)
+                loss = sft_loss(model, prompt, ids, mask)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+                n_tokens += int(prompt["attention_mask"].sum() + mask.sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            row = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                   "tokens_per_s": n_tokens / (time.perf_counter() - t0), "epoch": order.epoch}
+            if heldout and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                row["eval_loss"] = heldout_loss(model, heldout, cfg.eval_data, processor, device, cfg.batch_size)
+            log.write(row)
+            if tb:
+                for k, v in row.items():
+                    tb.add_scalar(k, v, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                save(step)
+    except KeyboardInterrupt:
+        path = save(step)
+        log.close()
+        sys.exit(f"\ninterrupted: saved {path}; run the same command again to resume")
+    bar.close()
+    log.close()
+
+    save(step)
+    save_trained(model, processor, cfg.output_dir)
+    if cfg.merge_export and cfg.finetune == "lora":
+        export_merged(cfg)
+    print(f"saved {'adapter' if cfg.finetune == 'lora' else 'model'} to {cfg.output_dir}")
+
+
+def export_merged(cfg):
+    """Base + adapter as one plain model directory. The base is reloaded unquantised: merging into
+    4-bit weights would round the adapter away."""
+    from dataclasses import replace
+
+    merged_cfg = replace(cfg, quantization="none", gradient_checkpointing=False)
+    model, processor = load_model(merged_cfg, adapter=cfg.output_dir, trainable=False)
+    out = os.path.join(cfg.output_dir, "merged")
+    unwrap(model.merge_and_unload()).save_pretrained(out)
+    processor.tokenizer.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)
+    print(f"merged model written to {out}")
+
+
+if __name__ == "__main__":
+    main()
