@@ -48,7 +48,7 @@ def _type_name(tp) -> str:
 
 def _coerce(value, tp, key: str, source: str):
     """Check (and, for strings from the command line, parse) one value against its field type."""
-    origin = typing.get_origin(tp)
+    origin = typing.get_origin(tp) or (tp if tp in (list, dict) else None)
     if origin in (typing.Union, types.UnionType):  # `str | None`
         args = typing.get_args(tp)
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
@@ -68,6 +68,11 @@ def _coerce(value, tp, key: str, source: str):
         if not isinstance(value, origin):
             raise ConfigError(f"{source}: key '{key}' must be a {origin.__name__}, got {value!r}")
         return value
+    if isinstance(value, str) and tp is float:
+        try:
+            return float(value)  # YAML 1.1 reads "3e-6" (no dot) as a string
+        except ValueError:
+            raise ConfigError(f"{source}: key '{key}' must be a float, got {value!r}") from None
     if isinstance(value, str) and tp is not str:
         # command-line overrides arrive as strings; YAML's parser gives them their natural type
         value = yaml.safe_load(value)
@@ -138,7 +143,7 @@ def to_json(cfg) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=1)
 
 
-__all__ = ["ConfigError", "ModelConfig", "load_config", "parse_args", "save_config", "dataclass", "field"]
+__all__ = ["ConfigError", "ModelConfig", "EvalConfig", "SFTConfig", "GRPOConfig", "load_config", "parse_args", "save_config"]
 
 
 @dataclass

@@ -177,7 +177,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def quantization_config(kind: str, compute_dtype: torch.dtype):
     # The vision tower and lm_head stay in full precision: quantising them saves little, costs accuracy,
     # and bitsandbytes' CPU kernels crash on layers with fewer than 64 input features (the tiny vision MLP).
-    skip = ["visual", "lm_head"]
+    skip = ["model.visual", "lm_head"]  # matched from the start of the module path
     if kind == "none":
         return None
     if kind == "4bit":

@@ -99,7 +99,8 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     image = skdata.immunohistochemistry()
     train_blocks = 16 - len(TEST_BLOCKS)
-    per_block = int(1.6 * max((args.sft_size + args.rl_size) / train_blocks, args.test_size / len(TEST_BLOCKS)))
+    # 1.6x the patches needed, and never fewer than 60 a block: classes are unevenly spread over the image
+    per_block = max(60, int(1.6 * max((args.sft_size + args.rl_size) / train_blocks, args.test_size / len(TEST_BLOCKS))))
     labelled = label_patches(candidate_patches(image, rng, per_block), args.margin)
 
     # balanced classes: each split takes size/3 patches of each class from its own blocks

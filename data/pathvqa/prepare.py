@@ -1,0 +1,114 @@
+"""PathVQA closed questions -> a yes/no test split, as PathVLM-R1 evaluates it.
+
+Download (open): the parquet files of https://huggingface.co/datasets/flaviagiammarino/path-vqa, e.g. the test split
+
+    huggingface-cli download flaviagiammarino/path-vqa --repo-type dataset --include "data/test-*" \
+        --local-dir ~/datasets/path-vqa
+
+Prepare, from the repo root:
+
+    python data/pathvqa/prepare.py --parquet ~/datasets/path-vqa/data --split test --out data/pathvqa/prepared
+
+Each parquet row has image ({"bytes": <jpeg>, "path": ...}), question and answer; the test split is 6,719
+rows in data/test-0000?-of-0000?-<hash>.parquet shards. Questions answered "yes" or "no" (any case) become
+two-option items, options ["yes", "no"]; open questions are counted in report.json under "filtered", apart
+from broken rows under "skipped". Images are written once each as PNG, named by a hash of their bytes.
+"""
+
+import argparse
+import glob
+import hashlib
+import io
+import os
+import sys
+from collections import Counter
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+# Run as `python data/pathvqa/prepare.py` only this folder is on sys.path; add the repo root for mcq and data.
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+from data.common import image_path_in, require, save_image, write_report  # noqa: E402
+from mcq import Record, SplitWriter  # noqa: E402
+
+OPTIONS = ["yes", "no"]
+OPEN_QUESTION = "open question (not yes/no)"
+COLUMNS = ["image", "question", "answer"]
+HOW_TO_GET = """Download the PathVQA parquet files from https://huggingface.co/datasets/flaviagiammarino/path-vqa, e.g.
+    huggingface-cli download flaviagiammarino/path-vqa --repo-type dataset --include "data/test-*" --local-dir ~/datasets/path-vqa
+and pass a file or the folder holding them: --parquet ~/datasets/path-vqa/data --split test"""
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    files = parquet_files(args.parquet, args.split)
+    writer = SplitWriter(args.out)
+    filtered = Counter()
+    written = set()  # PNGs already written in this run: many questions share one image
+    for row_number, row in enumerate(read_rows(files)):
+        record_id = f"pathvqa-{args.split}-{row_number:05d}"
+        answer = str(row["answer"] or "").strip().lower()
+        if answer not in OPTIONS:
+            filtered[OPEN_QUESTION] += 1
+            continue
+        image = png_image(row["image"], record_id, writer, written)
+        if image is not None:
+            writer.add(args.split, Record(id=record_id, image=image, question=str(row["question"] or "").strip(),
+                                          options=list(OPTIONS), answer="AB"[OPTIONS.index(answer)],
+                                          source=f"pathvqa/{args.split}"))
+    return write_report(writer, filtered, split=args.split, parquet_files=[os.path.basename(f) for f in files])
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parquet", required=True, help="a parquet file, or a folder searched for <split>-*.parquet")
+    p.add_argument("--split", default="test", help="which split's files to read from a folder; names the output")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepared"))
+    return p.parse_args(argv)
+
+
+def parquet_files(path: str, split: str) -> list[str]:
+    """The file given, or the folder's <split>-*.parquet shards in name order, so row numbers (and so ids)
+    are the same on every run."""
+    require(path, "PathVQA parquet file or folder", HOW_TO_GET)
+    if not os.path.isdir(path):
+        return [path]
+    files = sorted(glob.glob(os.path.join(path, "**", f"{split}-*.parquet"), recursive=True))
+    if not files:
+        raise SystemExit(f"error: no {split}-*.parquet file under {path}\n\n{HOW_TO_GET}")
+    return files
+
+
+def read_rows(files: list[str]):
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        if not set(COLUMNS) <= set(parquet.schema_arrow.names):
+            raise SystemExit(f"error: {path} has columns {parquet.schema_arrow.names}, expected {COLUMNS}")
+        # Batches keep memory flat: the test split's images are a few hundred MB.
+        for batch in parquet.iter_batches(batch_size=256, columns=COLUMNS):
+            yield from batch.to_pylist()
+
+
+def png_image(image: dict | None, record_id: str, writer: SplitWriter, written: set) -> str | None:
+    """The row's image written as PNG into the prepared folder, or None (and the row skipped, with the
+    reason) when it has no bytes or they do not decode."""
+    data = (image or {}).get("bytes")
+    if not data:
+        writer.skip(record_id, "image missing: no bytes in the parquet row")
+        return None
+    path = image_path_in(hashlib.sha1(data).hexdigest()[:16] + ".png")
+    if path not in written:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                png = io.BytesIO()
+                im.convert("RGB").save(png, format="PNG")  # RGB: a CMYK JPEG cannot be saved as PNG
+        except Exception as e:  # any decoder error means the image is unusable
+            writer.skip(record_id, f"image unreadable: parquet row {record_id} ({type(e).__name__})")
+            return None
+        save_image(writer.out_dir, path, png.getvalue())
+        written.add(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

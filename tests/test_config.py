@@ -1,0 +1,68 @@
+import pytest
+import yaml
+
+from config import ConfigError, GRPOConfig, SFTConfig, load_config, parse_args, save_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_then_overrides_in_order(tmp_path):
+    path = write(tmp_path, "lr: 1.0e-5\ngroup_size: 8\nrewards: {format: 1, accuracy: 2}\n")
+    cfg = load_config(GRPOConfig, path, ["group_size=4", "lr=3e-6", "kl_coef=0", "reference=base",
+                                         "clip_eps_high=0.28", "init_adapter=none"])
+    assert cfg.group_size == 4 and cfg.lr == 3e-6 and cfg.kl_coef == 0.0 and isinstance(cfg.kl_coef, float)
+    assert cfg.rewards == {"format": 1, "accuracy": 2} and cfg.clip_eps_high == 0.28 and cfg.init_adapter is None
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    path = write(tmp_path, "grop_size: 4\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'grop_size' \(did you mean 'group_size'\?\)"):
+        load_config(GRPOConfig, path)
+    with pytest.raises(ConfigError, match="command line: unknown config key 'lrr'"):
+        load_config(GRPOConfig, None, ["lrr=1"])
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"c\.yaml: key 'group_size' must be an int"):
+        load_config(GRPOConfig, write(tmp_path, "group_size: four\n"))
+    with pytest.raises(ConfigError, match="key 'gradient_checkpointing' must be true or false"):
+        load_config(SFTConfig, None, ["gradient_checkpointing=maybe"])
+    with pytest.raises(ConfigError, match="key 'rewards' must be a dict"):
+        load_config(GRPOConfig, None, ["rewards=[1, 2]"])
+
+
+def test_cross_key_checks():
+    with pytest.raises(ConfigError, match="reference=sft needs init_adapter"):
+        load_config(GRPOConfig, None, ["reference=sft"])
+    with pytest.raises(ConfigError, match="process reward needs a judge"):
+        load_config(GRPOConfig, None, ["reference=base", "rewards={process: 1}"])
+
+
+def test_missing_file_and_cli_exit(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(SFTConfig, str(tmp_path / "nope.yaml"))
+    with pytest.raises(SystemExit, match="config error"):
+        parse_args(SFTConfig, [write(tmp_path, "max_stepz: 3\n")])
+
+
+def test_resolved_config_saved(tmp_path):
+    cfg = load_config(SFTConfig, None, ["max_steps=7"])
+    save_config(cfg, str(tmp_path))
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["max_steps"] == 7
+
+
+def test_every_shipped_config_loads():
+    import glob
+
+    from config import EvalConfig
+    scripts = {"sft": SFTConfig, "grpo": GRPOConfig, "eval": EvalConfig}
+    paths = glob.glob("configs/*.yaml")
+    assert paths
+    for path in paths:
+        name = path.split("/")[-1]
+        cls = next(c for k, c in scripts.items() if k in name)
+        load_config(cls, path)

@@ -1,0 +1,379 @@
+"""The three dataset preparers on small fixtures written in the real formats (see each script's docstring):
+PathMMU's data.json + images.zip, OmniMedVQA's QA_information/Open-access/*.json + Images/, PathVQA's
+parquet shards. Each fixture holds one broken record of every kind; the tests check exact counts, the
+report's skipped ids and reasons, and that the output loads with mcq.load_split and datasets."""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from data.omnimedvqa import prepare as omnimedvqa
+from data.pathmmu import prepare as pathmmu
+from data.pathvqa import prepare as pathvqa
+from mcq import LETTERS, load_split
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def image_bytes(seed: int, fmt: str = "JPEG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+GARBAGE = b"this is not an image"
+
+
+def skipped_reasons(report: dict) -> dict:
+    return {s["id"]: s["reason"].split(":")[0] for s in report["skipped_records"]}
+
+
+def load_everywhere(out_dir: str, splits: list[str], cache_dir) -> dict:
+    """Each split through mcq.load_split and datasets.load_dataset('json'); they must agree."""
+    import datasets
+
+    files = {split: os.path.join(out_dir, f"{split}.jsonl") for split in splits}
+    loaded = datasets.load_dataset("json", data_files=files, cache_dir=str(cache_dir))
+    records = {}
+    for split, path in files.items():
+        records[split] = load_split(path)
+        assert list(loaded[split]["id"]) == [r.id for r in records[split]]
+        assert list(loaded[split]["answer"]) == [r.answer for r in records[split]]
+        for r in records[split]:
+            assert os.path.isfile(os.path.join(out_dir, r.image)), r.image
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# PathMMU
+
+def hashed_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest() + ".jpg"  # real names are sha256 hex + .jpg
+
+
+def mmu_item(no, uid, img, n_options=4, answer=None, question=None) -> dict:
+    options = [f"{LETTERS[k]}) finding {k} of item {uid}" for k in range(n_options)]
+    return {"No": no, "img": img, "question": f"What does the image of item {uid} show?" if question is None else question,
+            "options": options, "answer": answer or options[uid % n_options], "explanation": f"Item {uid}."}
+
+
+@pytest.fixture(scope="module")
+def mmu_files(tmp_path_factory):
+    """40 valid PubMed/EduContent items, 2 test_tiny repeats of test items, 6 broken items, and 7 items of
+    the subsets the paper leaves out. Two questions share each image, as in PathMMU."""
+    root = tmp_path_factory.mktemp("pathmmu")
+    zip_images, expected, uid = {}, {}, 0
+
+    def expect(item, uid):  # the letter and plain option texts the record must end up with
+        expected[item["question"]] = (LETTERS[uid % 4], [f"finding {k} of item {uid}" for k in range(4)])
+        return item
+
+    def valid(no):
+        nonlocal uid
+        uid += 1
+        img = hashed_name(f"image {uid // 2}")
+        zip_images[img] = image_bytes(uid // 2)
+        return expect(mmu_item(no, uid, img), uid)
+
+    pubmed_test = [valid(no) for no in range(1, 16)]
+    zip_images[hashed_name("garbage")] = GARBAGE
+    pubmed_test += [
+        mmu_item(16, 900, hashed_name("not in the zip")),
+        mmu_item(17, 901, hashed_name("garbage")),
+        mmu_item(18, 902, hashed_name("image 1"), answer="E) a finding no option names"),
+        mmu_item(19, 903, hashed_name("image 1"), n_options=1),
+        mmu_item(20, 904, hashed_name("image 1"), question="   "),
+        # The id of No 1 again: whichever of the two the seed deals first is kept.
+        expect(mmu_item(1, 905, hashed_name("image 2")), 905),
+    ]
+    repeats = [{**pubmed_test[0], "No": 101}, {**pubmed_test[1], "No": 102}]
+    edu = {"val": [valid(no) for no in range(1, 5)], "test": [valid(no) for no in range(1, 13)],
+           "test_tiny": [valid(no) for no in range(1, 3)]}
+    edu["test"][0]["img"] = "./images/" + edu["test"][0]["img"]  # the form some copies of data.json use
+    data = {
+        "PubMed": {"val": [valid(no) for no in range(1, 6)], "test": pubmed_test,
+                   "test_tiny": repeats + [valid(no) for no in (201, 202)]},
+        "EduContent": edu,
+        "SocialPath": {"test": [{**mmu_item(n, 950 + n, hashed_name(f"image {n}")), "tw_id": "1045452664673316865",
+                                 "img_position": 2, "ref_web": "https://x.com/abc/status/1"} for n in range(1, 4)]},
+        "Atlas": {"val": [{**mmu_item(n, 960 + n, hashed_name(f"image {n}")), "source_img": "books_set/images/x.png"}
+                          for n in range(1, 3)]},
+        "PathCLS": {"test": [mmu_item(n, 970 + n, hashed_name(f"image {n}")) for n in range(1, 3)]},
+    }
+    (root / "data.json").write_text(json.dumps(data))
+    with zipfile.ZipFile(root / "images.zip", "w") as z:
+        for name, payload in zip_images.items():
+            z.writestr(f"images/{name}", payload)
+    return {"data_json": str(root / "data.json"), "zip": str(root / "images.zip"), "expected": expected}
+
+
+def run_pathmmu(files, out, *extra) -> dict:
+    return pathmmu.main(["--data-json", files["data_json"], "--images", files["zip"], "--out", str(out), *extra])
+
+
+def split_ids(out) -> dict:
+    return {s: [r.id for r in load_split(os.path.join(out, f"{s}.jsonl"))] for s in ("sft", "rl", "test")}
+
+
+def test_split_sizes_follow_the_paper_and_scale_down_proportionally():
+    assert pathmmu.split_sizes(5385, 3000, 1000) == {"sft": 3000, "rl": 1000, "test": 1385}
+    assert pathmmu.split_sizes(6000, 3000, 1000) == {"sft": 3000, "rl": 1000, "test": 2000}
+    # 27 * 3000 / 5385 = 15.04, 27 * 1000 / 5385 = 5.01
+    assert pathmmu.split_sizes(27, 3000, 1000) == {"sft": 15, "rl": 5, "test": 7}
+    assert pathmmu.split_sizes(46, 10, 5) == {"sft": 10, "rl": 5, "test": 31}
+
+
+def test_pathmmu_counts_and_report(mmu_files, tmp_path):
+    report = run_pathmmu(mmu_files, tmp_path / "out")
+    # 46 pooled items: 46 * 3000 / 5385 = 25.6 -> 26 sft, 46 * 1000 / 5385 = 8.5 -> 9 rl; the 6 broken
+    # take no slot, so test holds the other 40 - 35 = 5.
+    assert report["planned_sizes"] == {"sft": 26, "rl": 9, "test": 11}
+    assert report["counts"] == {"sft": 26, "rl": 9, "test": 5}
+    assert skipped_reasons(report) == {
+        "pathmmu-PubMed-test-16": "image missing", "pathmmu-PubMed-test-17": "image unreadable",
+        "pathmmu-PubMed-test-18": "answer not among the options",
+        "pathmmu-PubMed-test-19": "fewer than two options", "pathmmu-PubMed-test-20": "empty question",
+        "pathmmu-PubMed-test-1": "duplicate id"}
+    assert report["skipped"] == 6
+    assert report["filtered_by_reason"] == {
+        "repeat of an earlier item (same image and question)": 2, "subset SocialPath not used": 3,
+        "subset Atlas not used": 2, "subset PathCLS not used": 2}
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["counts"] == report["counts"] and saved["filtered"] == 9
+
+
+def test_pathmmu_keeps_pubmed_and_educontent_with_plain_options_and_letters(mmu_files, tmp_path):
+    run_pathmmu(mmu_files, tmp_path / "out")
+    records = load_everywhere(str(tmp_path / "out"), ["sft", "rl", "test"], tmp_path / "cache")
+    everything = [r for split in records.values() for r in split]
+    assert len(everything) == 40
+    assert {r.source.split("/")[1] for r in everything} == {"PubMed", "EduContent"}
+    for r in everything:
+        letter, options = mmu_files["expected"][r.question]
+        assert (r.answer, r.options) == (letter, options)
+        assert r.explanation.startswith("Item ")
+    assert {r.answer for r in everything} == set("ABCD")
+
+
+def test_pathmmu_splits_are_deterministic_for_a_seed(mmu_files, tmp_path):
+    run_pathmmu(mmu_files, tmp_path / "a", "--seed", "0")
+    run_pathmmu(mmu_files, tmp_path / "b", "--seed", "0")
+    run_pathmmu(mmu_files, tmp_path / "c", "--seed", "1")
+    a, b, c = (split_ids(tmp_path / name) for name in "abc")
+    assert a == b
+    assert set(a["sft"]) != set(c["sft"])
+    assert sorted(sum(a.values(), [])) == sorted(sum(c.values(), []))  # same items, dealt differently
+
+
+def test_pathmmu_reads_an_extracted_images_folder_like_the_zip(mmu_files, tmp_path):
+    with zipfile.ZipFile(mmu_files["zip"]) as z:
+        z.extractall(tmp_path / "extracted")
+    run_pathmmu(mmu_files, tmp_path / "from_zip")
+    report = pathmmu.main(["--data-json", mmu_files["data_json"], "--images", str(tmp_path / "extracted"),
+                           "--out", str(tmp_path / "from_folder")])
+    assert split_ids(tmp_path / "from_folder") == split_ids(tmp_path / "from_zip")
+    assert report["skipped"] == 6
+
+
+def test_pathmmu_size_flags(mmu_files, tmp_path):
+    report = run_pathmmu(mmu_files, tmp_path / "out", "--sft-size", "10", "--rl-size", "5")
+    assert report["counts"] == {"sft": 10, "rl": 5, "test": 25}
+
+
+# ----------------------------------------------------------------------------------------------
+# OmniMedVQA
+
+def omni_item(dataset, qid, image_path, question, gt, options) -> dict:
+    item = {"dataset": dataset, "question_id": qid, "question_type": "Disease Diagnosis", "question": question,
+            "gt_answer": gt, "image_path": image_path, "modality_type": "CT"}
+    item.update({f"option_{LETTERS[k]}": text for k, text in enumerate(options)})
+    return item
+
+
+@pytest.fixture(scope="module")
+def omni_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("OmniMedVQA")
+    qa_dir = root / "QA_information" / "Open-access"
+    qa_dir.mkdir(parents=True)
+
+    def image(rel, payload):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(payload)
+        return rel
+
+    # The same file name in two class folders, as in the release.
+    ct_a = image("Images/Chest CT Scan/test/adenocarcinoma/000139 (9).png", image_bytes(1, "PNG"))
+    ct_b = image("Images/Chest CT Scan/test/normal/000139 (9).png", image_bytes(2, "PNG"))
+    modality = "What imaging technique is employed for obtaining this image?"
+    sets = {
+        "Chest CT Scan": [
+            omni_item("Chest CT Scan", "ct_0", ct_a, modality, "CT", ["Mammogram", "PET", "CT", "Fluoroscopy"]),
+            omni_item("Chest CT Scan", "ct_1", ct_b, modality, "Mammogram", ["Mammogram", "PET", "CT", "MR"]),
+            omni_item("Chest CT Scan", "ct_2", ct_a, "Is this normal?", "No, it's normal.",
+                      ["Adenocarcinoma", "No, it's normal."]),
+            omni_item("Chest CT Scan", "ct_3", ct_b, "Which finding?", "Large cell carcinoma",
+                      ["Squamous cell carcinoma", "Large cell carcinoma", "Normal"]),
+            omni_item("Chest CT Scan", "ct_4", ct_a, modality, "X-ray", ["Mammogram", "PET", "CT"]),
+            omni_item("Chest CT Scan", "ct_5", ct_a, modality, "CT", ["CT"]),
+            omni_item("Chest CT Scan", "ct_6", "Images/Chest CT Scan/test/normal/absent.png", modality, "CT",
+                      ["CT", "MR"]),
+            omni_item("Chest CT Scan", "ct_7", ct_b, "", "CT", ["CT", "MR"]),
+        ],
+        "ISIC2020": [
+            omni_item("ISIC2020", f"isic_{n}", image(f"Images/ISIC2020/ISIC_{n}.jpg", image_bytes(10 + n)),
+                      "What is the diagnosis?", "Melanoma", ["Benign", "Melanoma"]) for n in range(3)
+        ] + [
+            omni_item("ISIC2020", "isic_3", image("Images/ISIC2020/ISIC_3.jpg", GARBAGE), "What is the diagnosis?",
+                      "Benign", ["Benign", "Melanoma"]),
+            omni_item("ISIC2020", "isic_0", image("Images/ISIC2020/ISIC_4.jpg", image_bytes(20)),
+                      "What is the diagnosis?", "Benign", ["Benign", "Melanoma"]),
+        ],
+        "Retinal OCT-C8": [omni_item("Retinal OCT-C8", f"oct_{n}", image(f"Images/Retinal OCT-C8/AMD/{n}.jpg",
+                                     image_bytes(30 + n)), "Which disease?", "AMD", ["DME", "AMD", "CNV", "Normal"])
+                           for n in range(2)],
+        "Diabetic Retinopathy": [omni_item("Diabetic Retinopathy", f"dr_{n}", image(f"Images/Diabetic Retinopathy/{n}.png",
+                                           image_bytes(40 + n, "PNG")), "Grade?", "Moderate", ["Mild", "Moderate", "Severe"])
+                                 for n in range(2)],
+        "ACRIMA": [omni_item("ACRIMA", "acrima_0", ct_a, "Glaucoma?", "Yes", ["Yes", "No"])],  # not one of ours
+    }
+    for name, items in sets.items():
+        (qa_dir / f"{name}.json").write_text(json.dumps(items, indent=2))
+    return str(root)
+
+
+def test_omnimedvqa_one_split_per_set(omni_root, tmp_path):
+    report = omnimedvqa.main(["--root", omni_root, "--out", str(tmp_path / "out")])
+    assert report["counts"] == {"chest_ct": 4, "isic2020": 3, "oct_c8": 2, "diabetic_retinopathy": 2}
+    assert skipped_reasons(report) == {
+        "omnimedvqa-chest_ct-ct_4": "answer not among the options",
+        "omnimedvqa-chest_ct-ct_5": "fewer than two options", "omnimedvqa-chest_ct-ct_6": "image missing",
+        "omnimedvqa-chest_ct-ct_7": "empty question", "omnimedvqa-isic2020-isic_3": "image unreadable",
+        "omnimedvqa-isic2020-isic_0": "duplicate id"}
+    records = load_everywhere(str(tmp_path / "out"), list(report["counts"]), tmp_path / "cache")
+    chest = {r.id: r for r in records["chest_ct"]}
+    assert [chest[f"omnimedvqa-chest_ct-ct_{n}"].answer for n in range(4)] == ["C", "A", "B", "B"]
+    assert chest["omnimedvqa-chest_ct-ct_2"].options == ["Adenocarcinoma", "No, it's normal."]
+    # Same file name, two class folders: two different files in the output.
+    assert chest["omnimedvqa-chest_ct-ct_0"].image != chest["omnimedvqa-chest_ct-ct_1"].image
+    assert {r.answer for r in records["isic2020"]} == {"B"}
+    assert not any(r.source.endswith("ACRIMA") for split in records.values() for r in split)
+
+
+def test_omnimedvqa_sets_flag_takes_names_or_slugs(omni_root, tmp_path):
+    report = omnimedvqa.main(["--root", omni_root, "--out", str(tmp_path / "out"), "--sets", "oct_c8", "ISIC2020"])
+    assert report["counts"] == {"oct_c8": 2, "isic2020": 3}
+    assert sorted(os.listdir(tmp_path / "out")) == ["images", "isic2020.jsonl", "oct_c8.jsonl", "report.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# PathVQA
+
+PARQUET_SCHEMA = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                            ("question", pa.string()), ("answer", pa.string())])
+
+
+def write_parquet(path, rows):
+    rows = [{"image": {"bytes": payload, "path": None}, "question": q, "answer": a} for payload, q, a in rows]
+    pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), path)
+
+
+@pytest.fixture(scope="module")
+def pathvqa_dir(tmp_path_factory):
+    data = tmp_path_factory.mktemp("path-vqa") / "data"
+    data.mkdir()
+    img1, img2, img3 = image_bytes(1), image_bytes(2), image_bytes(3)
+    write_parquet(data / "test-00000-of-00002-6f0a.parquet", [
+        (img1, "Is there necrosis?", "yes"),                       # row 0
+        (img1, "Are the nuclei enlarged?", "No"),                  # row 1, same image
+        (img1, "What is present?", "adenocarcinoma"),              # row 2, open
+        (img2, "Is this a lymph node?", " YES "),                  # row 3
+        (GARBAGE, "Is this the liver?", "yes"),                    # row 4, unreadable
+        (img2, "Where is this from?", "lung"),                     # row 5, open
+    ])
+    write_parquet(data / "test-00001-of-00002-9c1b.parquet", [
+        (img3, "Is fibrosis seen?", "no"),                         # row 6
+        (None, "Is there inflammation?", "yes"),                   # row 7, no image bytes
+        (img3, "", "yes"),                                         # row 8, empty question
+        (img3, "How many nuclei are there?", "2"),                 # row 9, open
+        (img2, "Is this malignant?", "no"),                        # row 10
+    ])
+    write_parquet(data / "train-00000-of-00001-1d2e.parquet", [(img1, "Is this train?", "yes")])
+    return str(data)
+
+
+def test_pathvqa_keeps_yes_no_questions(pathvqa_dir, tmp_path):
+    out = tmp_path / "out"
+    report = pathvqa.main(["--parquet", pathvqa_dir, "--split", "test", "--out", str(out)])
+    assert report["counts"] == {"test": 5}
+    assert report["filtered_by_reason"] == {"open question (not yes/no)": 3}
+    assert skipped_reasons(report) == {"pathvqa-test-00004": "image unreadable",
+                                       "pathvqa-test-00007": "image missing", "pathvqa-test-00008": "empty question"}
+    records = load_everywhere(str(out), ["test"], tmp_path / "cache")["test"]
+    assert {r.id: r.answer for r in records} == {"pathvqa-test-00000": "A", "pathvqa-test-00001": "B",
+                                                 "pathvqa-test-00003": "A", "pathvqa-test-00006": "B",
+                                                 "pathvqa-test-00010": "B"}
+    assert all(r.options == ["yes", "no"] for r in records)
+    pngs = os.listdir(out / "images")
+    assert len(pngs) == 3 and all(name.endswith(".png") for name in pngs)  # three images, each written once
+    with Image.open(out / records[0].image) as im:
+        assert im.format == "PNG"
+
+
+def test_pathvqa_reads_a_single_file(pathvqa_dir, tmp_path):
+    report = pathvqa.main(["--parquet", os.path.join(pathvqa_dir, "test-00001-of-00002-9c1b.parquet"),
+                           "--out", str(tmp_path / "out")])
+    assert report["counts"] == {"test": 2} and report["filtered"] == 1 and report["skipped"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Missing inputs: a message naming what to download, no traceback, nothing written
+
+@pytest.mark.parametrize("module, argv, names", [
+    (pathmmu, ["--data-json", "absent/data.json", "--images", "absent/images.zip"],
+     ["jamessyx/PathMMU", "data.json", "images.zip", "--data-json"]),
+    (omnimedvqa, ["--root", "absent/OmniMedVQA"], ["foreverbeliever/OmniMedVQA", "OmniMedVQA.zip", "--root"]),
+    (pathvqa, ["--parquet", "absent/data"], ["flaviagiammarino/path-vqa", "parquet", "--parquet"]),
+])
+def test_missing_input_says_what_to_download(module, argv, names, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv + ["--out", str(tmp_path / "out")])
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "not found" in message
+    for name in names:
+        assert name in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_pathvqa_folder_without_the_split_is_a_clear_error(pathvqa_dir, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        pathvqa.main(["--parquet", pathvqa_dir, "--split", "validation", "--out", str(tmp_path / "out")])
+    assert "no validation-*.parquet" in str(stop.value.code)
+
+
+def test_missing_input_from_the_command_line_exits_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "data/pathmmu/prepare.py", "--data-json", str(tmp_path / "data.json"),
+                             "--images", str(tmp_path / "images.zip"), "--out", str(tmp_path / "out")],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "jamessyx/PathMMU" in result.stderr and "images.zip" in result.stderr
+
+
+def test_image_paths_cannot_leave_the_prepared_folder():
+    from data.common import image_path_in
+
+    assert image_path_in("../../etc/x.png") == "images/etc/x.png"
+    assert image_path_in("./images/a.jpg") == "images/images/a.jpg"
+    assert image_path_in("Chest CT Scan/test/000139 (9).png") == "images/Chest CT Scan/test/000139 (9).png"

@@ -1,0 +1,371 @@
+"""Rewards and judges on hand-written completions, a real OpenAI-compatible HTTP server on loopback,
+and the tiny real model as a self-judge."""
+
+import base64
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from judges import JudgeRequest, make_judge, parse_scores, rule_scores
+from mcq import Record
+from rewards import (PROCESS_KEYS, PROCESS_RUBRIC, REWARDS, accuracy_reward, format_reward, process_reward,
+                     score_completions)
+
+RECORD = Record(id="r1", image="r1.png", question="Which stain dominates this patch?",
+                options=["brown", "blue", "mixed"], answer="A")
+
+WELL_FORMED = "<think>The patch is mostly brown.</think><answer>A) brown</answer>"
+MISSING_THINK = "<answer>A) brown</answer>"
+TRAILING_TEXT = "<think>The patch is mostly brown.</think><answer>A) brown</answer> I am sure."
+WRONG_LETTER = "<think>The patch is mostly blue.</think><answer>B) blue</answer>"
+NO_ANSWER = "<think>The patch is mostly brown.</think>"
+COMPLETIONS = [WELL_FORMED, MISSING_THINK, TRAILING_TEXT, WRONG_LETTER, NO_ANSWER]
+
+API_KEY_ENV = "PATHVLM_TEST_JUDGE_KEY"
+API_KEY = "sk-test-3f9c1e7a-never-written-anywhere"
+GOOD_REPLY = '{"integrity_score": 0.8, "knowledge_score": 0.6}'
+
+
+@pytest.fixture
+def png(tmp_path) -> str:
+    path = tmp_path / "patch.png"
+    image = Image.new("RGB", (112, 112), (150, 90, 40))  # DAB brown
+    image.paste((60, 70, 160), (0, 0, 56, 112))  # hematoxylin blue on the left half
+    image.save(path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# format and accuracy
+
+def test_format_reward():
+    assert format_reward(COMPLETIONS, [RECORD] * 5) == [1.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_accuracy_reward_with_and_without_format():
+    records = [RECORD] * 5
+    assert accuracy_reward(COMPLETIONS, records) == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert accuracy_reward(COMPLETIONS, records, require_format=True) == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_score_completions_weights_and_total():
+    records = [RECORD] * 5
+    scores = score_completions({"format": 0.5, "accuracy": 1.0}, COMPLETIONS, records)
+    assert scores["format"] == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert scores["total"] == [1.5, 1.0, 1.0, 0.5, 0.0]
+    strict = score_completions({"format": 0.5, "accuracy": 1.0}, COMPLETIONS, records, require_format=True)
+    assert strict["total"] == [1.5, 0.0, 0.0, 0.5, 0.0]
+    assert set(strict) == {"format", "accuracy", "total"}
+
+
+def test_score_completions_unknown_name():
+    with pytest.raises(ValueError, match=r"unknown reward 'fromat'.*format, accuracy, process"):
+        score_completions({"fromat": 1.0}, [WELL_FORMED], [RECORD])
+    assert list(REWARDS) == ["format", "accuracy", "process"]
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing judge replies
+
+@pytest.mark.parametrize("reply, expected", [
+    (GOOD_REPLY, {"integrity_score": 0.8, "knowledge_score": 0.6}),
+    ('Here you go:\n```json\n{"integrity_score": 0.6, "knowledge_score": 1}\n```\n', {"integrity_score": 0.6,
+                                                                                      "knowledge_score": 1.0}),
+    ('integrity_score: 0.2, knowledge_score = .4 (two errors)', {"integrity_score": 0.2, "knowledge_score": 0.4}),
+    ('Scores: {"integrity_score": 0.6, "knowledge_score": 1.0} as asked.', {"integrity_score": 0.6,
+                                                                           "knowledge_score": 1.0}),
+    ('**Integrity score:** 1.0\n**Knowledge score:** 0.6', {"integrity_score": 1.0, "knowledge_score": 0.6}),
+    ('{"integrity_score": 1.7, "knowledge_score": -0.2}', {"integrity_score": 1.0, "knowledge_score": 0.0}),
+    ('{"integrity_score": "0.6", "knowledge_score": 0.2}', {"integrity_score": 0.6, "knowledge_score": 0.2}),
+    ('{"integrity_score": 0.6}', None),  # a missing key
+    ('{"integrity_score": true, "knowledge_score": 0.2}', None),
+    ('{"integrity_score": NaN, "knowledge_score": 0.2}', None),
+    ("The reasoning is excellent.", None),
+    ("", None),
+    (None, None),  # the call failed
+])
+def test_parse_scores(reply, expected):
+    assert parse_scores(reply, PROCESS_KEYS) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_parse_scores_never_raises_and_stays_in_range(reply):
+    scores = parse_scores(reply, PROCESS_KEYS)
+    assert scores is None or all(0.0 <= s <= 1.0 for s in scores.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# RuleJudge: the rubric's arithmetic
+
+OPTIONS = ["brown", "blue", "mixed"]
+
+
+def test_rule_scores_complete_reasoning():
+    think = ("The patch shows brown DAB staining over most cells. Blue is ruled out and mixed is unlikely, "
+             "because DAB is a marker of the antigen and it dominates hematoxylin.")
+    assert rule_scores(OPTIONS, think, "A") == {"integrity_score": 1.0, "knowledge_score": 1.0}
+
+
+def test_rule_scores_missing_steps():
+    # image described, no elimination, no knowledge cited: 1 - 2 * 0.4
+    assert rule_scores(OPTIONS, "The patch is mostly brown.", "A")["integrity_score"] == \
+        pytest.approx(0.2)
+    # nothing at all: 1 - 3 * 0.4, floored at 0
+    assert rule_scores(OPTIONS, "Hmm.", "A")["integrity_score"] == 0.0
+    # with two options, eliminating the single other one is enough
+    think = "The patch shows blue nuclei, so brown is excluded because hematoxylin marks nuclei."
+    assert rule_scores(["brown", "blue"], think, "B")["integrity_score"] == 1.0
+
+
+def test_rule_scores_contradictions():
+    # the reasoning concludes B but the answer is A: one error
+    think = "The patch shows blue nuclei because hematoxylin marks them; brown and mixed are unlikely. Answer is B."
+    assert rule_scores(OPTIONS, think, "A")["knowledge_score"] == pytest.approx(0.6)
+    # ...and it rules out the option it then answers: two errors
+    think += " Brown is ruled out."
+    assert rule_scores(OPTIONS, think, "A")["knowledge_score"] == pytest.approx(0.2)
+    assert rule_scores(OPTIONS, think, "B")["knowledge_score"] == 1.0
+
+
+def test_process_reward_with_rule_judge(png):
+    judge = make_judge("rule")
+    good = ("<think>The patch shows brown staining of most cells; blue and mixed are ruled out because "
+            "DAB marks the antigen.</think><answer>A) brown</answer>")
+    rewards = process_reward([good, WELL_FORMED, MISSING_THINK], [RECORD] * 3, judge=judge, image_paths=[png] * 3)
+    assert rewards == pytest.approx([1.0, 0.6, 0.0])  # (1+1)/2; (0.2+1)/2; no <think>: 0, judge not asked
+    assert judge.stats.calls == 2 and judge.stats.no_think == 1 and judge.stats.fallbacks == 0
+
+
+def test_process_reward_needs_judge_and_images():
+    with pytest.raises(ValueError, match="judge="):
+        score_completions({"process": 1.0}, [WELL_FORMED], [RECORD])
+
+
+# ----------------------------------------------------------------------------------------------
+# APIJudge against a real OpenAI-compatible server on loopback
+
+class ChatServerState:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.mode = "good"
+        self.requests: list[dict] = []
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_POST(self):
+        state = self.server.state
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        headers = {k.lower(): v for k, v in self.headers.items()}  # httpx sends lower-case names
+        with state.lock:
+            state.requests.append({"path": self.path, "headers": headers, "body": body})
+            n = len(state.requests)
+        if self.path != "/v1/chat/completions":
+            return self.send_json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+        mode = state.mode
+        if mode in ("500", "401") or (mode == "429_then_ok" and n == 1):
+            status = 429 if mode == "429_then_ok" else int(mode)
+            return self.send_json(status, {"error": {"message": f"status {status}", "type": "server_error"}})
+        if mode == "slow":
+            time.sleep(3.0)
+        content = "I think the student did fine overall." if mode == "garbage" else GOOD_REPLY
+        self.send_json(200, {
+            "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 120, "completion_tokens": 15, "total_tokens": 135}})
+
+    def send_json(self, status: int, obj: dict):
+        data = json.dumps(obj).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+            pass
+
+
+@pytest.fixture(scope="module")
+def chat_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatHandler)
+    server.state = ChatServerState()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def server(chat_server, monkeypatch):
+    chat_server.state.mode = "good"
+    chat_server.state.requests.clear()
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+    return chat_server
+
+
+def api_judge(server, tmp_path, **settings):
+    base = dict(model="judge-test", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+                api_key_env=API_KEY_ENV, cache_dir=str(tmp_path / "judge-cache"), retry_base_delay=0.01,
+                max_retries=2, timeout=5.0)
+    return make_judge("api", **{**base, **settings})
+
+
+def files_under(path) -> list[str]:
+    return [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+
+
+def test_api_judge_scores_request_shape_and_cache(server, tmp_path, png):
+    judge = api_judge(server, tmp_path)
+    rewards = process_reward([WELL_FORMED, MISSING_THINK], [RECORD] * 2, judge=judge, image_paths=[png] * 2)
+    assert rewards == pytest.approx([0.7, 0.0])
+    assert judge.stats.as_dict() == dict(calls=1, cache_hits=0, retries=0, failures=0, prompt_tokens=120,
+                                         completion_tokens=15, fallbacks=0, no_think=1)
+    [request] = server.state.requests
+    assert request["headers"]["authorization"] == f"Bearer {API_KEY}"
+    body = request["body"]
+    assert body["model"] == "judge-test" and body["temperature"] == 0
+    system, user = body["messages"]
+    assert system == {"role": "system", "content": PROCESS_RUBRIC}
+    image_part, text_part = user["content"]
+    prefix = "data:image/png;base64,"
+    assert image_part["type"] == "image_url" and image_part["image_url"]["url"].startswith(prefix)
+    with open(png, "rb") as f:
+        assert base64.b64decode(image_part["image_url"]["url"][len(prefix):]) == f.read()
+    assert "The patch is mostly brown." in text_part["text"] and "Correct answer: A) brown" in text_part["text"]
+
+    # the key is in no file the judge wrote
+    cached = files_under(tmp_path / "judge-cache")
+    assert len(cached) == 1
+    for path in cached:
+        with open(path, "rb") as f:
+            assert API_KEY.encode() not in f.read()
+    assert API_KEY not in repr(judge)
+
+    # a new judge (as in another process) on the same cache: no request is paid twice
+    again = api_judge(server, tmp_path)
+    assert process_reward([WELL_FORMED], [RECORD], judge=again, image_paths=[png]) == pytest.approx([0.7])
+    assert again.stats.cache_hits == 1 and again.stats.calls == 0 and len(server.state.requests) == 1
+
+
+def test_api_judge_identical_requests_in_a_batch_are_paid_once(server, tmp_path, png):
+    judge = api_judge(server, tmp_path, use_cache=False)
+    rewards = process_reward([WELL_FORMED] * 3, [RECORD] * 3, judge=judge, image_paths=[png] * 3)
+    assert rewards == pytest.approx([0.7] * 3)
+    assert len(server.state.requests) == 1 and judge.stats.cache_hits == 2
+    assert not os.path.exists(tmp_path / "judge-cache")
+
+
+def test_api_judge_garbage_reply_falls_back(server, tmp_path, png):
+    server.state.mode = "garbage"
+    judge = api_judge(server, tmp_path)
+    rewards = process_reward([WELL_FORMED, WRONG_LETTER], [RECORD] * 2, judge=judge, image_paths=[png] * 2)
+    assert rewards == [0.5, 0.0]  # 0.5/0.5 for the right answer, 0/0 for the wrong one
+    assert judge.stats.fallbacks == 2 and judge.stats.failures == 0 and judge.stats.calls == 2
+
+
+def test_api_judge_retries_after_429(server, tmp_path, png):
+    server.state.mode = "429_then_ok"
+    judge = api_judge(server, tmp_path)
+    assert process_reward([WELL_FORMED], [RECORD], judge=judge, image_paths=[png]) == pytest.approx([0.7])
+    assert judge.stats.retries == 1 and judge.stats.calls == 2 and judge.stats.failures == 0
+    assert len(server.state.requests) == 2
+
+
+def test_api_judge_500_fails_without_raising(server, tmp_path, png):
+    server.state.mode = "500"
+    judge = api_judge(server, tmp_path, max_retries=2)
+    assert process_reward([WELL_FORMED], [RECORD], judge=judge, image_paths=[png]) == [0.5]
+    assert judge.stats.failures == 1 and judge.stats.retries == 2 and judge.stats.fallbacks == 1
+    assert len(server.state.requests) == 3
+    assert files_under(tmp_path / "judge-cache") == []  # a failure is not cached: next time it is asked again
+
+
+def test_api_judge_timeout_fails_fast(server, tmp_path, png):
+    server.state.mode = "slow"
+    judge = api_judge(server, tmp_path, timeout=0.3, max_retries=1)
+    start = time.perf_counter()
+    assert process_reward([WRONG_LETTER], [RECORD], judge=judge, image_paths=[png]) == [0.0]
+    assert time.perf_counter() - start < 2.5  # two 0.3 s attempts, not the server's 3 s
+    assert judge.stats.failures == 1 and judge.stats.retries == 1 and judge.stats.fallbacks == 1
+
+
+def test_api_judge_wrong_key_stops_the_run(server, tmp_path, png):
+    # every call would fail the same way: an error, not a run of fallback rewards
+    server.state.mode = "401"
+    judge = api_judge(server, tmp_path)
+    with pytest.raises(RuntimeError, match="HTTP 401") as error:
+        process_reward([WELL_FORMED], [RECORD], judge=judge, image_paths=[png])
+    assert API_KEY not in str(error.value) and len(server.state.requests) == 1
+
+
+def test_api_judge_text_only_request(server, tmp_path):
+    judge = api_judge(server, tmp_path, use_cache=False)
+    assert judge.complete([JudgeRequest(system="Grade.", user="Is 2 + 2 = 4?")]) == [GOOD_REPLY]
+    assert server.state.requests[0]["body"]["messages"][1]["content"] == [{"type": "text", "text": "Is 2 + 2 = 4?"}]
+
+
+def test_api_judge_missing_key_names_the_variable(monkeypatch):
+    monkeypatch.delenv("PATHVLM_TEST_UNSET_KEY", raising=False)
+    with pytest.raises(ValueError, match="PATHVLM_TEST_UNSET_KEY"):
+        make_judge("api", model="m", api_key_env="PATHVLM_TEST_UNSET_KEY")
+
+
+def test_make_judge_unknown_kind():
+    with pytest.raises(ValueError, match="unknown judge kind 'gpt'.*api, self, rule"):
+        make_judge("gpt")
+    assert make_judge("none") is None
+
+
+# ----------------------------------------------------------------------------------------------
+# SelfJudge: the tiny real model, adapters disabled
+
+@pytest.fixture(scope="module")
+def tiny():
+    from config import ModelConfig
+    from model import load_model
+
+    return load_model(ModelConfig())
+
+
+def test_self_judge_uses_the_frozen_base_and_falls_back(tiny, png):
+    import torch
+
+    model, processor = tiny
+    torch.manual_seed(0)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    for name, p in lora.items():  # a trained-looking adapter, so "adapters disabled" is observable
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    model.train()
+
+    judge = make_judge("self", model=model, processor=processor, max_new_tokens=12)
+    completions = [WELL_FORMED, WRONG_LETTER, MISSING_THINK]
+    rewards = process_reward(completions, [RECORD] * 3, judge=judge, image_paths=[png] * 3)
+    # the random tiny model writes no scores: every judged completion takes the fallback
+    assert rewards == [0.5, 0.0, 0.0]
+    assert judge.stats.calls == 2 and judge.stats.fallbacks == 2 and judge.stats.no_think == 1
+    assert judge.stats.prompt_tokens > 0 and judge.stats.completion_tokens > 0
+    assert all(torch.equal(p, before[n]) for n, p in lora.items()) and model.training
+
+    # the replies are the base model's: zeroing the adapter changes the policy, not the judge
+    request = JudgeRequest(system="Grade the answer.", user="Which stain dominates?", image=png)  # short: fast
+    with_adapter = judge.complete([request])
+    for name, p in lora.items():
+        if "lora_B" in name:
+            p.data.zero_()
+    assert judge.complete([request]) == with_adapter
+    for name, p in lora.items():
+        p.data.copy_(before[name])
