@@ -1,0 +1,31 @@
+# make demo : set up, then prepare data -> SFT -> GRPO -> eval on the embedded tiny model (CPU)
+# make test : the test suite (CPU, a few minutes)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO := runs/demo
+
+.PHONY: demo test setup clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+demo: setup
+	$(PY) data/demo/prepare.py
+	$(PY) train_sft.py configs/demo_sft.yaml output_dir=$(DEMO)/sft
+	$(PY) eval.py configs/demo_eval.yaml output_dir=$(DEMO)/eval_base run_name=base
+	$(PY) eval.py configs/demo_eval.yaml model=$(DEMO)/sft output_dir=$(DEMO)/eval_sft run_name=sft
+	$(PY) train_grpo.py configs/demo_grpo.yaml init_adapter=$(DEMO)/sft output_dir=$(DEMO)/grpo
+	$(PY) eval.py configs/demo_eval.yaml model=$(DEMO)/sft adapter=$(DEMO)/grpo output_dir=$(DEMO)/eval_grpo run_name=grpo
+	$(PY) report.py $(DEMO)/eval_base $(DEMO)/eval_sft $(DEMO)/eval_grpo --out $(DEMO)/report
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean-demo:
+	rm -rf $(DEMO) data/demo/prepared

@@ -1,0 +1,108 @@
+"""SFT on the tiny model and real demo data: the loss mask, loss falling, exact resume, reload."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+
+from config import ModelConfig, SFTConfig
+from mcq import load_split, target_text
+from model import load_model
+import train_sft
+
+
+def run(demo_data, out, *extra):
+    train_sft.main(["configs/demo_sft.yaml", f"data={demo_data}/sft.jsonl", f"eval_data={demo_data}/test.jsonl",
+                    f"output_dir={out}", "model=tiny", "eval_items=8", "batch_size=4", "log_every=1", *extra])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_mask_is_exactly_the_answer(demo_data):
+    cfg = SFTConfig(model="tiny")
+    model, processor = load_model(cfg)
+    path = f"{demo_data}/sft.jsonl"
+    records = load_split(path)[:3]
+    prompt, ids, mask = train_sft.batch_tensors(records, path, processor, "cpu")
+    tok = processor.tokenizer
+    for i, r in enumerate(records):
+        answer_ids = ids[i][mask[i].bool()].tolist()
+        assert tok.decode(answer_ids) == target_text(r) + "<|im_end|>"  # the target and EOS, nothing else
+        assert tok.eos_token_id == answer_ids[-1]
+    # nothing of the prompt (system, user, image tokens, padding) is in the loss
+    assert not (prompt["input_ids"] == processor.image_token_id).any(1).logical_not().any()
+    assert ids.shape[0] == mask.shape[0] == 3 and (mask.sum(1) < ids.shape[1] + 1).all()
+
+
+def test_loss_falls(demo_data, tmp_path):
+    out = str(tmp_path / "full")
+    rows = run(demo_data, out, "max_steps=12", "lr=2e-3", "warmup_steps=0", "finetune=full", "eval_every=12")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    assert rows[-1]["eval_loss"] < rows[0]["loss"] - 1.0 and os.path.isfile(os.path.join(out, "config.yaml"))
+
+
+def test_adapter_reloads_identically(demo_data, tmp_path):
+    out = str(tmp_path / "sft")
+    run(demo_data, out, "max_steps=3", "lr=1e-2", "warmup_steps=0", "finetune=lora", "eval_every=100")
+    # the adapter loads in plain transformers + peft, and gives the trained model's logits
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from model import encode_prompts, resolve_model_path
+    from mcq import image_path, prompt_messages
+    from PIL import Image
+
+    ours, processor = load_model(SFTConfig(model="tiny"), adapter=out, trainable=False)
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(resolve_model_path("tiny"))
+    plain = PeftModel.from_pretrained(base, out)
+    r = load_split(f"{demo_data}/test.jsonl")[0]
+    inputs = encode_prompts(processor, [prompt_messages(r)], [Image.open(image_path(f"{demo_data}/test.jsonl", r))],
+                            "cpu")
+    with torch.no_grad():
+        a, b = ours.eval()(**inputs).logits, plain.eval()(**inputs).logits
+        with plain.disable_adapter():
+            untrained = plain(**inputs).logits
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, untrained)  # the adapter is not a no-op
+
+
+def test_exact_resume(demo_data, tmp_path):
+    full = run(demo_data, str(tmp_path / "full"), "max_steps=6", "finetune=lora", "save_every=3", "eval_every=100")
+    part = str(tmp_path / "part")
+    run(demo_data, part, "max_steps=3", "finetune=lora", "save_every=3", "eval_every=100")
+    resumed = run(demo_data, part, "max_steps=6", "finetune=lora", "save_every=3", "eval_every=100")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # exact, not approximately
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in full]
+
+
+def test_4bit_qlora_path_trains(demo_data, tmp_path):
+    rows = run(demo_data, str(tmp_path / "q"), "max_steps=3", "finetune=lora", "quantization=4bit",
+               "gradient_checkpointing=true", "eval_every=100")
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)
+
+
+def test_bad_inputs_name_the_path(demo_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        run(demo_data, str(tmp_path / "x"), f"data={tmp_path}/nope.jsonl")
+    with pytest.raises(FileNotFoundError, match="no_adapter"):
+        run(demo_data, str(tmp_path / "y"), f"init_adapter={tmp_path}/no_adapter", "finetune=lora")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        run(demo_data, str(tmp_path / "z"), f"data={empty}")
+    broken = tmp_path / "d"
+    shutil.copytree(demo_data, broken)
+    os.remove(broken / load_split(f"{demo_data}/sft.jsonl")[0].image)
+    with pytest.raises(FileNotFoundError, match="images missing"):
+        run(demo_data, str(tmp_path / "w"), f"data={broken}/sft.jsonl")
+
+
+def test_overlong_examples_are_dropped_and_named(demo_data, capsys):
+    cfg = SFTConfig(model="tiny")
+    _, processor = load_model(cfg)
+    kept = train_sft.load_examples(f"{demo_data}/sft.jsonl", processor, max_len=10_000)
+    with pytest.raises(ValueError, match="no examples left"):
+        train_sft.load_examples(f"{demo_data}/sft.jsonl", processor, max_len=20)
+    assert "dropped 48 examples longer than max_len=20" in capsys.readouterr().out and len(kept) == 48
