@@ -225,7 +225,9 @@ class GRPOConfig(TrainConfig):
     judge_model: str = "gpt-4o"
     judge_api_key_env: str = "OPENAI_API_KEY"  # name of the variable; the key never enters a config
     judge_concurrency: int = 8
-    judge_cache_dir: str | None = None
+    judge_timeout: float = 60.0  # seconds per API request
+    judge_max_retries: int = 4  # on 429 / 5xx / timeouts, with exponential back-off
+    judge_cache_dir: str | None = None  # default: ~/.cache/pathvlm-r1/judge
     # objective (grpo.py)
     scale_rewards: str = "group"  # group | batch | none
     skip_equal_groups: bool = False  # drop groups whose rewards are all equal (their advantage is 0)

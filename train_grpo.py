@@ -120,6 +120,7 @@ def main(argv=None):
         judge_settings = {"self": dict(model=model, processor=processor), "rule": {},
                           "api": dict(model=cfg.judge_model, base_url=cfg.judge_base_url,
                                       api_key_env=cfg.judge_api_key_env, max_concurrency=cfg.judge_concurrency,
+                                      timeout=cfg.judge_timeout, max_retries=cfg.judge_max_retries,
                                       cache_dir=cfg.judge_cache_dir)}[cfg.judge]
         judge = make_judge(cfg.judge, **judge_settings)
     n_trainable, n_total = count_params(model)

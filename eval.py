@@ -1,0 +1,246 @@
+"""Accuracy of the base model or base + LoRA adapter on multiple-choice VQA test sets (Tables IV, V).
+
+    python eval.py configs/eval.yaml adapter=runs/grpo output_dir=runs/eval-grpo
+    python eval.py configs/demo_eval.yaml limit=20
+
+Greedy decoding, batched. Every answer is appended (and flushed) to output_dir/predictions.jsonl as
+it comes, so a killed run started again with the same output_dir goes on where it stopped; then
+output_dir/metrics.json holds, per set, accuracy with its Wilson 95% interval, the format rate, the
+unparseable count and the mean completion length. `python report.py runs/a runs/b` compares runs.
+
+From another script, with a model already in memory (a training loop, the demo pipeline):
+    sets = evaluate(model, processor, load_sets(["demo=data/demo/prepared/test.jsonl"]))  # no files
+    metrics = run(cfg, model, processor)  # metrics.json + predictions.jsonl in cfg.output_dir
+"""
+
+import contextlib
+import json
+import os
+import sys
+import time
+
+import torch
+import yaml
+from PIL import Image
+
+from config import EvalConfig, parse_args, save_config
+from mcq import Record, image_path, is_well_formed, load_split, parse_answer, prompt_messages
+from model import completion_mask, encode_prompts, generate, load_model
+from report import read_jsonl, wilson_interval
+
+# config keys that change what the model answers: predictions made under other values are not resumed
+PREDICTION_KEYS = ("model", "adapter", "seed", "dtype", "quantization", "min_pixels", "max_pixels", "max_new_tokens")
+
+
+def load_sets(specs: list[str], limit: int = 0) -> dict[str, list[Record]]:
+    """["name=path.jsonl", ...] -> {name: records}, the first `limit` of each if limit > 0. Image
+    paths become absolute and are checked here, not hours into the run."""
+    if not specs:
+        raise ValueError("no test sets: give sets=[name=path.jsonl, ...]")
+    sets = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"test set must be given as name=path.jsonl, got '{spec}'")
+        if name.strip() in sets:
+            raise ValueError(f"test set '{name.strip()}' is given twice")
+        records = load_split(path.strip())  # its errors name the file (and line)
+        records = records[:limit] if limit > 0 else records
+        for r in records:
+            r.image = image_path(path.strip(), r)
+            if not os.path.isfile(r.image):
+                raise FileNotFoundError(f"{path.strip()}: image of '{r.id}' not found: {r.image}")
+        sets[name.strip()] = records
+    return sets
+
+
+def score(completion: str, record: Record) -> dict:
+    """An empty or unparseable completion is a wrong answer (parsed None), never an error."""
+    parsed = parse_answer(completion, record.options)
+    return {"parsed": parsed, "correct": parsed is not None and parsed == record.answer}
+
+
+def read_predictions(path: str) -> list[dict]:
+    """Predictions written so far. A last line cut by a kill is first cut from the file, so that item
+    is generated again and the next append starts on a line of its own."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+    return read_jsonl(path)
+
+
+def set_metrics(predictions: list[dict]) -> dict:
+    n = len(predictions)
+    correct = sum(bool(p["correct"]) for p in predictions)
+    ci_low, ci_high = wilson_interval(correct, n)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "ci_low": ci_low, "ci_high": ci_high,
+            "format_rate": sum(is_well_formed(p["completion"]) for p in predictions) / n if n else 0.0,
+            "unparseable": sum(p["parsed"] is None for p in predictions),
+            "mean_completion_tokens": sum(p["completion_tokens"] for p in predictions) / n if n else 0.0}
+
+
+@torch.no_grad()
+def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_size: int = 8,
+             max_new_tokens: int = 256, predictions_path: str | None = None, log=print) -> dict[str, dict]:
+    """Greedy answers to every record -> {set name: metrics}; each set's "generated" counts the items
+    answered in this call. Record images must be openable paths (load_sets makes them absolute).
+    With predictions_path, each prediction is appended there as it comes and (set, id) pairs
+    already there are not generated again; the metrics cover all of `records_by_set`."""
+    done = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)} if predictions_path else {}
+    if predictions_path:
+        os.makedirs(os.path.dirname(os.path.abspath(predictions_path)), exist_ok=True)
+    out = open(predictions_path, "a") if predictions_path else None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos_id = processor.tokenizer.eos_token_id
+    results = {}
+    try:
+        for name, records in records_by_set.items():
+            todo = [r for r in records if (name, r.id) not in done]
+            start = time.time()
+            for i in range(0, len(todo), batch_size):
+                batch = todo[i:i + batch_size]
+                images = [Image.open(r.image).convert("RGB") for r in batch]
+                inputs = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
+                ids, texts = generate(model, processor, inputs, max_new_tokens, temperature=0.0)  # (B, T)
+                lengths = completion_mask(ids, eos_id).sum(1).tolist()  # tokens up to and including EOS
+                for record, text, length in zip(batch, texts, lengths):
+                    pred = {"id": record.id, "set": name, "completion": text, **score(text, record),
+                            "gold": record.answer, "completion_tokens": length}
+                    done[(name, record.id)] = pred
+                    if out:
+                        out.write(json.dumps(pred, ensure_ascii=False) + "\n")
+                        out.flush()
+                if (i // batch_size) % 10 == 0 or i + len(batch) == len(todo):
+                    log(f"  {name}: {i + len(batch)}/{len(todo)} generated, {time.time() - start:.1f}s")
+            seconds = time.time() - start
+            results[name] = set_metrics([done[(name, r.id)] for r in records])
+            results[name]["items_per_s"] = round(len(todo) / seconds, 3) if todo else None
+            results[name]["generated"] = len(todo)
+    finally:
+        if out:
+            out.close()
+        model.train(was_training)
+    return results
+
+
+def format_table(sets: dict[str, dict]) -> str:
+    rows = [f"{'set':<22}{'n':>6}{'acc %':>8}{'95% CI':>15}{'format':>8}{'unparse':>9}{'tokens':>8}{'items/s':>9}"]
+    for name, m in sets.items():
+        ci = f"{100 * m['ci_low']:.1f}–{100 * m['ci_high']:.1f}"
+        speed = "-" if m["items_per_s"] is None else f"{m['items_per_s']:.2f}"
+        rows.append(f"{name:<22}{m['n']:>6}{100 * m['accuracy']:>8.1f}{ci:>15}{m['format_rate']:>8.2f}"
+                    f"{m['unparseable']:>9}{m['mean_completion_tokens']:>8.1f}{speed:>9}")
+    return "\n".join(rows)
+
+
+def check_resumable(cfg, output_dir: str):
+    """Refuse to mix predictions of two different models (or decoding budgets) in one output_dir."""
+    old_config = os.path.join(output_dir, "config.yaml")
+    predictions = os.path.join(output_dir, "predictions.jsonl")
+    if not (os.path.isfile(old_config) and os.path.isfile(predictions) and os.path.getsize(predictions)):
+        return
+    with open(old_config) as f:
+        old = yaml.safe_load(f) or {}
+    changed = [k for k in PREDICTION_KEYS if k in old and old[k] != getattr(cfg, k)]
+    if changed:
+        sys.exit(f"{output_dir} holds predictions made with other {', '.join(changed)} "
+                 f"({', '.join(f'{k}={old[k]!r}' for k in changed)}): use a new output_dir")
+
+
+def make_eval_judge(cfg, model=None, processor=None):
+    """The reasoning-quality judge of judges.py, or None when judge=none. Called first without a
+    model, so a missing judges.py, an unknown kind or an unset API key stops the run before it
+    starts; judge=self needs the model and is made on the second call."""
+    if cfg.judge == "none":
+        return None
+    try:
+        from judges import JUDGE_KINDS, make_judge
+    except ImportError:
+        sys.exit(f"judge={cfg.judge} needs judges.py, which this checkout does not have; run with judge=none")
+    if cfg.judge not in JUDGE_KINDS:
+        sys.exit(f"unknown judge '{cfg.judge}': use one of {', '.join(JUDGE_KINDS)} or none")
+    if cfg.judge == "self":
+        return None if model is None else make_judge("self", model=model, processor=processor)
+    if cfg.judge == "api":
+        try:
+            return make_judge("api", model=cfg.judge_model, base_url=cfg.judge_base_url,
+                              api_key_env=cfg.judge_api_key_env, max_concurrency=cfg.judge_concurrency)
+        except (ImportError, ValueError) as e:  # no openai package, no key in the environment
+            sys.exit(f"judge=api: {e}")
+    return make_judge(cfg.judge)
+
+
+def judge_reasoning(judge, records_by_set: dict[str, list[Record]], predictions_path: str, out_path: str) -> dict:
+    """The paper's process rubric (integrity, medical knowledge; rewards.process_reward) over every
+    prediction -> {set: mean score}; per item in out_path. No <think> block scores 0."""
+    from rewards import process_reward
+
+    done = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)}
+    means = {}
+    with open(out_path, "w") as f:
+        for name, records in records_by_set.items():
+            completions = [done[(name, r.id)]["completion"] for r in records]
+            scores = process_reward(completions, records, judge=judge, image_paths=[r.image for r in records])
+            for record, s in zip(records, scores):
+                f.write(json.dumps({"id": record.id, "set": name, "process_score": s}) + "\n")
+            means[name] = sum(scores) / len(scores)
+    return means
+
+
+def run(cfg: EvalConfig, model=None, processor=None) -> dict:
+    """The whole evaluation of the docstring at the top -> the metrics written to metrics.json.
+    Pass model and processor to evaluate a model already in memory (cfg.adapter is then a label)."""
+    predictions_path = os.path.join(cfg.output_dir, "predictions.jsonl")
+    judge = make_eval_judge(cfg)  # judge=self: None until the model is loaded
+    check_resumable(cfg, cfg.output_dir)
+    try:
+        records_by_set = load_sets(cfg.sets, cfg.limit)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    save_config(cfg, cfg.output_dir)
+    print(f"model {cfg.model}, adapter {cfg.adapter or 'none (base model)'}; "
+          + ", ".join(f"{name} {len(r)}" for name, r in records_by_set.items()))
+
+    # 1. model and processor, once. Without an adapter load_model still attaches a fresh LoRA (B = 0,
+    #    the identity); switching it off gives the base model's answers without its extra matmuls.
+    base_only = contextlib.nullcontext()
+    if model is None:
+        model, processor = load_model(cfg, adapter=cfg.adapter, trainable=False)
+        base_only = model.disable_adapter() if cfg.adapter is None else base_only
+
+    # 2. greedy answers, set by set, appended to predictions.jsonl as they come
+    with base_only:
+        sets = evaluate(model, processor, records_by_set, cfg.batch_size, cfg.max_new_tokens, predictions_path)
+    metrics = {"run": cfg.run_name or os.path.basename(os.path.normpath(cfg.output_dir)), "model": cfg.model,
+               "adapter": cfg.adapter, "accuracy": next(iter(sets.values()))["accuracy"], "sets": sets}
+
+    # 3. HOOK: reasoning-quality judge (judge=api | self | rule) ---------------------------------
+    #    Accuracy is the paper's table; this grades *how* the model reasons, with the rubric its
+    #    process reward trains on. Adds "reasoning_score" per set; judge counters under "judge".
+    judge = make_eval_judge(cfg, model, processor) if cfg.judge == "self" else judge
+    if judge is not None:
+        means = judge_reasoning(judge, records_by_set, predictions_path,
+                                os.path.join(cfg.output_dir, "judgements.jsonl"))
+        for name, mean in means.items():
+            sets[name]["reasoning_score"] = mean
+        metrics["judge"] = {"kind": cfg.judge, **({"model": cfg.judge_model} if cfg.judge == "api" else {}),
+                            **judge.stats.as_dict()}
+    # --------------------------------------------------------------------------------------------
+
+    # 4. metrics.json (written whole, then renamed: a kill never leaves half a file) and the table
+    tmp = os.path.join(cfg.output_dir, "metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(tmp, os.path.join(cfg.output_dir, "metrics.json"))
+    print(format_table(sets))
+    print(f"wrote {cfg.output_dir}/metrics.json and predictions.jsonl")
+    return metrics
+
+
+if __name__ == "__main__":
+    run(parse_args(EvalConfig))

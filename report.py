@@ -1,0 +1,284 @@
+"""Statistics and reporting over finished runs: no model, no torch.
+
+    python report.py runs/base runs/sft runs/grpo --out runs/report     # report.md + accuracy.png
+    python report.py curves runs/grpo/metrics.jsonl --out curves.png   # training curves
+
+report.md holds the accuracy table (ours beside the paper's Table V and Table IV), and a McNemar
+test for every pair of runs on the items both answered. Confidence intervals are Wilson 95%.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+from typing import NamedTuple
+
+# ----------------------------------------------------------------------------------------------
+# The paper's numbers (accuracy, %)
+
+# Table V: PathMMU test accuracy
+PAPER_PATHMMU = {"Qwen2.5-VL-3B": 44.50, "Qwen2.5-VL-7B": 51.60, "Qwen2.5-VL-32B": 54.20,
+                 "SFT": 57.60, "GRPO": 63.90, "PathVLM-R1": 65.50}
+# Table IV: OmniMedVQA, out of distribution. "base" is PathVLM-R1's base model, Qwen2.5-VL-7B.
+PAPER_OMNIMEDVQA = {
+    "base": {"Chest CT Scan": 48.60, "ISIC2020": 56.59, "Retinal OCT-C8": 57.19, "Diabetic Retinopathy": 70.80},
+    "SFT": {"Chest CT Scan": 40.60, "ISIC2020": 45.40, "Retinal OCT-C8": 45.80, "Diabetic Retinopathy": 32.00},
+    "PathVLM-R1": {"Chest CT Scan": 44.00, "ISIC2020": 80.00, "Retinal OCT-C8": 49.20,
+                   "Diabetic Retinopathy": 59.80},
+}
+# our prepared set name -> the paper's column
+PAPER_COLUMNS = {"pathmmu": "PathMMU", "chest_ct": "Chest CT Scan", "isic2020": "ISIC2020",
+                 "oct_c8": "Retinal OCT-C8", "diabetic_retinopathy": "Diabetic Retinopathy"}
+
+
+def paper_rows() -> dict[str, dict[str, float]]:
+    """Table V and Table IV as one set of rows: {row label: {paper column: accuracy %}}."""
+    rows = {name: {"PathMMU": acc} for name, acc in PAPER_PATHMMU.items()}
+    rows["Qwen2.5-VL-7B"].update(PAPER_OMNIMEDVQA["base"])
+    rows["SFT"].update(PAPER_OMNIMEDVQA["SFT"])
+    rows["PathVLM-R1"].update(PAPER_OMNIMEDVQA["PathVLM-R1"])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion: centre (p + z²/2n)/(1 + z²/n),
+    half-width z·sqrt(p(1-p)/n + z²/4n²)/(1 + z²/n). Unlike p ± z·sqrt(p(1-p)/n) it stays inside
+    [0, 1] and is not zero-width at 0/n or n/n. n = 0 -> (0, 1): nothing is known."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # at 0/n and n/n the bound is exactly 0 or 1; floating point would give 1e-17 or 0.9999999999999999
+    return (0.0 if correct == 0 else centre - half), (1.0 if correct == n else centre + half)
+
+
+def binomial_two_sided_p(k: int, n: int) -> float:
+    """Exact two-sided p of k successes in n fair coin flips: 2·P(X <= min(k, n-k)), capped at 1.
+    Integer arithmetic, so n in the thousands neither underflows nor overflows."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def chi2_sf_1df(x: float) -> float:
+    """P(X > x) for X ~ chi²(1): X = Z², so P(|Z| > sqrt(x)) = erfc(sqrt(x/2))."""
+    return math.erfc(math.sqrt(max(x, 0.0) / 2))
+
+
+class McNemar(NamedTuple):
+    b: int  # A right, B wrong
+    c: int  # A wrong, B right
+    p_exact: float  # exact binomial test on the discordant pairs
+    p_chi2: float  # chi² with continuity correction, (|b - c| - 1)² / (b + c)
+
+
+def mcnemar(a_correct: list[bool], b_correct: list[bool]) -> McNemar:
+    """McNemar's test on paired items (the same questions answered by two models). Only the
+    discordant pairs count: under H0 each is equally likely to favour A or B."""
+    if len(a_correct) != len(b_correct):
+        raise ValueError(f"paired lists differ in length: {len(a_correct)} vs {len(b_correct)}")
+    b = sum(1 for x, y in zip(a_correct, b_correct) if x and not y)
+    c = sum(1 for x, y in zip(a_correct, b_correct) if y and not x)
+    # as R's mcnemar.test and statsmodels: the correction is not clipped at 0, so b = c gives p < 1
+    # for small b; the exact p is the one to trust there
+    p_chi2 = 1.0 if b + c == 0 else chi2_sf_1df((abs(b - c) - 1) ** 2 / (b + c))
+    return McNemar(b, c, binomial_two_sided_p(b, b + c), p_chi2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading runs
+
+def read_jsonl(path: str) -> list[dict]:
+    """One JSON object per line. A last line that does not parse was cut by a killed writer and is
+    ignored; a bad line anywhere else is an error naming the file and line."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):  # no newline after it: cut mid-write
+                continue
+            raise ValueError(f"{path}:{n}: not valid JSON") from None
+    return rows
+
+
+def load_run(run_dir: str) -> dict:
+    """-> {"name", "metrics", "correct": {(set, id): bool}} from an eval.py output_dir."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no metrics.json in {run_dir} (is it an eval.py output_dir?)")
+    with open(path) as f:
+        metrics = json.load(f)
+    pred_path = os.path.join(run_dir, "predictions.jsonl")
+    preds = read_jsonl(pred_path) if os.path.isfile(pred_path) else []
+    name = metrics.get("run") or os.path.basename(os.path.normpath(run_dir))
+    return {"name": name, "metrics": metrics, "correct": {(p["set"], p["id"]): bool(p["correct"]) for p in preds}}
+
+
+def set_names(runs: list[dict]) -> list[str]:
+    names = []
+    for run in runs:
+        names += [s for s in run["metrics"]["sets"] if s not in names]
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+def accuracy_table(runs: list[dict]) -> str:
+    """Rows = our runs, then the paper's; columns = sets. Ours: accuracy % (Wilson 95% CI)."""
+    sets = set_names(runs)
+    header = ["run"] + [f"{s} ({PAPER_COLUMNS[s]})" if s in PAPER_COLUMNS else s for s in sets]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        cells = []
+        for s in sets:
+            m = run["metrics"]["sets"].get(s)
+            cells.append("" if m is None else
+                         f"{100 * m['accuracy']:.1f} ({100 * m['ci_low']:.1f}–{100 * m['ci_high']:.1f}), n={m['n']}")
+        lines.append("| " + " | ".join([run["name"]] + cells) + " |")
+    if any(s in PAPER_COLUMNS for s in sets):
+        for label, row in paper_rows().items():
+            cells = [f"{row[PAPER_COLUMNS[s]]:.2f}" if PAPER_COLUMNS.get(s) in row else "" for s in sets]
+            lines.append("| " + " | ".join([f"paper: {label}"] + cells) + " |")
+    return "\n".join(lines)
+
+
+def mcnemar_table(runs: list[dict]) -> str:
+    """Every pair of runs, every set both evaluated, on the ids both answered."""
+    lines = ["| A | B | set | paired n | acc A | acc B | b (A only) | c (B only) | p exact | p χ² |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for ra, rb in itertools.combinations(runs, 2):
+        for s in set_names([ra, rb]):
+            keys = sorted(k for k in ra["correct"] if k[0] == s and k in rb["correct"])
+            if not keys:
+                continue
+            a = [ra["correct"][k] for k in keys]
+            b = [rb["correct"][k] for k in keys]
+            t = mcnemar(a, b)
+            lines.append(f"| {ra['name']} | {rb['name']} | {s} | {len(keys)} | {100 * sum(a) / len(a):.1f} | "
+                         f"{100 * sum(b) / len(b):.1f} | {t.b} | {t.c} | {t.p_exact:.3g} | {t.p_chi2:.3g} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_accuracy(runs: list[dict], path: str):
+    """Grouped bars: one group per set, one bar per run, Wilson 95% CI as error bars."""
+    plt = _pyplot()
+    sets = set_names(runs)
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(sets) * max(1, len(runs) / 2) + 2), 3.5))
+    for i, run in enumerate(runs):
+        xs, ys, lo, hi = [], [], [], []
+        for j, s in enumerate(sets):
+            m = run["metrics"]["sets"].get(s)
+            if m is None:
+                continue
+            xs.append(j - 0.4 + width * (i + 0.5))
+            ys.append(100 * m["accuracy"])
+            lo.append(100 * (m["accuracy"] - m["ci_low"]))
+            hi.append(100 * (m["ci_high"] - m["accuracy"]))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=run["name"])
+    ax.set_xticks(range(len(sets)), sets, rotation=20, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(metrics_path: str, path: str) -> list[str]:
+    """One subplot per numeric key of a training run's metrics.jsonl, against "step". -> the keys."""
+    plt = _pyplot()
+    rows = read_jsonl(metrics_path)
+    series: dict[str, tuple[list, list]] = {}
+    for i, row in enumerate(rows):
+        step = row.get("step", i)
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                series.setdefault(key, ([], []))
+                series[key][0].append(step)
+                series[key][1].append(value)
+    if not series:
+        raise ValueError(f"{metrics_path}: no numeric values to plot")
+    cols = min(3, len(series))
+    nrows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
+    for ax, (key, (xs, ys)) in zip(axes.flat, series.items()):
+        ax.plot(xs, ys, lw=1, marker="o" if len(xs) < 30 else None, ms=3)  # a few evals: show the points
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return list(series)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def write_report(run_dirs: list[str], out_dir: str) -> str:
+    """report.md and accuracy.png in out_dir. -> the path of report.md."""
+    runs = [load_run(d) for d in run_dirs]
+    os.makedirs(out_dir, exist_ok=True)
+    plot_accuracy(runs, os.path.join(out_dir, "accuracy.png"))
+    parts = ["# Evaluation report", "",
+             "Accuracy %, Wilson 95% interval in brackets. Paper rows: PathVLM-R1 Table V (PathMMU) and "
+             "Table IV (OmniMedVQA, out of distribution; its base model is Qwen2.5-VL-7B).", "",
+             accuracy_table(runs), "", "![accuracy per set](accuracy.png)", ""]
+    if len(runs) > 1:
+        parts += ["## Paired comparisons (McNemar)", "",
+                  "b: items A got right and B wrong; c: the reverse. Items paired by (set, id).", "",
+                  mcnemar_table(runs), ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "curves":
+        parser = argparse.ArgumentParser(prog="report.py curves", description="plot a training metrics.jsonl")
+        parser.add_argument("metrics", help="a training run's metrics.jsonl")
+        parser.add_argument("--out", default=None, help="PNG path (default: curves.png beside the metrics)")
+        args = parser.parse_args(argv[1:])
+        out = args.out or os.path.join(os.path.dirname(args.metrics), "curves.png")
+        keys = plot_curves(args.metrics, out)
+        print(f"wrote {out}: {', '.join(keys)}")
+        return
+    parser = argparse.ArgumentParser(prog="report.py", description="accuracy and McNemar tables over eval runs")
+    parser.add_argument("runs", nargs="+", help="eval.py output directories")
+    parser.add_argument("--out", default="runs/report", help="directory for report.md and accuracy.png")
+    args = parser.parse_args(argv)
+    path = write_report(args.runs, args.out)
+    print(open(path).read())
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The GRPO loop on the tiny model and real demo data: what one step moves, the first step's KL and
+ratio, exact resume, non-finite steps, and the process reward through a real local API server."""
+
+import json
+import os
+import threading
+from http.server import ThreadingHTTPServer
+
+import pytest
+import torch
+
+import rewards
+import train_grpo
+import train_sft
+from test_rewards import ChatHandler, ChatServerState
+
+
+def sft_adapter(demo_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft"))
+    train_sft.main(["configs/demo_sft.yaml", "model=tiny", f"data={demo_data}/sft.jsonl", "eval_data=null",
+                    f"output_dir={out}", "finetune=lora", "max_steps=2", "lr=1e-2", "warmup_steps=0", "batch_size=4"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_dir(demo_data, tmp_path_factory):
+    return sft_adapter(demo_data, tmp_path_factory)
+
+
+def grpo(demo_data, out, *extra):
+    train_grpo.main(["configs/demo_grpo.yaml", "model=tiny", f"data={demo_data}/rl.jsonl", f"output_dir={out}",
+                     "num_prompts=2", "group_size=4", "max_new_tokens=12", "save_every=2", "sample_every=1",
+                     "lr=1e-3", *extra])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def adapter_weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+@pytest.fixture
+def length_reward(monkeypatch):
+    """An untrained tiny model never earns the format or accuracy reward, so every advantage would be 0;
+    a reward on the completion's length varies within each group and gives the step a gradient."""
+    monkeypatch.setitem(rewards.REWARDS, "length", lambda completions, records, **_: [len(c) / 50 for c in completions])
+
+
+def test_step_moves_policy_not_reference(demo_data, sft_dir, tmp_path, length_reward):
+    out = str(tmp_path / "g")
+    rows = grpo(demo_data, out, f"init_adapter={sft_dir}", "reference=sft", "max_steps=2",
+                "rewards={format: 1.0, accuracy: 1.0, length: 1.0}", "temperature=2.0")
+    # step 1: the policy starts as the SFT adapter, which is also the reference: KL 0 and ratio 1
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7) and rows[0]["clip_frac"] == 0.0
+    before, after = adapter_weights(sft_dir), adapter_weights(out)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the policy moved
+    # the reference adapter in the checkpoint is the SFT adapter, untouched
+    state = torch.load(os.path.join(out, "checkpoints", "step_0000002", "state.pt"), weights_only=False)
+    assert all(".reference." not in name for name in state["model"])  # not trained, not saved as trainable
+    for line in open(os.path.join(out, "samples.jsonl")):
+        assert {"step", "id", "gold", "reward", "completion"} <= json.loads(line).keys()
+    logged = rows[-1]
+    for key in ["reward/format", "reward/accuracy", "reward/total", "accuracy", "format_rate", "kl", "clip_frac",
+                "completion_len_mean", "completion_len_max", "truncated_frac", "equal_reward_groups",
+                "gen_tokens_per_s", "train_tokens_per_s", "peak_mem_gib"]:
+        assert key in logged, key
+
+
+def test_reference_pass_leaves_policy_weights(demo_data, sft_dir):
+    from config import GRPOConfig
+    from model import load_model
+
+    cfg = GRPOConfig(model="tiny", init_adapter=sft_dir)
+    model, _ = load_model(cfg, adapter=sft_dir)
+    model.load_adapter(sft_dir, adapter_name="reference", is_trainable=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B.default" in n:
+                p.add_(0.1)  # make the policy differ from the reference
+    policy = {n: p.clone() for n, p in model.named_parameters() if ".default." in n}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with train_grpo.reference_context(model, "sft"):
+        assert model.active_adapter == "reference"
+    assert model.active_adapter == "default"
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert all(torch.equal(policy[n], p) for n, p in model.named_parameters() if n in policy)
+
+
+def test_exact_resume(demo_data, sft_dir, tmp_path, length_reward):
+    common = [f"init_adapter={sft_dir}", "reference=sft", "temperature=2.0", "rewards={length: 1.0}"]
+    full = grpo(demo_data, str(tmp_path / "full"), *common, "max_steps=4")
+    part = str(tmp_path / "part")
+    grpo(demo_data, part, *common, "max_steps=2")
+    resumed = grpo(demo_data, part, *common, "max_steps=4")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for key in ["loss", "reward/total", "kl", "completion_len_mean"]:
+        assert [r[key] for r in resumed] == [r[key] for r in full], key
+
+
+def test_non_finite_reward_skips_then_stops(demo_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "broken", lambda completions, records, **_: [float("nan")] * len(completions))
+    out = str(tmp_path / "nan")
+    with pytest.raises(SystemExit, match="2 non-finite steps in a row"):
+        grpo(demo_data, out, "init_adapter=null", "reference=base", "rewards={broken: 1.0}", "max_bad_steps=2", "max_steps=5")
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert rows[-1]["skipped_steps"] == 1  # the second bad step stops before it is logged
+    assert os.path.isdir(os.path.join(out, "checkpoints", "step_0000002"))
+
+
+class CyclingHandler(ChatHandler):
+    """Answers in turn: well, garbage, 429, 500, too slow."""
+    MODES = ["good", "garbage", "500", "slow", "good"]
+
+    def do_POST(self):
+        state = self.server.state
+        with state.lock:
+            state.mode = self.MODES[len(state.requests) % len(self.MODES)]
+        super().do_POST()
+
+
+@pytest.fixture(scope="module")
+def formatted_model(demo_data, tmp_path_factory):
+    """The tiny model fully fine-tuned long enough (80 steps, ~10 s) to write <think>...</think><answer>
+    completions, so the process reward's judge is really asked."""
+    out = str(tmp_path_factory.mktemp("sft_full"))
+    train_sft.main(["configs/demo_sft.yaml", "model=tiny", f"data={demo_data}/sft.jsonl", "eval_data=null",
+                    f"output_dir={out}", "finetune=full", "max_steps=80", "lr=3e-3", "warmup_steps=0",
+                    "batch_size=8", "save_every=0"])
+    return out
+
+
+def test_process_reward_through_local_api_keeps_training(demo_data, formatted_model, tmp_path, monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CyclingHandler)
+    server.state = ChatServerState()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-test-secret")
+    out = str(tmp_path / "proc")
+    try:
+        # init_adapter is a full model (finetune=full): it becomes the base, the policy a new LoRA on it
+        rows = grpo(demo_data, out, f"init_adapter={formatted_model}", "reference=sft",
+                    "rewards={format: 1.0, accuracy: 1.0, process: 1.0}",
+                    "judge=api", f"judge_base_url=http://127.0.0.1:{server.server_address[1]}/v1",
+                    "judge_api_key_env=JUDGE_TEST_KEY", "judge_timeout=0.5", "judge_max_retries=1",
+                    f"judge_cache_dir={tmp_path}/cache", "max_steps=2", "max_new_tokens=40", "temperature=0.3")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(rows) == 2 and "reward/process" in rows[-1]  # training went on through every failure mode
+    last = rows[-1]
+    assert last["judge/calls"] >= 5 and last["judge/failures"] >= 1 and last["judge/fallbacks"] >= 1
+    modes = [r["headers"]["authorization"] for r in server.state.requests]
+    assert modes and all(m == "Bearer sk-test-secret" for m in modes)
+    assert 0.0 < last["reward/process"] <= 1.0
+    assert "sk-test-secret" not in open(os.path.join(out, "config.yaml")).read()
