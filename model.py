@@ -296,15 +296,12 @@ def unwrap(model):
 
 
 @torch.no_grad()
-def image_features(model, inputs: dict, repeat: int = 1):
-    """Vision-tower output for each prompt's image, each repeated `repeat` times (one per completion
-    of its group). The tower is frozen and LoRA sits on the language model only, so these features
-    are the same for the sampling, old, reference and policy passes: computed once per step."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
+def image_features(model, inputs: dict):
+    """Vision-tower output for each prompt's image, in the form generate and forward accept as
+    `mm_encoder_outputs`. The tower is frozen and LoRA sits on the language model only, so these
+    features are the same for the sampling, old, reference and policy passes: computed once per step."""
     out = unwrap(model).model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-    per_image = [f for f in out.pooler_output for _ in range(repeat)]
-    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(per_image))}
+    return {"image": out}
 
 
 def repeat_prompts(inputs: dict, repeat: int) -> dict:

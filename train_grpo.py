@@ -24,6 +24,7 @@ import time
 import torch
 from PIL import Image
 from tqdm import tqdm
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import checkpoint as ckpt
 from config import GRPOConfig, parse_args, save_config
@@ -63,13 +64,17 @@ def peak_memory_gib(device) -> float:
 
 
 @torch.no_grad()
-def sample_groups(model, processor, prompt, cfg):
-    """B prompts -> B*G completions (ids, mask up to and including EOS, texts, truncated flags)."""
+def sample_groups(model, processor, prompt, features, cfg):
+    """B prompts -> B*G completions (ids, mask up to and including EOS, texts, truncated flags).
+    `features` are the B images' vision outputs: generate expands them for the G copies itself."""
     tok = processor.tokenizer
     model.eval()  # no dropout while sampling, and generate keeps its KV cache under checkpointing
+    text_inputs = {k: v for k, v in prompt.items() if k != "pixel_values"}
+    # a fresh container: generate expands the features for the G copies in place
+    fresh = {"image": BaseModelOutputWithPooling(pooler_output=features["image"].pooler_output)}
     out = unwrap(model).generate(
-        **prompt, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=None,
-        max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.group_size,
+        **text_inputs, mm_encoder_outputs=fresh, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+        top_k=None, max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.group_size,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, suppress_tokens=special_token_ids(tok))
     model.train()
     ids = out[:, prompt["input_ids"].shape[1]:]  # (N, T)
@@ -80,21 +85,33 @@ def sample_groups(model, processor, prompt, cfg):
     return ids, mask, texts, truncated
 
 
+class Rows:
+    """The N = B*G sequences of a step, prompt + completion, with what every forward pass over them
+    shares: the vision features (computed once) and the M-RoPE position ids (computed once: a
+    Python loop per row inside transformers). `part(i, n)` slices out a micro-batch."""
+
+    def __init__(self, model, prompt, features, ids, mask, group_size):
+        self.prompt = repeat_prompts(prompt, group_size)  # (N, P) rows aligned with the completions
+        self.features = [f for f in features["image"].pooler_output for _ in range(group_size)]
+        self.ids, self.mask = ids, mask
+        with torch.no_grad():
+            self.position_ids, _ = unwrap(model).model.get_rope_index(
+                torch.cat([self.prompt["input_ids"], ids], 1),
+                torch.cat([self.prompt["mm_token_type_ids"], torch.zeros_like(ids)], 1),
+                self.prompt["image_grid_thw"], attention_mask=torch.cat([self.prompt["attention_mask"], mask], 1))
+
+    def part(self, start: int, size: int) -> dict:
+        sl = slice(start, start + size)
+        return dict(prompt={k: v[sl] for k, v in self.prompt.items()}, completion_ids=self.ids[sl],
+                    completion_mask=self.mask[sl], position_ids=self.position_ids[:, sl],
+                    features={"image": BaseModelOutputWithPooling(pooler_output=tuple(self.features[sl]))})
+
+
 @torch.no_grad()
-def logprobs_no_grad(model, rows, ids, mask, features, cfg):
-    return torch.cat([completion_logprobs(model, rows_slice(rows, i, cfg.micro_batch_size), ids[i:i + cfg.micro_batch_size],
-                                          mask[i:i + cfg.micro_batch_size], features_slice(features, i, cfg.micro_batch_size),
-                                          chunk_size=cfg.logprob_chunk)
-                      for i in range(0, ids.shape[0], cfg.micro_batch_size)])
-
-
-def rows_slice(rows: dict, start: int, size: int) -> dict:
-    return {k: v[start:start + size] for k, v in rows.items()}
-
-
-def features_slice(features: dict, start: int, size: int) -> dict:
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-    return {"image": BaseModelOutputWithPooling(pooler_output=features["image"].pooler_output[start:start + size])}
+def logprobs_no_grad(model, rows: Rows, cfg) -> torch.Tensor:
+    n, mb = rows.ids.shape[0], cfg.micro_batch_size
+    return torch.cat([completion_logprobs(model, **rows.part(i, mb), chunk_size=cfg.logprob_chunk)
+                      for i in range(0, n, mb)])
 
 
 def main(argv=None):
@@ -155,7 +172,8 @@ def main(argv=None):
             batch = [train[i] for i in order.next(cfg.num_prompts)]
             images = [Image.open(image_path(cfg.data, r)).convert("RGB") for r in batch]
             prompt = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
-            ids, mask, texts, truncated = sample_groups(model, processor, prompt, cfg)
+            features = image_features(model, prompt)  # vision tower once per step, shared by every pass
+            ids, mask, texts, truncated = sample_groups(model, processor, prompt, features, cfg)
             t_generated = time.perf_counter()
 
             # 2. rewards and advantages --------------------------------------------------------------
@@ -174,15 +192,15 @@ def main(argv=None):
                 loss_mask = loss_mask * (~truncated)[:, None]
 
             # 3. old and reference log-probs (no grad) -----------------------------------------------
-            rows = repeat_prompts(prompt, G)  # prompt rows aligned with the N completions
-            features = image_features(model, prompt, repeat=G)  # vision tower once per step
+            rows = Rows(model, prompt, features, ids, mask, G)
             ref_logp = None
             if cfg.kl_coef != 0:
                 with reference_context(model, cfg.reference):
-                    ref_logp = logprobs_no_grad(model, rows, ids, mask, features, cfg)
+                    ref_logp = logprobs_no_grad(model, rows, cfg)
             # μ = 1: π_old is the policy being updated, so ρ = 1 and old_logp is logp.detach() (one
             # pass saved); μ > 1: π_old is frozen before the first update
-            old_logp = logprobs_no_grad(model, rows, ids, mask, features, cfg) if cfg.num_iterations > 1 else None
+            old_logp = logprobs_no_grad(model, rows, cfg) if cfg.num_iterations > 1 else None
+            t_scored = time.perf_counter()
 
             # 4. μ policy updates ----------------------------------------------------------------
             n_tokens = loss_mask.sum().clamp(min=1)
@@ -191,9 +209,8 @@ def main(argv=None):
             for _ in range(cfg.num_iterations):
                 for i in range(0, ids.shape[0], cfg.micro_batch_size):
                     sl = slice(i, i + cfg.micro_batch_size)
-                    logp = completion_logprobs(model, rows_slice(rows, i, cfg.micro_batch_size), ids[sl], mask[sl],
-                                               features_slice(features, i, cfg.micro_batch_size),
-                                               chunk_size=cfg.logprob_chunk)
+                    logp = completion_logprobs(model, **rows.part(i, cfg.micro_batch_size),
+                                               chunk_size=cfg.logprob_chunk)  # (mb, T)
                     loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[sl],
                                             None if ref_logp is None else ref_logp[sl], advantages[sl], loss_mask[sl],
                                             cfg.clip_eps, cfg.clip_eps_high, cfg.kl_coef, cfg.loss_type,
@@ -240,8 +257,9 @@ def main(argv=None):
                    "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
                    "truncated_frac": truncated.float().mean().item(), "equal_reward_groups": int(equal.sum()),
                    "gen_tokens_per_s": lengths.sum().item() / (t_generated - t_start),
-                   "train_tokens_per_s": cfg.num_iterations * (rows["attention_mask"].sum() + mask.sum()).item()
-                   / (t_end - t_generated), "step_s": t_end - t_start,
+                   "train_tokens_per_s": cfg.num_iterations * (rows.prompt["attention_mask"].sum() + mask.sum()).item()
+                   / (t_end - t_scored), "step_s": t_end - t_start, "gen_s": t_generated - t_start,
+                   "score_logprob_s": t_scored - t_generated, "train_s": t_end - t_scored,
                    "peak_mem_gib": peak_memory_gib(device), "skipped_steps": counters["skipped_steps"]}
             if judge is not None:
                 row.update({f"judge/{k}": v for k, v in judge.stats.as_dict().items()})

@@ -105,3 +105,8 @@ def test_4bit_load_on_cpu_trains():
 def test_missing_model_dir_is_named(tmp_path):
     with pytest.raises((FileNotFoundError, OSError), match="nope"):
         load_model(ModelConfig(model=str(tmp_path / "nope")))
+
+
+def test_unsloth_backend_without_gpu_is_one_clear_error():
+    with pytest.raises(SystemExit, match="backend=unsloth needs a CUDA GPU"):
+        load_model(ModelConfig(backend="unsloth"))
