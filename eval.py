@@ -8,6 +8,10 @@ it comes, so a killed run started again with the same output_dir goes on where i
 output_dir/metrics.json holds, per set, accuracy with its Wilson 95% interval, the format rate, the
 unparseable count and the mean completion length. `python report.py runs/a runs/b` compares runs.
 
+With judge=api | self | rule (judges.py) a judge also grades *how* each answer was reasoned: six
+criteria of REASONING_RUBRIC (0-1 each) and the process reward GRPO trains on, averaged per set under
+sets[name]["reasoning"]; every raw reply goes to output_dir/judgements.jsonl, resumed the same way.
+
 From another script, with a model already in memory (a training loop, the demo pipeline):
     sets = evaluate(model, processor, load_sets(["demo=data/demo/prepared/test.jsonl"]))  # no files
     metrics = run(cfg, model, processor)  # metrics.json + predictions.jsonl in cfg.output_dir
@@ -16,6 +20,7 @@ From another script, with a model already in memory (a training loop, the demo p
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -24,7 +29,7 @@ import yaml
 from PIL import Image
 
 from config import EvalConfig, parse_args, save_config
-from mcq import Record, image_path, is_well_formed, load_split, parse_answer, prompt_messages
+from mcq import LETTERS, Record, image_path, is_well_formed, load_split, parse_answer, prompt_messages
 from model import completion_mask, encode_prompts, generate, load_model
 from report import read_jsonl, wilson_interval
 
@@ -165,7 +170,9 @@ def make_eval_judge(cfg, model=None, processor=None):
     if cfg.judge not in JUDGE_KINDS:
         sys.exit(f"unknown judge '{cfg.judge}': use one of {', '.join(JUDGE_KINDS)} or none")
     if cfg.judge == "self":
-        return None if model is None else make_judge("self", model=model, processor=processor)
+        # the six-key JSON reply is ~60 Qwen tokens: the self-judge's default 64 would cut it
+        return None if model is None else make_judge("self", model=model, processor=processor, max_new_tokens=128,
+                                                     batch_size=cfg.batch_size)
     if cfg.judge == "api":
         try:
             return make_judge("api", model=cfg.judge_model, base_url=cfg.judge_base_url,
@@ -175,21 +182,136 @@ def make_eval_judge(cfg, model=None, processor=None):
     return make_judge(cfg.judge)
 
 
-def judge_reasoning(judge, records_by_set: dict[str, list[Record]], predictions_path: str, out_path: str) -> dict:
-    """The paper's process rubric (integrity, medical knowledge; rewards.process_reward) over every
-    prediction -> {set: mean score}; per item in out_path. No <think> block scores 0."""
-    from rewards import process_reward
+# ----------------------------------------------------------------------------------------------
+# Reasoning quality: six criteria, graded by a judge of judges.py (api | self | rule)
 
-    done = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)}
-    means = {}
-    with open(out_path, "w") as f:
-        for name, records in records_by_set.items():
-            completions = [done[(name, r.id)]["completion"] for r in records]
-            scores = process_reward(completions, records, judge=judge, image_paths=[r.image for r in records])
-            for record, s in zip(records, scores):
-                f.write(json.dumps({"id": record.id, "set": name, "process_score": s}) + "\n")
-            means[name] = sum(scores) / len(scores)
-    return means
+REASONING_KEYS = ["reasoning_accuracy", "knowledge_accuracy", "rigor", "professionalism", "clarity", "conciseness"]
+
+REASONING_RUBRIC = """You are a senior pathologist grading how a model reasoned its way to the answer of a \
+multiple-choice question about a pathology image. You are given the image, the question with its lettered \
+options, the model's full response (its reasoning inside <think></think>, then its choice inside \
+<answer></answer>) and the correct answer.
+
+Score each criterion between 0 (absent or wrong) and 1 (fully met):
+  reasoning_accuracy: every step is correct and the steps lead to the stated answer, which is the correct \
+one. A right letter reached by wrong steps, or reasoning that concludes something other than the stated \
+answer, scores low; a response with no reasoning scores 0.
+  knowledge_accuracy: the medical and histological facts it states (definitions, diagnostic criteria, \
+markers, mechanisms) are correct and current.
+  rigor: the reasoning is complete: it reads the features visible in the image, and it rules out the \
+other options, saying why, before it concludes.
+  professionalism: it uses precise pathology terminology, as a pathologist's report would.
+  clarity: it is easy to follow, from what is seen to what is concluded, and the answer is stated plainly.
+  conciseness: it says what is needed and no more: no repetition, no filler. Shorter is not better when \
+a needed step is missing.
+
+Grade the response, not the question; use the correct answer to judge accuracy only.
+Reply with this JSON object and nothing else:
+{"reasoning_accuracy": <number>, "knowledge_accuracy": <number>, "rigor": <number>, \
+"professionalism": <number>, "clarity": <number>, "conciseness": <number>}"""
+
+TAGS_RE = re.compile(r"</?(?:think|answer)>", re.IGNORECASE)
+
+
+def reasoning_request(record: Record, completion: str):
+    """The judge's view of one prediction (a judges.JudgeRequest), or None for an empty completion
+    (no text once the tags are taken out), which scores 0 on every criterion unasked. A completion
+    without <think> is asked: the rubric gives its missing reasoning 0, and its clarity and
+    conciseness can still be graded."""
+    from judges import JudgeRequest
+    from rewards import THINK_RE
+
+    if not TAGS_RE.sub("", completion).strip():
+        return None
+    options = [f"{LETTERS[i]}) {o}" for i, o in enumerate(record.options)]
+    user = "\n".join([f"Question: {record.question.strip()}", "Options:", *options,
+                      "", "Model's response:", completion.strip(),
+                      "", f"Correct answer: {record.answer}) {record.answer_text()}"])
+    think = THINK_RE.search(completion)
+    case = dict(rubric="reasoning", options=record.options, completion=completion,  # for RuleJudge
+                think=think.group(1) if think else "", chosen=parse_answer(completion, record.options),
+                gold=record.answer)
+    return JudgeRequest(system=REASONING_RUBRIC, user=user, image=record.image, case=case)
+
+
+def judgement_failed(line: dict) -> bool:
+    """A call that got no reply (network, 5xx) is asked again on resume. An unparseable reply is
+    kept: at temperature 0 the judge would write it again."""
+    return ((line["reply"] is None and line["scores"] is None)
+            or (line["process_reply"] is None and line["process_score"] is None))
+
+
+def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Record]], predictions_path: str,
+                    out_path: str, chunk_size: int = 32, log=print) -> dict[str, dict]:
+    """Both rubrics over every prediction -> {set: reasoning_metrics}. One line per item is appended to
+    out_path as its chunk comes back: the raw replies and what was parsed from them, or null. Items
+    with a line there from the same judge_label are not asked again (the API judge's disk cache is
+    shared between runs and may be off or cleared; this file belongs to the run)."""
+    from judges import parse_scores
+    from rewards import PROCESS_KEYS, process_request
+
+    predictions = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)}
+    done = {}
+    for line in read_predictions(out_path):  # same cut-line repair; a later line (a retried call) wins
+        if line.get("judge") == judge_label:  # another judge's lines stay in the file, unused
+            done[(line["set"], line["id"])] = line
+    todo = [(name, r) for name, records in records_by_set.items() for r in records
+            if (name, r.id) not in done or judgement_failed(done[(name, r.id)])]
+    log(f"judge {judge_label}: {len(todo)} to judge, {sum(map(len, records_by_set.values())) - len(todo)} "
+        f"already in {os.path.basename(out_path)}")
+    start = time.time()
+    with open(out_path, "a") as f:
+        for i in range(0, len(todo), chunk_size):
+            batch = todo[i:i + chunk_size]
+            pairs = []  # (reasoning request, process request) per item; None: scored 0 unasked
+            for name, r in batch:
+                completion = predictions[(name, r.id)]["completion"]
+                pairs.append((reasoning_request(r, completion), process_request(r, completion, r.image)))
+            requests = [q for pair in pairs for q in pair if q is not None]
+            replies = iter(judge.complete(requests) if requests else [])  # in the order of `requests`
+            for (name, r), (reasoning_q, process_q) in zip(batch, pairs):
+                line = {"id": r.id, "set": name, "judge": judge_label, "reply": None,
+                        "scores": dict.fromkeys(REASONING_KEYS, 0.0), "process_reply": None, "process_score": 0.0}
+                if reasoning_q is not None:
+                    line["reply"] = next(replies)
+                    line["scores"] = parse_scores(line["reply"], REASONING_KEYS)
+                if process_q is not None:  # rewards.process_request: None without a <think> block
+                    line["process_reply"] = next(replies)
+                    scores = parse_scores(line["process_reply"], PROCESS_KEYS)
+                    line["process_score"] = None if scores is None else sum(scores.values()) / len(scores)
+                judge.stats.add(fallbacks=int(line["scores"] is None) + int(line["process_score"] is None),
+                                no_think=int(process_q is None))
+                done[(name, r.id)] = line
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                f.flush()
+            log(f"  judged {i + len(batch)}/{len(todo)}, {time.time() - start:.1f}s")
+    return {name: reasoning_metrics([done[(name, r.id)] for r in records]) for name, records in records_by_set.items()}
+
+
+def reasoning_metrics(judgements: list[dict]) -> dict:
+    """Each criterion's mean over the n_judged items that have scores: judged replies, and empty
+    completions at 0 (n_empty of them). The n_unparsed items whose call failed or whose reply did not
+    parse are left out, not given a score; a set with none judged has means of None.
+    process_score: rewards.process_reward's mean(integrity, knowledge), 0 without <think> as in
+    training, over process_n_judged items; unlike training's fallback, an unparsed reply is left out."""
+    scored = [j["scores"] for j in judgements if j["scores"] is not None]
+    process = [j["process_score"] for j in judgements if j["process_score"] is not None]
+    means = {k: sum(s[k] for s in scored) / len(scored) if scored else None for k in REASONING_KEYS}
+    return {**means, "n_judged": len(scored), "n_empty": sum(j["reply"] is None and j["scores"] is not None
+                                                             for j in judgements),
+            "n_unparsed": len(judgements) - len(scored),
+            "process_score": sum(process) / len(process) if process else None, "process_n_judged": len(process)}
+
+
+def format_reasoning_table(sets: dict[str, dict]) -> str:
+    columns = ["reason", "knowl", "rigor", "profess", "clarity", "concise", "process"]
+    rows = [f"{'set':<22}{'judged':>8}" + "".join(f"{c:>9}" for c in columns)]
+    for name, m in sets.items():
+        r = m["reasoning"]
+        values = [r[k] for k in REASONING_KEYS] + [r["process_score"]]
+        rows.append(f"{name:<22}{r['n_judged']:>8}" + "".join(f"{'-':>9}" if v is None else f"{v:>9.2f}"
+                                                               for v in values))
+    return "\n".join(rows)
 
 
 def run(cfg: EvalConfig, model=None, processor=None) -> dict:
@@ -219,18 +341,18 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
     metrics = {"run": cfg.run_name or os.path.basename(os.path.normpath(cfg.output_dir)), "model": cfg.model,
                "adapter": cfg.adapter, "accuracy": next(iter(sets.values()))["accuracy"], "sets": sets}
 
-    # 3. HOOK: reasoning-quality judge (judge=api | self | rule) ---------------------------------
-    #    Accuracy is the paper's table; this grades *how* the model reasons, with the rubric its
-    #    process reward trains on. Adds "reasoning_score" per set; judge counters under "judge".
+    # 3. reasoning quality (judge=api | self | rule). Accuracy is the paper's table; this grades *how*
+    #    the model reasons: REASONING_RUBRIC's six criteria, and rewards.py's process rubric, which GRPO
+    #    trains on (so a rise there alone may be the policy learning its reward, not better reasoning).
     judge = make_eval_judge(cfg, model, processor) if cfg.judge == "self" else judge
     if judge is not None:
-        means = judge_reasoning(judge, records_by_set, predictions_path,
-                                os.path.join(cfg.output_dir, "judgements.jsonl"))
-        for name, mean in means.items():
-            sets[name]["reasoning_score"] = mean
-        metrics["judge"] = {"kind": cfg.judge, **({"model": cfg.judge_model} if cfg.judge == "api" else {}),
-                            **judge.stats.as_dict()}
-    # --------------------------------------------------------------------------------------------
+        api = {"model": cfg.judge_model, "base_url": cfg.judge_base_url} if cfg.judge == "api" else {}
+        label = f"api:{cfg.judge_model}" if api else cfg.judge  # judgements of another judge are not resumed
+        reasoning = judge_reasoning(judge, label, records_by_set, predictions_path,
+                                    os.path.join(cfg.output_dir, "judgements.jsonl"))
+        for name, r in reasoning.items():
+            sets[name]["reasoning"] = r
+        metrics["judge"] = {"kind": cfg.judge, **api, **judge.stats.as_dict()}  # this call's counters; no key
 
     # 4. metrics.json (written whole, then renamed: a kill never leaves half a file) and the table
     tmp = os.path.join(cfg.output_dir, "metrics.json.tmp")
@@ -238,7 +360,9 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
         json.dump(metrics, f, indent=1)
     os.replace(tmp, os.path.join(cfg.output_dir, "metrics.json"))
     print(format_table(sets))
-    print(f"wrote {cfg.output_dir}/metrics.json and predictions.jsonl")
+    if judge is not None:
+        print(format_reasoning_table(sets))
+    print(f"wrote {cfg.output_dir}/metrics.json, predictions.jsonl" + (" and judgements.jsonl" if judge else ""))
     return metrics
 
 

@@ -7,7 +7,8 @@ of the reply belong to the caller (rewards.process_reward, eval.py), so one clie
 
 APIJudge   any OpenAI-compatible chat API: concurrent, retried with back-off, cached on disk.
 SelfJudge  the frozen base model (LoRA adapters disabled), greedy: a judge that needs no API.
-RuleJudge  keyword rules for the process-reward rubric: no model, no cost, a baseline.
+RuleJudge  keyword rules for the process-reward rubric and eval.py's reasoning-quality rubric:
+           no model, no cost, a baseline.
 """
 
 import base64
@@ -277,7 +278,7 @@ class SelfJudge:
 
 
 # ----------------------------------------------------------------------------------------------
-# RuleJudge: the process-reward rubric by keywords
+# RuleJudge: the process-reward and reasoning-quality rubrics by keywords
 
 IMAGE_WORDS = ("image", "patch", "slide", "field", "shows", "seen", "visible", "stain", "staining", "stained",
                "colour", "color", "brown", "blue", "pink", "purple", "red", "violet", "hematoxylin", "haematoxylin",
@@ -295,33 +296,82 @@ def _count_words(text: str, words) -> int:
     return sum(len(re.findall(rf"\b{re.escape(w)}\b", text, re.IGNORECASE)) for w in words)
 
 
-def rule_scores(options: list[str], think: str, chosen: str | None) -> dict[str, float]:
-    """The rubric's arithmetic on keyword evidence. integrity = 1 - 0.4 per missing step among
-    (image features, >= 2 options eliminated, knowledge cited); knowledge = 1 - 0.4 per contradiction
-    found among (a conclusion in the reasoning other than the answer, the answer itself ruled out)."""
+def _eliminated(options: list[str], think: str, chosen: str | None) -> tuple[int, int]:
+    """(options the reasoning sets aside, how many it needs to): other options it names, or as many
+    elimination cues as that, whichever is more. With two options there is only one to eliminate."""
     letters = mcq.LETTERS[:len(options)]
     others = [o for letter, o in zip(letters, options) if letter != chosen]
-    needed = min(2, len(options) - 1)  # with two options there is only one to eliminate
-    eliminated = sum(_count_words(think, [o]) > 0 for o in others)
-    missing = [_count_words(think, IMAGE_WORDS) == 0,
-               eliminated < needed and _count_words(think, ELIMINATION_CUES) < needed,
-               _count_words(think, KNOWLEDGE_CUES) == 0]
+    named = sum(_count_words(think, [o]) > 0 for o in others)
+    return max(named, _count_words(think, ELIMINATION_CUES)), min(2, len(options) - 1)
+
+
+def _contradictions(options: list[str], think: str, chosen: str | None) -> int:
+    """0-2: the reasoning concludes a letter other than the answer; it rules the answer itself out."""
     errors = 0
     concluded = CONCLUSION_RE.findall(think)
     if concluded and chosen is not None and concluded[-1] != chosen:
         errors += 1
     if chosen is not None:
-        text = re.escape(options[letters.index(chosen)])
+        text = re.escape(options[mcq.LETTERS.index(chosen)])
         rules_out_answer = (rf"\b{text}\s+(?:is|are)\s+(?:ruled out|excluded|unlikely|not)\b|"
                             rf"\b(?:rule out|ruled out|exclude|excluded|not)\s+{text}\b")
         errors += bool(re.search(rules_out_answer, think, re.IGNORECASE))
+    return errors
+
+
+def rule_scores(options: list[str], think: str, chosen: str | None) -> dict[str, float]:
+    """The rubric's arithmetic on keyword evidence. integrity = 1 - 0.4 per missing step among
+    (image features, >= 2 options eliminated, knowledge cited); knowledge = 1 - 0.4 per contradiction
+    found among (a conclusion in the reasoning other than the answer, the answer itself ruled out)."""
+    eliminated, needed = _eliminated(options, think, chosen)
+    missing = [_count_words(think, IMAGE_WORDS) == 0, eliminated < needed, _count_words(think, KNOWLEDGE_CUES) == 0]
     return {"integrity_score": max(0.0, 1.0 - 0.4 * sum(missing)),
-            "knowledge_score": max(0.0, 1.0 - 0.4 * errors)}
+            "knowledge_score": max(0.0, 1.0 - 0.4 * _contradictions(options, think, chosen))}
+
+
+# eval.py's reasoning-quality rubric by keywords: a floor to compare model judges against, not a grader
+DOMAIN_TERMS = IMAGE_WORDS + (
+    "histology", "histological", "histopathology", "morphology", "immunohistochemistry", "ihc", "antigen",
+    "epithelium", "epithelial", "mucosa", "lymphocytes", "inflammation", "inflammatory", "necrosis", "fibrosis",
+    "carcinoma", "adenocarcinoma", "neoplasm", "neoplastic", "malignant", "benign", "lesion", "atypia",
+    "pleomorphism", "pleomorphic", "hyperchromatic", "chromatin", "nucleoli", "mitosis", "mitotic", "invasion",
+    "differentiation", "differentiated", "keratin", "mucin")
+SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def rule_reasoning_scores(options: list[str], completion: str, think: str, chosen: str | None,
+                          gold: str) -> dict[str, float]:
+    """eval.py's six criteria from keywords and lengths; `think` is "" when there is no <think> block.
+    reasoning_accuracy  0 without reasoning or with a wrong/missing answer; else 1, or 0.5 when the
+                        reasoning contradicts the answer (concludes another letter, rules it out)
+    knowledge_accuracy  min(1, knowledge cues / 2): "because", "marker", "criteria", ...
+    rigor               min(1, options set aside / 2), or / 1 with two options
+    professionalism     min(1, distinct pathology terms / 4)
+    clarity             0.5 for the exact <think>…</think><answer>…</answer> format, + 0.5 when the
+                        reasoning's sentences average 4-35 words
+    conciseness         1 up to 150 words of completion, falling linearly to 0 at 450, times the
+                        share of its sentences that are not repeats"""
+    sentences = [s.strip().lower() for s in SENTENCE_SPLIT_RE.split(think) if s.strip()]
+    right = think.strip() != "" and chosen is not None and chosen == gold
+    eliminated, needed = _eliminated(options, think, chosen)
+    terms = sum(_count_words(think, [t]) > 0 for t in DOMAIN_TERMS)
+    words_per_sentence = len(think.split()) / len(sentences) if sentences else 0.0
+    untagged = re.sub(r"</?(?:think|answer)>", " ", completion)
+    all_sentences = [s.strip().lower() for s in SENTENCE_SPLIT_RE.split(untagged) if s.strip()]
+    unique_share = len(set(all_sentences)) / len(all_sentences) if all_sentences else 1.0
+    length_factor = min(1.0, max(0.0, (450 - len(completion.split())) / 300))
+    return {"reasoning_accuracy": (0.5 if _contradictions(options, think, chosen) else 1.0) if right else 0.0,
+            "knowledge_accuracy": min(1.0, _count_words(think, KNOWLEDGE_CUES) / 2),
+            "rigor": 0.0 if not sentences else 1.0 if needed == 0 else min(1.0, eliminated / needed),
+            "professionalism": min(1.0, terms / 4),
+            "clarity": 0.5 * mcq.is_well_formed(completion) + 0.5 * (4 <= words_per_sentence <= 35),
+            "conciseness": length_factor * unique_share}
 
 
 class RuleJudge:
-    """Reads `request.case` (options, think, chosen) and replies with the rubric's JSON,
-    so its replies go through the same parser as a model judge's."""
+    """Reads `request.case` and replies with the rubric's JSON, so its replies go through the same
+    parser as a model judge's. case["rubric"] == "reasoning" (eval.py: options, completion, think,
+    chosen, gold) -> rule_reasoning_scores; otherwise the process rubric (options, think, chosen)."""
 
     def __init__(self):
         self.stats = JudgeStats()
@@ -330,10 +380,14 @@ class RuleJudge:
         replies = []
         for r in requests:
             if r.case is None:
-                raise ValueError("RuleJudge needs JudgeRequest.case (options, think, chosen); "
-                                 "it scores the process-reward rubric only")
+                raise ValueError("RuleJudge needs JudgeRequest.case (options, think, chosen, ...); it scores "
+                                 "only the process-reward rubric and eval.py's reasoning rubric")
             c = r.case
-            replies.append(json.dumps(rule_scores(c["options"], c["think"], c.get("chosen"))))
+            if c.get("rubric") == "reasoning":
+                scores = rule_reasoning_scores(c["options"], c["completion"], c["think"], c.get("chosen"), c["gold"])
+            else:
+                scores = rule_scores(c["options"], c["think"], c.get("chosen"))
+            replies.append(json.dumps(scores))
         self.stats.add(calls=len(requests))
         return replies
 

@@ -3,8 +3,9 @@
     python report.py runs/base runs/sft runs/grpo --out runs/report     # report.md + accuracy.png
     python report.py curves runs/grpo/metrics.jsonl --out curves.png   # training curves
 
-report.md holds the accuracy table (ours beside the paper's Table V and Table IV), and a McNemar
-test for every pair of runs on the items both answered. Confidence intervals are Wilson 95%.
+report.md holds the accuracy table (ours beside the paper's Table V and Table IV), a McNemar
+test for every pair of runs on the items both answered, and, for runs evaluated with a judge, the
+reasoning-quality means. Confidence intervals are Wilson 95%.
 """
 
 import argparse
@@ -173,6 +174,30 @@ def mcnemar_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# the keys eval.py writes under sets[name]["reasoning"] (eval.REASONING_KEYS + the process reward);
+# named here because report.py reads finished runs without importing eval.py and its torch
+REASONING_COLUMNS = {"reasoning_accuracy": "reasoning acc.", "knowledge_accuracy": "knowledge acc.",
+                     "rigor": "rigor", "professionalism": "professionalism", "clarity": "clarity",
+                     "conciseness": "conciseness", "process_score": "process reward"}
+
+
+def reasoning_table(runs: list[dict]) -> str | None:
+    """One row per judged (run, set): the judge, how many items the means cover, each mean (0-1).
+    None when no run was judged."""
+    lines = ["| run | set | judge | judged / n | " + " | ".join(REASONING_COLUMNS.values()) + " |",
+             "|" + "---|" * (4 + len(REASONING_COLUMNS))]
+    for run in runs:
+        judge = run["metrics"].get("judge", {})
+        label = judge.get("kind", "?") + (f" ({judge['model']})" if "model" in judge else "")
+        for s, m in run["metrics"]["sets"].items():
+            r = m.get("reasoning")
+            if r is None:
+                continue
+            cells = ["–" if r.get(k) is None else f"{r[k]:.2f}" for k in REASONING_COLUMNS]
+            lines.append(f"| {run['name']} | {s} | {label} | {r['n_judged']} / {m['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Plots
 
@@ -250,6 +275,13 @@ def write_report(run_dirs: list[str], out_dir: str) -> str:
              "Accuracy %, Wilson 95% interval in brackets. Paper rows: PathVLM-R1 Table V (PathMMU) and "
              "Table IV (OmniMedVQA, out of distribution; its base model is Qwen2.5-VL-7B).", "",
              accuracy_table(runs), "", "![accuracy per set](accuracy.png)", ""]
+    reasoning = reasoning_table(runs)
+    if reasoning is not None:
+        parts += ["## Reasoning quality", "",
+                  "Means (0-1) of a judge's scores (eval.py's REASONING_RUBRIC; process reward: rewards.py's rubric, "
+                  "the one GRPO trains on). Items whose judge reply failed or did not parse are left out: "
+                  "judged / n. Compare runs graded by the same judge only.", "",
+                  reasoning, ""]
     if len(runs) > 1:
         parts += ["## Paired comparisons (McNemar)", "",
                   "b: items A got right and B wrong; c: the reverse. Items paired by (set, id).", "",

@@ -1,0 +1,244 @@
+"""eval.py's reasoning-quality judge: the rule scorer checked by hand, judge=rule end to end on the tiny
+model, judge=api against a real OpenAI-compatible server on loopback, and resume from judgements.jsonl."""
+
+import io
+import json
+import os
+import shutil
+import threading
+from http.server import ThreadingHTTPServer
+
+import pytest
+
+import report
+from eval import REASONING_KEYS, REASONING_RUBRIC, load_sets, reasoning_request, run, score
+from judges import make_judge, parse_scores, rule_reasoning_scores
+from mcq import Record
+from test_eval import data, eval_cfg, one_thread, read_lines, tiny  # noqa: F401  (fixtures)
+from test_rewards import API_KEY, API_KEY_ENV, GOOD_REPLY, ChatHandler, ChatServerState
+
+OPTIONS = ["brown", "blue", "mixed"]
+RECORD = Record(id="r1", image="r1.png", question="Which stain dominates this patch?", options=OPTIONS, answer="A")
+GOOD = ("<think>The patch shows brown DAB staining over most cells. Blue is ruled out and mixed is unlikely, "
+        "because DAB is a marker of the antigen.</think><answer>A) brown</answer>")
+# the test sets' items 0, 1, 2 have gold answers A, B, C (test_eval.data)
+WITH_THINK = GOOD
+NO_THINK = "<answer>B) blue</answer>"
+EMPTY = "<think> </think><answer></answer>"
+SERVED = {"reasoning_accuracy": 0.9, "knowledge_accuracy": 0.8, "rigor": 0.7, "professionalism": 0.6,
+          "clarity": 0.5, "conciseness": 0.4}
+
+
+# ----------------------------------------------------------------------------------------------
+# The rule scorer, by hand
+
+def test_rule_reasoning_scores_by_hand():
+    think = GOOD[len("<think>"):GOOD.index("</think>")]
+    # right and uncontradicted; "because", "marker": 2 cues; blue and mixed set aside; > 4 pathology
+    # terms; exact format with sentences of 9 and 15 words; 26 words, no sentence repeated
+    assert rule_reasoning_scores(OPTIONS, GOOD, think, "A", "A") == dict.fromkeys(REASONING_KEYS, 1.0)
+    # the same reasoning behind a wrong answer: not accurate, the rest unchanged
+    assert rule_reasoning_scores(OPTIONS, GOOD, think, "A", "B")["reasoning_accuracy"] == 0.0
+    poor = "<think>Brown. Brown. Brown. Answer is B.</think><answer>A) brown</answer>"
+    assert rule_reasoning_scores(OPTIONS, poor, "Brown. Brown. Brown. Answer is B.", "A", "A") == {
+        "reasoning_accuracy": 0.5,  # right letter, but the reasoning concludes B
+        "knowledge_accuracy": 0.0, "rigor": 0.0,  # no cue, no other option set aside
+        "professionalism": 0.25,  # one term: brown
+        "clarity": 0.5,  # exact format, but sentences of 6/4 = 1.5 words
+        "conciseness": 0.6}  # short, but 3 of its 5 sentences are distinct (brown. ×3, answer is b., a) brown)
+    # no <think>: nothing to grade but its brevity
+    assert rule_reasoning_scores(OPTIONS, NO_THINK, "", "B", "B") == {**dict.fromkeys(REASONING_KEYS, 0.0),
+                                                                      "conciseness": 1.0}
+    # 450 words and more: conciseness 0
+    assert rule_reasoning_scores(OPTIONS, "<think>" + "cells " * 450 + "</think>", "cells " * 450, None,
+                                 "A")["conciseness"] == 0.0
+
+
+def test_reasoning_request_and_rule_judge_reply():
+    request = reasoning_request(RECORD, GOOD)
+    assert request.system == REASONING_RUBRIC and request.image == "r1.png"
+    assert "A) brown\nB) blue\nC) mixed" in request.user and GOOD in request.user
+    assert request.user.endswith("Correct answer: A) brown")
+    # the rule judge replies JSON text, read by the same parser as a model judge's
+    [reply] = make_judge("rule").complete([request])
+    assert parse_scores(reply, REASONING_KEYS) == dict.fromkeys(REASONING_KEYS, 1.0)
+    assert reasoning_request(RECORD, NO_THINK) is not None  # no reasoning, still graded
+    assert reasoning_request(RECORD, EMPTY) is None and reasoning_request(RECORD, "  ") is None  # 0, unasked
+
+
+# ----------------------------------------------------------------------------------------------
+# judge=rule end to end on the tiny model
+
+def test_rule_judge_end_to_end(tiny, data, tmp_path):
+    out = tmp_path / "rule"
+    metrics = run(eval_cfg(data, out, judge="rule", limit=3), *tiny)
+    with open(out / "metrics.json") as f:
+        assert json.load(f) == json.loads(json.dumps(metrics))
+    lines = read_lines(out / "judgements.jsonl")
+    assert sorted((j["set"], j["id"]) for j in lines) == sorted(
+        (name, f"{name}-{i:03d}") for name in ["pathmmu", "chest_ct"] for i in range(3))
+    for name, m in metrics["sets"].items():
+        r, mine = m["reasoning"], [j for j in lines if j["set"] == name]
+        assert r["n_judged"] == 3 and r["n_unparsed"] == 0  # the rule judge always answers
+        for key in REASONING_KEYS:
+            assert 0.0 <= r[key] <= 1.0
+            assert r[key] == pytest.approx(sum(j["scores"][key] for j in mine) / 3)
+        assert 0.0 <= r["process_score"] <= 1.0 and r["process_n_judged"] == 3
+        for j in mine:  # the raw reply is kept; empty completions have none
+            assert j["judge"] == "rule"
+            assert j["reply"] is None or parse_scores(j["reply"], REASONING_KEYS) == j["scores"]
+    assert metrics["judge"]["kind"] == "rule" and metrics["judge"]["calls"] > 0
+
+    report.main([str(out), "--out", str(tmp_path / "report")])
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Reasoning quality" in md and "| rule | pathmmu | rule | 3 / 3 |" in md
+    assert list(report.REASONING_COLUMNS) == REASONING_KEYS + ["process_score"]
+
+
+# ----------------------------------------------------------------------------------------------
+# judge=api against test_rewards' server, answering the reasoning rubric with SERVED
+
+class RubricHandler(ChatHandler):
+    """ChatHandler, whose good reply holds the process rubric's keys, answering REASONING_RUBRIC's
+    requests with SERVED instead; "garbage" and the other modes as before."""
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        self.reasoning = json.loads(raw)["messages"][0]["content"] == REASONING_RUBRIC
+        self.rfile = io.BytesIO(raw)  # for ChatHandler to read again (HTTP/1.0: one request a connection)
+        super().do_POST()
+
+    def send_json(self, status: int, obj: dict):
+        if status == 200 and self.reasoning and obj["choices"][0]["message"]["content"] == GOOD_REPLY:
+            obj["choices"][0]["message"]["content"] = json.dumps(SERVED)
+        super().send_json(status, obj)
+
+
+@pytest.fixture(scope="module")
+def chat_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RubricHandler)
+    server.state = ChatServerState()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def server(chat_server, monkeypatch):
+    chat_server.state.mode = "good"
+    chat_server.state.requests.clear()
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+    return chat_server
+
+
+def api_cfg(data, out, server, **kw):
+    return eval_cfg(data, out, judge="api", judge_model="judge-test", judge_api_key_env=API_KEY_ENV,
+                    judge_base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", judge_concurrency=2, **kw)
+
+
+def write_predictions(out, data, completions: list[str]):
+    """predictions.jsonl as a finished generation would leave it, item i of each set answering
+    completions[i]: run() resumes it and only judges, so the judge sees known completions."""
+    os.makedirs(out, exist_ok=True)
+    sets = load_sets([f"{name}={path}" for name, path in data.items()], limit=len(completions))
+    with open(out / "predictions.jsonl", "w") as f:
+        for name, records in sets.items():
+            for r, c in zip(records, completions):
+                pred = {"id": r.id, "set": name, "completion": c, **score(c, r), "gold": r.answer,
+                        "completion_tokens": len(c.split())}
+                f.write(json.dumps(pred) + "\n")
+
+
+def files_under(*dirs) -> list[str]:
+    return [os.path.join(d, f) for top in dirs for d, _, names in os.walk(top) for f in names]
+
+
+def test_api_judge_means_are_the_served_scores(tiny, data, server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATHVLM_CACHE", str(tmp_path / "cache"))  # the API judge's disk cache
+    out = tmp_path / "api"
+    write_predictions(out, data, [WITH_THINK, NO_THINK])
+    metrics = run(api_cfg(data, out, server, limit=2), *tiny)
+    for name, m in metrics["sets"].items():
+        assert m["generated"] == 0
+        r = m["reasoning"]
+        assert {k: r[k] for k in REASONING_KEYS} == pytest.approx(SERVED)
+        assert (r["n_judged"], r["n_empty"], r["n_unparsed"]) == (2, 0, 0)
+        # process rubric: GOOD_REPLY's (0.8 + 0.6)/2 for the reasoning, 0 unasked without <think>
+        assert r["process_score"] == pytest.approx(0.35) and r["process_n_judged"] == 2
+    # per set: two reasoning requests, one process request
+    requests = server.state.requests
+    assert len(requests) == 6
+    base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    assert metrics["judge"] == {"kind": "api", "model": "judge-test", "base_url": base_url, "calls": 6,
+                                "cache_hits": 0, "retries": 0, "failures": 0, "prompt_tokens": 6 * 120,
+                                "completion_tokens": 6 * 15, "fallbacks": 0, "no_think": 2}
+    reasoning = [q["body"]["messages"] for q in requests if q["body"]["messages"][0]["content"] == REASONING_RUBRIC]
+    assert len(reasoning) == 4
+    for system, user in reasoning:
+        image, text = user["content"]
+        assert image["image_url"]["url"].startswith("data:image/png;base64,")
+        assert "Correct answer: " in text["text"] and ("<answer>A) brown</answer>" in text["text"]
+                                                       or NO_THINK in text["text"])
+    lines = read_lines(out / "judgements.jsonl")
+    assert len(lines) == 4 and all(json.loads(j["reply"]) == SERVED for j in lines)
+    assert all(j["judge"] == "api:judge-test" for j in lines)
+    # the key is in no file of the run or of the judge's cache, and not on the console
+    assert len(files_under(tmp_path / "cache")) == 6  # one reply per request
+    for path in files_under(out, tmp_path / "cache"):
+        with open(path, "rb") as f:
+            assert API_KEY.encode() not in f.read(), path
+    assert API_KEY not in capsys.readouterr().out
+
+
+def test_api_judge_garbage_is_left_out_and_resume_asks_only_the_rest(tiny, data, server, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATHVLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "resume"
+    write_predictions(out, data, [WITH_THINK, NO_THINK, EMPTY])
+
+    # 1. a judge that answers no scores: counted, left out of the means, never replaced by a guess
+    server.state.mode = "garbage"
+    first = run(api_cfg(data, out, server, limit=2), *tiny)
+    assert len(server.state.requests) == 6
+    assert first["judge"]["fallbacks"] == 6  # 4 reasoning + 2 process replies
+    for m in first["sets"].values():
+        r = m["reasoning"]
+        assert all(r[k] is None for k in REASONING_KEYS) and (r["n_judged"], r["n_unparsed"]) == (0, 2)
+        assert r["process_score"] == 0.0 and r["process_n_judged"] == 1  # no <think>: 0 by the rubric
+    lines = read_lines(out / "judgements.jsonl")
+    assert all(j["reply"] == "I think the student did fine overall." and j["scores"] is None for j in lines)
+    report.main([str(out), "--out", str(tmp_path / "report")])  # means of None print as –
+    assert "| resume | pathmmu | api (judge-test) | 0 / 2 | – |" in (tmp_path / "report" / "report.md").read_text()
+
+    # a call that got no reply (a 5xx after every retry) leaves nulls: that item is asked again
+    lines[0].update(reply=None, scores=None, process_reply=None, process_score=None)
+    (out / "judgements.jsonl").write_text("".join(json.dumps(j) + "\n" for j in lines))
+    failed = (lines[0]["set"], lines[0]["id"])
+    assert lines[0]["id"].endswith("-000")  # the item with <think>: two requests
+
+    # 2. the server answers now; with its disk cache gone only judgements.jsonl can spare requests
+    shutil.rmtree(tmp_path / "cache")
+    server.state.mode = "good"
+    server.state.requests.clear()
+    second = run(api_cfg(data, out, server, limit=3), *tiny)
+    assert len(server.state.requests) == 2  # the failed item's two rubrics; the empty items: none
+    for name, m in second["sets"].items():
+        r = m["reasoning"]
+        if name == failed[0]:  # the retried item's SERVED and the empty item's zeros; its garbage left out
+            assert {k: r[k] for k in REASONING_KEYS} == pytest.approx({k: v / 2 for k, v in SERVED.items()})
+            assert (r["n_judged"], r["n_empty"], r["n_unparsed"]) == (2, 1, 1)
+            assert r["process_score"] == pytest.approx(0.35 * 2 / 3)  # 0.7, 0 and 0 (no <think>, twice)
+        else:
+            assert all(r[k] == 0.0 for k in REASONING_KEYS) and (r["n_judged"], r["n_unparsed"]) == (1, 2)
+    assert second["judge"]["calls"] == 2 and second["judge"]["no_think"] == 2
+    lines = read_lines(out / "judgements.jsonl")
+    assert len(lines) == 4 + 1 + 2  # appended: the retried item, the two empty ones
+
+    # 3. everything judged: nothing is asked; another judge grades afresh beside the API's lines
+    server.state.requests.clear()
+    assert run(api_cfg(data, out, server, limit=3), *tiny)["sets"] == second["sets"]
+    assert server.state.requests == []
+    rule = run(eval_cfg(data, out, judge="rule", limit=3), *tiny)
+    assert all(m["reasoning"]["n_judged"] == 3 for m in rule["sets"].values())
+    assert len(read_lines(out / "judgements.jsonl")) == 7 + 6 and server.state.requests == []
