@@ -304,6 +304,27 @@ def image_features(model, inputs: dict):
     return {"image": out}
 
 
+@torch.no_grad()
+def generate_groups(model, prompt: dict, features: dict, group_size: int, **generate_kwargs) -> torch.Tensor:
+    """G sampled completions per prompt, with the prompt's prefill computed once, not G times.
+
+    generate(num_return_sequences=G) copies each prompt G times before the prefill; a prompt of
+    ~1,000 tokens then costs G full forward passes before the first new token. Instead we prefill
+    all but the last prompt token once per prompt, copy that KV cache (and the M-RoPE offsets) G
+    times, and let generate continue from there. Same tokens as the plain call (tested), about half
+    the time on the demo. Returns the (B*G, P + T) ids, as generate does."""
+    base = unwrap(model)
+    prefill = base(input_ids=prompt["input_ids"][:, :-1], attention_mask=prompt["attention_mask"][:, :-1],
+                   mm_token_type_ids=prompt["mm_token_type_ids"][:, :-1], image_grid_thw=prompt["image_grid_thw"],
+                   mm_encoder_outputs={"image": features["image"]}, use_cache=True, logits_to_keep=1)
+    cache = prefill.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    base.model.rope_deltas = base.model.rope_deltas.repeat_interleave(group_size, 0)  # (B*G, 1)
+    return base.generate(input_ids=prompt["input_ids"].repeat_interleave(group_size, 0),
+                         attention_mask=prompt["attention_mask"].repeat_interleave(group_size, 0),
+                         past_key_values=cache, **generate_kwargs)
+
+
 def repeat_prompts(inputs: dict, repeat: int) -> dict:
     """Each prompt row repeated `repeat` times (rows i*repeat ... i*repeat+repeat-1 share prompt i)."""
     out = {k: inputs[k].repeat_interleave(repeat, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}

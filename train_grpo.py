@@ -31,8 +31,8 @@ from config import GRPOConfig, parse_args, save_config
 from grpo import equal_reward_groups, group_advantages, grpo_loss
 from judges import make_judge
 from mcq import image_path, is_well_formed, parse_answer, prompt_messages
-from model import (completion_logprobs, completion_mask, count_params, encode_prompts, image_features, load_model,
-                   repeat_prompts, special_token_ids, unwrap)
+from model import (completion_logprobs, completion_mask, count_params, encode_prompts, generate_groups, image_features,
+                   load_model, repeat_prompts, special_token_ids, unwrap)
 from rewards import score_completions
 from train_sft import DataOrder, load_examples, make_optimizer, make_scheduler, open_tensorboard
 
@@ -66,16 +66,13 @@ def peak_memory_gib(device) -> float:
 @torch.no_grad()
 def sample_groups(model, processor, prompt, features, cfg):
     """B prompts -> B*G completions (ids, mask up to and including EOS, texts, truncated flags).
-    `features` are the B images' vision outputs: generate expands them for the G copies itself."""
+    `features`: the B images' vision outputs, computed once for the whole step."""
     tok = processor.tokenizer
     model.eval()  # no dropout while sampling, and generate keeps its KV cache under checkpointing
-    text_inputs = {k: v for k, v in prompt.items() if k != "pixel_values"}
-    # a fresh container: generate expands the features for the G copies in place
-    fresh = {"image": BaseModelOutputWithPooling(pooler_output=features["image"].pooler_output)}
-    out = unwrap(model).generate(
-        **text_inputs, mm_encoder_outputs=fresh, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-        top_k=None, max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.group_size,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, suppress_tokens=special_token_ids(tok))
+    out = generate_groups(model, prompt, features, cfg.group_size, do_sample=True, temperature=cfg.temperature,
+                          top_p=cfg.top_p, top_k=None, max_new_tokens=cfg.max_new_tokens,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          suppress_tokens=special_token_ids(tok))
     model.train()
     ids = out[:, prompt["input_ids"].shape[1]:]  # (N, T)
     mask = completion_mask(ids, tok.eos_token_id)  # (N, T)

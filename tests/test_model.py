@@ -110,3 +110,20 @@ def test_missing_model_dir_is_named(tmp_path):
 def test_unsloth_backend_without_gpu_is_one_clear_error():
     with pytest.raises(SystemExit, match="backend=unsloth needs a CUDA GPU"):
         load_model(ModelConfig(backend="unsloth"))
+
+
+def test_group_generation_with_shared_prefill_matches_plain_generate():
+    from model import generate_groups, image_features, special_token_ids
+
+    model, processor = load_model(ModelConfig(), trainable=False)
+    model.eval()
+    records = [RECORD, Record("s", "a.png", "Dominant stain?", ["a", "b"], "A")]
+    inputs = encode_prompts(processor, [prompt_messages(r) for r in records], [image(56, 56), image(84, 56, 1)], "cpu")
+    tok = processor.tokenizer
+    kwargs = dict(do_sample=True, temperature=1.0, top_k=None, max_new_tokens=10, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, suppress_tokens=special_token_ids(tok))
+    torch.manual_seed(0)
+    plain = model.generate(**inputs, num_return_sequences=3, **kwargs)
+    torch.manual_seed(0)
+    shared = generate_groups(model, inputs, image_features(model, inputs), 3, **kwargs)
+    assert torch.equal(plain, shared)

@@ -9,7 +9,8 @@ shuffled order. The answer is measured, not guessed: colour deconvolution (`rgb2
 two stains and the log ratio of mean DAB to mean hematoxylin gives the class; patches near a class
 boundary are dropped so that every kept answer is visible.
 
-Test patches come from image blocks never used for training (no overlapping crops across splits).
+Test patches come from 64-px blocks never used for training, a quarter of the section scattered
+over it by the seed (no crop overlaps across splits).
 
 The SFT split carries a *systematic annotator error*: a share of the blue patches (--sft-blue-as-mixed,
 default 0.65) are labelled "mixed", with an explanation to match, as a careless annotator would.
@@ -40,8 +41,8 @@ KNOWLEDGE = {"brown": "DAB marks the antigen brown.", "blue": "Hematoxylin stain
              "mixed": "DAB and hematoxylin are balanced."}
 
 PATCH = 56  # 56 px = 4x4 vision patches of 14 px = 4 tokens after the 2x2 merge
-BLOCK = 128  # the image is cut into 4x4 blocks of 128 px; a patch never crosses a block
-TEST_BLOCKS = {(0, 1), (1, 3), (2, 0), (3, 2)}  # one block per row and column, held out for test
+BLOCK = 64  # the image is cut into 8x8 blocks of 64 px; a patch never crosses a block
+N_TEST_BLOCKS = 16  # a quarter of the blocks, scattered over the section by the seed, are held out for test
 
 
 def explanation(label: str) -> str:
@@ -55,7 +56,7 @@ def stain_score(patch_rgb: np.ndarray) -> float:
     return float(np.log((hed[..., 2].mean() + 1e-3) / (hed[..., 0].mean() + 1e-3)))
 
 
-def candidate_patches(image: np.ndarray, rng: np.random.Generator, per_block: int):
+def candidate_patches(image: np.ndarray, rng: np.random.Generator, per_block: int, test_blocks: set):
     """Random crops inside each block, with a random dihedral transform (rotation/flip) each."""
     out = []
     for by in range(image.shape[0] // BLOCK):
@@ -66,7 +67,7 @@ def candidate_patches(image: np.ndarray, rng: np.random.Generator, per_block: in
                 patch = np.rot90(image[y:y + PATCH, x:x + PATCH], k=int(rng.integers(4)))
                 if rng.random() < 0.5:
                     patch = patch[:, ::-1]
-                out.append(((by, bx) in TEST_BLOCKS, np.ascontiguousarray(patch), stain_score(patch)))
+                out.append(((by, bx) in test_blocks, np.ascontiguousarray(patch), stain_score(patch)))
     return out
 
 
@@ -98,10 +99,14 @@ def main(argv=None):
 
     rng = np.random.default_rng(args.seed)
     image = skdata.immunohistochemistry()
-    train_blocks = 16 - len(TEST_BLOCKS)
-    # 1.6x the patches needed, and never fewer than 60 a block: classes are unevenly spread over the image
-    per_block = max(60, int(1.6 * max((args.sft_size + args.rl_size) / train_blocks, args.test_size / len(TEST_BLOCKS))))
-    labelled = label_patches(candidate_patches(image, rng, per_block), args.margin)
+    # held-out blocks scattered over the whole section, so test tissue looks like training tissue
+    # without any test crop overlapping a training crop
+    n_side = image.shape[0] // BLOCK
+    test_blocks = {divmod(int(i), n_side) for i in rng.choice(n_side * n_side, N_TEST_BLOCKS, replace=False)}
+    train_blocks = n_side * n_side - N_TEST_BLOCKS
+    # 1.6x the patches needed, and never fewer than 30 a block: classes are unevenly spread over the image
+    per_block = max(30, int(1.6 * max((args.sft_size + args.rl_size) / train_blocks, args.test_size / N_TEST_BLOCKS)))
+    labelled = label_patches(candidate_patches(image, rng, per_block, test_blocks), args.margin)
 
     # balanced classes: each split takes size/3 patches of each class from its own blocks
     pools = {(t, c): [p for is_t, p, lab in labelled if is_t == t and lab == c] for t in (0, 1) for c in CLASSES}
