@@ -357,16 +357,45 @@ def completion_logprobs(model, prompt: dict, completion_ids, completion_mask, fe
     else:
         kwargs["pixel_values"] = prompt["pixel_values"]
     hidden = base.model(**kwargs).last_hidden_state[:, n_prompt - 1:-1]  # (N, T, H): states that predict c_t
+    return token_logprobs(base.lm_head, hidden, completion_ids, chunk_size)
+
+
+def token_logprobs(lm_head, hidden, targets, chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(lm_head(hidden))[target] for (N, T, H) hidden states -> (N, T), chunk by chunk."""
     n, t, h = hidden.shape
-    flat_hidden, flat_targets = hidden.reshape(n * t, h), completion_ids.reshape(n * t)
+    flat_hidden, flat_targets = hidden.reshape(n * t, h), targets.reshape(n * t)
     pieces = []
     for i in range(0, n * t, chunk_size):
-        args = (flat_hidden[i:i + chunk_size], base.lm_head, flat_targets[i:i + chunk_size])
+        args = (flat_hidden[i:i + chunk_size], lm_head, flat_targets[i:i + chunk_size])
         if torch.is_grad_enabled():
             pieces.append(torch.utils.checkpoint.checkpoint(_selected_logprobs, *args, use_reentrant=False))
         else:
             pieces.append(_selected_logprobs(*args))
     return torch.cat(pieces).view(n, t)
+
+
+@torch.no_grad()
+def shared_prompt_logprobs(model, prompt: dict, features: dict, completion_ids, completion_mask, group_size: int,
+                           position_ids, chunk_size: int = 1024) -> torch.Tensor:
+    """completion_logprobs without gradient (reference, old policy) for B*G completions of B prompts,
+    running each prompt once instead of G times: its KV cache is copied to the G completions.
+    prompt/features: B rows; completion_ids/mask: (N, T); position_ids: (3, N, P + T) as Rows builds.
+    Equal to completion_logprobs up to float rounding (tested)."""
+    base = unwrap(model)
+    n_prompt, n_completion = prompt["input_ids"].shape[1], completion_ids.shape[1]
+    out = base.model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
+                     mm_token_type_ids=prompt["mm_token_type_ids"], image_grid_thw=prompt["image_grid_thw"],
+                     mm_encoder_outputs={"image": features["image"]},
+                     position_ids=position_ids[:, ::group_size, :n_prompt], use_cache=True)
+    first = out.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)  # (N, 1, H): predicts c_0
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    attention_mask = torch.cat([prompt["attention_mask"].repeat_interleave(group_size, 0), completion_mask], 1)
+    rest = base.model.language_model(
+        inputs_embeds=base.model.get_input_embeddings()(completion_ids[:, :-1]), attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, :, n_prompt:n_prompt + n_completion - 1], past_key_values=cache, use_cache=True)
+    hidden = torch.cat([first, rest.last_hidden_state], 1)  # (N, T, H)
+    return token_logprobs(base.lm_head, hidden, completion_ids, chunk_size)
 
 
 @torch.no_grad()

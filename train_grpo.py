@@ -32,7 +32,7 @@ from grpo import equal_reward_groups, group_advantages, grpo_loss
 from judges import make_judge
 from mcq import image_path, is_well_formed, parse_answer, prompt_messages
 from model import (completion_logprobs, completion_mask, count_params, encode_prompts, generate_groups, image_features,
-                   load_model, repeat_prompts, special_token_ids, unwrap)
+                   load_model, repeat_prompts, shared_prompt_logprobs, special_token_ids, unwrap)
 from rewards import score_completions
 from train_sft import DataOrder, load_examples, make_optimizer, make_scheduler, open_tensorboard
 
@@ -88,14 +88,31 @@ class Rows:
     Python loop per row inside transformers). `part(i, n)` slices out a micro-batch."""
 
     def __init__(self, model, prompt, features, ids, mask, group_size):
+        self.group_size, self.unique_prompt, self.unique_features = group_size, prompt, features
         self.prompt = repeat_prompts(prompt, group_size)  # (N, P) rows aligned with the completions
         self.features = [f for f in features["image"].pooler_output for _ in range(group_size)]
         self.ids, self.mask = ids, mask
         with torch.no_grad():
-            self.position_ids, _ = unwrap(model).model.get_rope_index(
-                torch.cat([self.prompt["input_ids"], ids], 1),
-                torch.cat([self.prompt["mm_token_type_ids"], torch.zeros_like(ids)], 1),
-                self.prompt["image_grid_thw"], attention_mask=torch.cat([self.prompt["attention_mask"], mask], 1))
+            # M-RoPE positions of each prompt once (transformers loops over rows in Python); the
+            # completion's text tokens then count on from the prompt's largest position
+            prompt_pos, _ = unwrap(model).model.get_rope_index(
+                prompt["input_ids"], prompt["mm_token_type_ids"], prompt["image_grid_thw"],
+                attention_mask=prompt["attention_mask"])  # (3, B, P)
+            prompt_pos = prompt_pos.repeat_interleave(group_size, 1)  # (3, N, P)
+            start = prompt_pos.amax(dim=(0, 2)) + 1  # (N,)
+            steps = torch.arange(ids.shape[1], device=ids.device)
+            completion_pos = (start[:, None] + steps[None, :]).expand(3, -1, -1)  # (3, N, T)
+            self.position_ids = torch.cat([prompt_pos, completion_pos], 2)  # (3, N, P + T)
+
+    def prompt_part(self, start: int, size: int) -> dict:
+        """The distinct prompts of rows start ... start+size (whole groups), one row each."""
+        sl = slice(start // self.group_size, (start + size) // self.group_size)
+        return {k: v[sl] for k, v in self.unique_prompt.items() if k != "pixel_values"}
+
+    def features_part(self, start: int, size: int) -> dict:
+        sl = slice(start // self.group_size, (start + size) // self.group_size)
+        out = self.unique_features["image"]
+        return {"image": BaseModelOutputWithPooling(pooler_output=tuple(out.pooler_output[sl]))}
 
     def part(self, start: int, size: int) -> dict:
         sl = slice(start, start + size)
@@ -106,8 +123,11 @@ class Rows:
 
 @torch.no_grad()
 def logprobs_no_grad(model, rows: Rows, cfg) -> torch.Tensor:
-    n, mb = rows.ids.shape[0], cfg.micro_batch_size
-    return torch.cat([completion_logprobs(model, **rows.part(i, mb), chunk_size=cfg.logprob_chunk)
+    """Reference or old-policy log-probs, (N, T): each prompt runs once for its G completions."""
+    n, mb = rows.ids.shape[0], cfg.micro_batch_size - cfg.micro_batch_size % cfg.group_size or cfg.group_size
+    return torch.cat([shared_prompt_logprobs(model, rows.prompt_part(i, mb), rows.features_part(i, mb), rows.ids[i:i + mb],
+                                             rows.mask[i:i + mb], cfg.group_size, rows.position_ids[:, i:i + mb],
+                                             chunk_size=cfg.logprob_chunk)
                       for i in range(0, n, mb)])
 
 

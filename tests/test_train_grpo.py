@@ -154,3 +154,49 @@ def test_process_reward_through_local_api_keeps_training(demo_data, formatted_mo
     assert modes and all(m == "Bearer sk-test-secret" for m in modes)
     assert 0.0 < last["reward/process"] <= 1.0
     assert "sk-test-secret" not in open(os.path.join(out, "config.yaml")).read()
+
+
+def test_rows_positions_equal_transformers_own(demo_data):
+    """Rows builds M-RoPE positions from the prompts alone; they must equal what transformers
+    computes for the whole prompt + completion sequences."""
+    from PIL import Image
+
+    from config import GRPOConfig
+    from mcq import image_path, load_split, prompt_messages
+    from model import encode_completions, encode_prompts, image_features, load_model, unwrap
+
+    model, processor = load_model(GRPOConfig(model="tiny", reference="base"))
+    path = f"{demo_data}/rl.jsonl"
+    records = load_split(path)[:2]
+    prompt = encode_prompts(processor, [prompt_messages(r) for r in records],
+                            [Image.open(image_path(path, r)) for r in records], "cpu")
+    ids, mask = encode_completions(processor.tokenizer, ["<think>a</think>", "b", "<answer>A</answer>", "c c c"], "cpu")
+    rows = train_grpo.Rows(model, prompt, image_features(model, prompt), ids, mask, group_size=2)
+    full_mask = torch.cat([rows.prompt["attention_mask"], mask], 1)
+    expected, _ = unwrap(model).model.get_rope_index(
+        torch.cat([rows.prompt["input_ids"], ids], 1), torch.cat([rows.prompt["mm_token_type_ids"], torch.zeros_like(ids)], 1),
+        rows.prompt["image_grid_thw"], attention_mask=full_mask)
+    on = full_mask.bool()[None].expand(3, -1, -1)
+    assert torch.equal(rows.position_ids[on], expected[on])  # padding positions are never attended
+
+
+def test_shared_prompt_logprobs_equal_full_pass(demo_data):
+    from PIL import Image
+
+    from config import GRPOConfig
+    from mcq import image_path, load_split, prompt_messages
+    from model import encode_completions, encode_prompts, image_features, load_model
+
+    cfg = GRPOConfig(model="tiny", reference="base", micro_batch_size=4, group_size=2)
+    model, processor = load_model(cfg)
+    path = f"{demo_data}/rl.jsonl"
+    records = load_split(path)[:3]
+    prompt = encode_prompts(processor, [prompt_messages(r) for r in records],
+                            [Image.open(image_path(path, r)) for r in records], "cpu")
+    ids, mask = encode_completions(processor.tokenizer, ["<think>a</think>", "b", "<answer>A</answer>", "c c c",
+                                                         "dd", "<think>The patch is mostly brown.</think>"], "cpu")
+    rows = train_grpo.Rows(model, prompt, image_features(model, prompt), ids, mask, group_size=2)
+    with torch.no_grad():
+        full = torch.cat([train_grpo.completion_logprobs(model, **rows.part(i, 2)) for i in range(0, 6, 2)])
+    shared = train_grpo.logprobs_no_grad(model, rows, cfg)  # micro-batches of 2 groups, then 1
+    assert torch.allclose(full * mask, shared * mask, atol=1e-5)
