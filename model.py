@@ -224,7 +224,7 @@ def load_model(cfg, adapter: str | None = None, trainable: bool = True, lora: bo
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train_vision and trainable:
-        model.get_base_model().model.visual.requires_grad_(True) if lora else model.model.visual.requires_grad_(True)
+        unwrap(model).model.visual.requires_grad_(True)
     return model, processor
 
 

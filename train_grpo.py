@@ -84,8 +84,8 @@ def sample_groups(model, processor, prompt, features, cfg):
 
 class Rows:
     """The N = B*G sequences of a step, prompt + completion, with what every forward pass over them
-    shares: the vision features (computed once) and the M-RoPE position ids (computed once: a
-    Python loop per row inside transformers). `part(i, n)` slices out a micro-batch."""
+    shares: the vision features and the M-RoPE position ids, both computed once per step.
+    `part(i, n)` slices out a micro-batch of rows; `prompt_part`/`features_part` its distinct prompts."""
 
     def __init__(self, model, prompt, features, ids, mask, group_size):
         self.group_size, self.unique_prompt, self.unique_features = group_size, prompt, features
@@ -124,7 +124,8 @@ class Rows:
 @torch.no_grad()
 def logprobs_no_grad(model, rows: Rows, cfg) -> torch.Tensor:
     """Reference or old-policy log-probs, (N, T): each prompt runs once for its G completions."""
-    n, mb = rows.ids.shape[0], cfg.micro_batch_size - cfg.micro_batch_size % cfg.group_size or cfg.group_size
+    n = rows.ids.shape[0]
+    mb = max(cfg.group_size, cfg.micro_batch_size // cfg.group_size * cfg.group_size)  # whole groups
     return torch.cat([shared_prompt_logprobs(model, rows.prompt_part(i, mb), rows.features_part(i, mb), rows.ids[i:i + mb],
                                              rows.mask[i:i + mb], cfg.group_size, rows.position_ids[:, i:i + mb],
                                              chunk_size=cfg.logprob_chunk)
