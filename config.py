@@ -239,6 +239,7 @@ class GRPOConfig(TrainConfig):
     mask_truncated: bool = False  # completions that hit max_new_tokens get no loss
     # memory and logging
     micro_batch_size: int = 8  # completions per log-prob forward/backward pass
+    merge_for_sampling: bool = True  # fold LoRA into the weights while sampling (unquantised bases only)
     logprob_chunk: int = 1024  # tokens per vocab-projection chunk
     sample_every: int = 10  # write sample completions every N steps
     max_bad_steps: int = 5  # stop (with a checkpoint) after this many NaN/inf steps in a row

@@ -200,3 +200,15 @@ def test_shared_prompt_logprobs_equal_full_pass(demo_data):
         full = torch.cat([train_grpo.completion_logprobs(model, **rows.part(i, 2)) for i in range(0, 6, 2)])
     shared = train_grpo.logprobs_no_grad(model, rows, cfg)  # micro-batches of 2 groups, then 1
     assert torch.allclose(full * mask, shared * mask, atol=1e-5)
+
+
+def test_lora_merged_sampling_restores_weights_exactly(sft_dir):
+    from config import GRPOConfig
+    from model import load_model
+
+    model, _ = load_model(GRPOConfig(model="tiny", reference="base"), adapter=sft_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with train_grpo.lora_merged(model, True):
+        merged = {n: p.detach().clone() for n, p in model.named_parameters() if ".base_layer." in n}
+    assert any(not torch.equal(merged[n], before[n]) for n in merged)  # the update was folded in
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # and taken out, bit for bit
