@@ -147,10 +147,15 @@ def logprobs_no_grad(model, rows: Rows, cfg) -> torch.Tensor:
     """Reference or old-policy log-probs, (N, T): each prompt runs once for its G completions."""
     n = rows.ids.shape[0]
     mb = max(cfg.group_size, cfg.micro_batch_size // cfg.group_size * cfg.group_size)  # whole groups
-    return torch.cat([shared_prompt_logprobs(model, rows.prompt_part(i, mb), rows.features_part(i, mb), rows.ids[i:i + mb],
+    # eval mode: no dropout, and transformers keeps the KV cache only outside training mode when
+    # gradient checkpointing is on
+    model.eval()
+    logp = torch.cat([shared_prompt_logprobs(model, rows.prompt_part(i, mb), rows.features_part(i, mb), rows.ids[i:i + mb],
                                              rows.mask[i:i + mb], cfg.group_size, rows.position_ids[:, i:i + mb],
                                              chunk_size=cfg.logprob_chunk)
                       for i in range(0, n, mb)])
+    model.train()
+    return logp
 
 
 def main(argv=None):
