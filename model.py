@@ -374,13 +374,14 @@ def token_logprobs(lm_head, hidden, targets, chunk_size: int = 1024) -> torch.Te
     return torch.cat(pieces).view(n, t)
 
 
-@torch.no_grad()
 def shared_prompt_logprobs(model, prompt: dict, features: dict, completion_ids, completion_mask, group_size: int,
                            position_ids, chunk_size: int = 1024) -> torch.Tensor:
-    """completion_logprobs without gradient (reference, old policy) for B*G completions of B prompts,
-    running each prompt once instead of G times: its KV cache is copied to the G completions.
-    prompt/features: B rows; completion_ids/mask: (N, T); position_ids: (3, N, P + T) as Rows builds.
-    Equal to completion_logprobs up to float rounding (tested)."""
+    """completion_logprobs for B*G completions of B prompts, running each prompt once instead of G
+    times: its KV cache is copied to the G completions. With gradients on, they flow back through the
+    copies into the prompt's one pass. Not under gradient checkpointing in training mode: the layers'
+    recomputation in backward would append to the cache a second time (transformers drops the cache).
+    prompt/features: B rows; completion_ids/mask: (N, T); position_ids: (3, N, P + T) as train_grpo's
+    Rows builds them. Equal to completion_logprobs up to float rounding, gradients included (tested)."""
     base = unwrap(model)
     n_prompt, n_completion = prompt["input_ids"].shape[1], completion_ids.shape[1]
     out = base.model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],

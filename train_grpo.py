@@ -141,19 +141,25 @@ class Rows:
                     completion_mask=self.mask[sl], position_ids=self.position_ids[:, sl],
                     features={"image": BaseModelOutputWithPooling(pooler_output=tuple(self.features[sl]))})
 
+    def logprobs(self, model, start: int, size: int, chunk_size: int, share_prompt: bool) -> torch.Tensor:
+        """log π of the completions of rows start ... start+size (whole groups) -> (size, T).
+        share_prompt: each prompt runs once for its group; else every row in full (needed under
+        gradient checkpointing, see model.shared_prompt_logprobs)."""
+        if not share_prompt:
+            return completion_logprobs(model, **self.part(start, size), chunk_size=chunk_size)
+        sl = slice(start, start + size)
+        return shared_prompt_logprobs(model, self.prompt_part(start, size), self.features_part(start, size),
+                                      self.ids[sl], self.mask[sl], self.group_size, self.position_ids[:, sl],
+                                      chunk_size=chunk_size)
+
 
 @torch.no_grad()
-def logprobs_no_grad(model, rows: Rows, cfg) -> torch.Tensor:
-    """Reference or old-policy log-probs, (N, T): each prompt runs once for its G completions."""
-    n = rows.ids.shape[0]
-    mb = max(cfg.group_size, cfg.micro_batch_size // cfg.group_size * cfg.group_size)  # whole groups
-    # eval mode: no dropout, and transformers keeps the KV cache only outside training mode when
-    # gradient checkpointing is on
+def logprobs_no_grad(model, rows: Rows, micro_batch: int, cfg) -> torch.Tensor:
+    """Reference or old-policy log-probs, (N, T), each prompt run once for its G completions. In
+    eval mode: no dropout, and transformers keeps the KV cache under gradient checkpointing."""
     model.eval()
-    logp = torch.cat([shared_prompt_logprobs(model, rows.prompt_part(i, mb), rows.features_part(i, mb), rows.ids[i:i + mb],
-                                             rows.mask[i:i + mb], cfg.group_size, rows.position_ids[:, i:i + mb],
-                                             chunk_size=cfg.logprob_chunk)
-                      for i in range(0, n, mb)])
+    logp = torch.cat([rows.logprobs(model, i, micro_batch, cfg.logprob_chunk, share_prompt=True)
+                      for i in range(0, rows.ids.shape[0], micro_batch)])
     model.train()
     return logp
 
@@ -202,6 +208,7 @@ def main(argv=None):
     log, tb = ckpt.MetricsLog(metrics_path), open_tensorboard(cfg)
     samples = open(os.path.join(cfg.output_dir, "samples.jsonl"), "a")
     G = cfg.group_size
+    micro_batch = max(G, cfg.micro_batch_size // G * G)  # whole groups, so a prompt is run once per pass
 
     def save(at_step):
         return ckpt.save_checkpoint(cfg.output_dir, at_step, model, optimizer, scheduler,
@@ -240,21 +247,21 @@ def main(argv=None):
             ref_logp = None
             if cfg.kl_coef != 0:
                 with reference_context(model, cfg.reference):
-                    ref_logp = logprobs_no_grad(model, rows, cfg)
+                    ref_logp = logprobs_no_grad(model, rows, micro_batch, cfg)
             # μ = 1: π_old is the policy being updated, so ρ = 1 and old_logp is logp.detach() (one
             # pass saved); μ > 1: π_old is frozen before the first update
-            old_logp = logprobs_no_grad(model, rows, cfg) if cfg.num_iterations > 1 else None
+            old_logp = logprobs_no_grad(model, rows, micro_batch, cfg) if cfg.num_iterations > 1 else None
             t_scored = time.perf_counter()
 
             # 4. μ policy updates ----------------------------------------------------------------
             n_tokens = loss_mask.sum().clamp(min=1)
             loss_total, kl_sum, clip_sum, finite = 0.0, 0.0, 0.0, bool(torch.isfinite(rewards).all())
-            n_micro = (ids.shape[0] + cfg.micro_batch_size - 1) // cfg.micro_batch_size
+            n_micro = (ids.shape[0] + micro_batch - 1) // micro_batch
             for _ in range(cfg.num_iterations):
-                for i in range(0, ids.shape[0], cfg.micro_batch_size):
-                    sl = slice(i, i + cfg.micro_batch_size)
-                    logp = completion_logprobs(model, **rows.part(i, cfg.micro_batch_size),
-                                               chunk_size=cfg.logprob_chunk)  # (mb, T)
+                for i in range(0, ids.shape[0], micro_batch):
+                    sl = slice(i, i + micro_batch)
+                    logp = rows.logprobs(model, i, micro_batch, cfg.logprob_chunk,  # (micro_batch, T)
+                                         share_prompt=not cfg.gradient_checkpointing)
                     loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[sl],
                                             None if ref_logp is None else ref_logp[sl], advantages[sl], loss_mask[sl],
                                             cfg.clip_eps, cfg.clip_eps_high, cfg.kl_coef, cfg.loss_type,

@@ -199,8 +199,37 @@ def test_shared_prompt_logprobs_equal_full_pass(demo_data):
     rows = train_grpo.Rows(model, prompt, image_features(model, prompt), ids, mask, group_size=2)
     with torch.no_grad():
         full = torch.cat([train_grpo.completion_logprobs(model, **rows.part(i, 2)) for i in range(0, 6, 2)])
-    shared = train_grpo.logprobs_no_grad(model, rows, cfg)  # micro-batches of 2 groups, then 1
+    shared = train_grpo.logprobs_no_grad(model, rows, 4, cfg)  # micro-batches of 2 groups, then 1
     assert torch.allclose(full * mask, shared * mask, atol=1e-5)
+
+
+def test_shared_prompt_policy_pass_has_the_full_pass_gradients(demo_data):
+    from PIL import Image
+
+    from config import GRPOConfig
+    from mcq import image_path, load_split, prompt_messages
+    from model import encode_completions, encode_prompts, image_features, load_model
+
+    model, processor = load_model(GRPOConfig(model="tiny", reference="base"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # B = 0 at init would hide errors in the adapter's gradient path
+    path = f"{demo_data}/rl.jsonl"
+    records = load_split(path)[:2]
+    prompt = encode_prompts(processor, [prompt_messages(r) for r in records],
+                            [Image.open(image_path(path, r)) for r in records], "cpu")
+    ids, mask = encode_completions(processor.tokenizer, ["<think>a</think>", "b b", "<answer>A</answer>", "c"], "cpu")
+    rows = train_grpo.Rows(model, prompt, image_features(model, prompt), ids, mask, group_size=2)
+    weights = torch.tensor([[0.5], [-1.0], [2.0], [0.3]])
+    grads = []
+    for share in (False, True):
+        model.zero_grad()
+        logp = rows.logprobs(model, 0, 4, chunk_size=3, share_prompt=share)
+        (logp * mask * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[0])
+    assert any(g.abs().sum() > 0 for g in grads[1].values())
 
 
 def test_lora_merged_sampling_restores_weights_exactly(sft_dir):
