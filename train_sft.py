@@ -130,7 +130,10 @@ def save_trained(model, processor, out_dir: str):
 def open_tensorboard(cfg):
     if not cfg.tensorboard:
         return None
-    from torch.utils.tensorboard import SummaryWriter
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: metrics.jsonl holds everything anyway
+        sys.exit("tensorboard=true needs `pip install tensorboard`; or plot metrics.jsonl with report.py curves")
     return SummaryWriter(os.path.join(cfg.output_dir, "tb"))
 
 

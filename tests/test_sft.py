@@ -106,3 +106,22 @@ def test_overlong_examples_are_dropped_and_named(demo_data, capsys):
     with pytest.raises(ValueError, match="no examples left"):
         train_sft.load_examples(f"{demo_data}/sft.jsonl", processor, max_len=20)
     assert "dropped 48 examples longer than max_len=20" in capsys.readouterr().out and len(kept) == 48
+
+
+def test_merge_export_gives_the_adapter_model(demo_data, tmp_path):
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from mcq import image_path, prompt_messages
+    from model import encode_prompts
+
+    out = str(tmp_path / "m")
+    run(demo_data, out, "max_steps=2", "lr=1e-2", "warmup_steps=0", "finetune=lora", "eval_every=100",
+        "merge_export=true")
+    with_adapter, processor = load_model(SFTConfig(model="tiny"), adapter=out, trainable=False)
+    merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(out, "merged"))
+    r = load_split(f"{demo_data}/test.jsonl")[0]
+    inputs = encode_prompts(processor, [prompt_messages(r)], [Image.open(image_path(f"{demo_data}/test.jsonl", r))],
+                            "cpu")
+    with torch.no_grad():
+        assert torch.allclose(with_adapter.eval()(**inputs).logits, merged.eval()(**inputs).logits, atol=1e-4)
