@@ -5,8 +5,6 @@ import io
 import json
 import os
 import shutil
-import threading
-from http.server import ThreadingHTTPServer
 
 import pytest
 
@@ -15,7 +13,7 @@ from eval import REASONING_KEYS, REASONING_RUBRIC, load_sets, reasoning_request,
 from judges import make_judge, parse_scores, rule_reasoning_scores
 from mcq import Record
 from test_eval import data, eval_cfg, one_thread, read_lines, tiny  # noqa: F401  (fixtures)
-from test_rewards import API_KEY, API_KEY_ENV, GOOD_REPLY, ChatHandler, ChatServerState
+from test_rewards import API_KEY, API_KEY_ENV, GOOD_REPLY, ChatHandler, running_server
 
 OPTIONS = ["brown", "blue", "mixed"]
 RECORD = Record(id="r1", image="r1.png", question="Which stain dominates this patch?", options=OPTIONS, answer="A")
@@ -116,13 +114,8 @@ class RubricHandler(ChatHandler):
 
 @pytest.fixture(scope="module")
 def chat_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RubricHandler)
-    server.state = ChatServerState()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running_server(RubricHandler) as server:
+        yield server
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 and the tiny real model as a self-judge."""
 
 import base64
+import contextlib
 import json
 import os
 import threading
@@ -196,15 +197,23 @@ class ChatHandler(BaseHTTPRequestHandler):
             pass
 
 
+@contextlib.contextmanager
+def running_server(handler=ChatHandler):
+    """A ThreadingHTTPServer on an ephemeral loopback port, in a thread, shut down on exit."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.state = ChatServerState()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module")
 def chat_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatHandler)
-    server.state = ChatServerState()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running_server() as server:
+        yield server
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ ratio, exact resume, non-finite steps, and the process reward through a real loc
 
 import json
 import os
-import threading
-from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch
 import rewards
 import train_grpo
 import train_sft
-from test_rewards import ChatHandler, ChatServerState
+from test_rewards import ChatHandler, running_server
 
 
 def sft_adapter(demo_data, tmp_path_factory):
@@ -132,26 +130,20 @@ def formatted_model(demo_data, tmp_path_factory):
 
 
 def test_process_reward_through_local_api_keeps_training(demo_data, formatted_model, tmp_path, monkeypatch):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), CyclingHandler)
-    server.state = ChatServerState()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("JUDGE_TEST_KEY", "sk-test-secret")
     out = str(tmp_path / "proc")
-    try:
+    with running_server(CyclingHandler) as server:
         # init_adapter is a full model (finetune=full): it becomes the base, the policy a new LoRA on it
         rows = grpo(demo_data, out, f"init_adapter={formatted_model}", "reference=sft",
                     "rewards={format: 1.0, accuracy: 1.0, process: 1.0}",
                     "judge=api", f"judge_base_url=http://127.0.0.1:{server.server_address[1]}/v1",
                     "judge_api_key_env=JUDGE_TEST_KEY", "judge_timeout=0.5", "judge_max_retries=1",
                     f"judge_cache_dir={tmp_path}/cache", "max_steps=2", "max_new_tokens=40", "temperature=0.3")
-    finally:
-        server.shutdown()
-        server.server_close()
     assert len(rows) == 2 and "reward/process" in rows[-1]  # training went on through every failure mode
     last = rows[-1]
     assert last["judge/calls"] >= 5 and last["judge/failures"] >= 1 and last["judge/fallbacks"] >= 1
-    modes = [r["headers"]["authorization"] for r in server.state.requests]
-    assert modes and all(m == "Bearer sk-test-secret" for m in modes)
+    auth_headers = [r["headers"]["authorization"] for r in server.state.requests]
+    assert auth_headers and all(h == "Bearer sk-test-secret" for h in auth_headers)
     assert 0.0 < last["reward/process"] <= 1.0
     assert "sk-test-secret" not in open(os.path.join(out, "config.yaml")).read()
 
