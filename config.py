@@ -206,9 +206,9 @@ class SFTConfig(TrainConfig):
 @dataclass
 class GRPOConfig(TrainConfig):
     data: str = "data/demo/prepared/rl.jsonl"
-    eval_data: str | None = None  # optional test split scored (greedy) every eval_every steps
-    eval_every: int = 0
-    eval_items: int = 0  # 0 = the whole split
+    eval_data: str | None = None  # a held-out split answered greedily every eval_every steps
+    eval_every: int = 0  # 0 = never
+    eval_items: int = 0  # its first N items (0 = all)
     reference: str = "sft"  # sft (init_adapter as a frozen 2nd adapter) | base (adapters disabled) | none
     # group sampling
     num_prompts: int = 8  # B: prompts per step

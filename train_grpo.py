@@ -28,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import checkpoint as ckpt
 from config import GRPOConfig, parse_args, save_config
+from eval import evaluate, load_sets
 from grpo import equal_reward_groups, group_advantages, grpo_loss
 from judges import make_judge
 from mcq import image_path, is_well_formed, parse_answer, prompt_messages
@@ -182,6 +183,7 @@ def main(argv=None):
     device = next(model.parameters()).device
     tok = processor.tokenizer
     train = load_examples(cfg.data, processor, cfg.max_prompt_len, with_target=False)
+    heldout = load_sets([f"heldout={cfg.eval_data}"], cfg.eval_items) if cfg.eval_data and cfg.eval_every else {}
     judge = None
     if cfg.judge != "none":
         judge_settings = {"self": dict(model=model, processor=processor), "rule": {},
@@ -314,6 +316,10 @@ def main(argv=None):
                    "peak_mem_gib": peak_memory_gib(device), "skipped_steps": counters["skipped_steps"]}
             if judge is not None:
                 row.update({f"judge/{k}": v for k, v in judge.stats.as_dict().items()})
+            if heldout and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                # greedy answers on the held-out split: no sampling, so the RNG stream (and resume) is untouched
+                held = evaluate(model, processor, heldout, cfg.micro_batch_size, cfg.max_new_tokens, log=lambda _: None)
+                row.update(eval_accuracy=held["heldout"]["accuracy"], eval_format_rate=held["heldout"]["format_rate"])
             log.write(row)
             if tb:
                 for k, v in row.items():

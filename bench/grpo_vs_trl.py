@@ -50,7 +50,7 @@ def run_ours(model_dir: str, data: str, steps: int, out_dir: str) -> list[dict]:
     with patched(train_grpo, "sample_groups", lambda fn: timed(fn, generate_s)):
         train_grpo.main([
             os.path.join(ROOT, "configs/demo_grpo.yaml"), f"model={model_dir}", f"output_dir={out_dir}",
-            f"data={data}", "init_adapter=null", "reference=base", f"kl_coef={BETA}", f"num_prompts={NUM_PROMPTS}",
+            f"data={data}", "eval_data=null", "init_adapter=null", "reference=base", f"kl_coef={BETA}", f"num_prompts={NUM_PROMPTS}",
             f"group_size={GROUP_SIZE}", f"max_new_tokens={MAX_NEW_TOKENS}", "temperature=1.0", "top_p=1.0",
             f"lr={LR}", "lr_schedule=constant", "warmup_steps=0", "adam_beta2=0.999",  # the demo config: 0.99, 5
             f"lora_r={LORA_R}", f"lora_alpha={LORA_ALPHA}", "lora_dropout=0.0",

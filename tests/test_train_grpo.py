@@ -28,7 +28,7 @@ def sft_dir(demo_data, tmp_path_factory):
 def grpo(demo_data, out, *extra):
     train_grpo.main(["configs/demo_grpo.yaml", "model=tiny", f"data={demo_data}/rl.jsonl", f"output_dir={out}",
                      "num_prompts=2", "group_size=4", "max_new_tokens=12", "save_every=2", "sample_every=1",
-                     "lr=1e-3", *extra])
+                     "lr=1e-3", "eval_data=null", *extra])
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -48,7 +48,8 @@ def length_reward(monkeypatch):
 def test_step_moves_policy_not_reference(demo_data, sft_dir, tmp_path, length_reward):
     out = str(tmp_path / "g")
     rows = grpo(demo_data, out, f"init_adapter={sft_dir}", "reference=sft", "max_steps=2",
-                "rewards={format: 1.0, accuracy: 1.0, length: 1.0}", "temperature=2.0")
+                "rewards={format: 1.0, accuracy: 1.0, length: 1.0}", "temperature=2.0",
+                f"eval_data={demo_data}/test.jsonl", "eval_every=2", "eval_items=4")
     # step 1: the policy starts as the SFT adapter, which is also the reference: KL 0 and ratio 1
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7) and rows[0]["clip_frac"] == 0.0
     before, after = adapter_weights(sft_dir), adapter_weights(out)
@@ -62,7 +63,7 @@ def test_step_moves_policy_not_reference(demo_data, sft_dir, tmp_path, length_re
     logged = rows[-1]
     for key in ["reward/format", "reward/accuracy", "reward/total", "accuracy", "format_rate", "kl", "clip_frac",
                 "completion_len_mean", "completion_len_max", "truncated_frac", "equal_reward_groups",
-                "gen_tokens_per_s", "train_tokens_per_s", "peak_mem_gib"]:
+                "gen_tokens_per_s", "train_tokens_per_s", "peak_mem_gib", "eval_accuracy", "eval_format_rate"]:
         assert key in logged, key
 
 
