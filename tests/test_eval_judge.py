@@ -14,6 +14,7 @@ from judges import make_judge, parse_scores, rule_reasoning_scores
 from mcq import Record
 from test_eval import data, eval_cfg, one_thread, read_lines, tiny  # noqa: F401  (fixtures)
 from test_rewards import API_KEY, API_KEY_ENV, GOOD_REPLY, ChatHandler, running_server
+from test_rewards import server  # noqa: F401  (fixture; it resets this module's chat_server)
 
 OPTIONS = ["brown", "blue", "mixed"]
 RECORD = Record(id="r1", image="r1.png", question="Which stain dominates this patch?", options=OPTIONS, answer="A")
@@ -116,14 +117,6 @@ class RubricHandler(ChatHandler):
 def chat_server():
     with running_server(RubricHandler) as server:
         yield server
-
-
-@pytest.fixture
-def server(chat_server, monkeypatch):
-    chat_server.state.mode = "good"
-    chat_server.state.requests.clear()
-    monkeypatch.setenv(API_KEY_ENV, API_KEY)
-    return chat_server
 
 
 def api_cfg(data, out, server, **kw):

@@ -149,22 +149,30 @@ def test_process_reward_through_local_api_keeps_training(demo_data, formatted_mo
     assert "sk-test-secret" not in open(os.path.join(out, "config.yaml")).read()
 
 
+def tiny_rows(demo_data, model, processor, completions, group_size=2):
+    """Rows for len(completions) // group_size demo prompts and the given completion texts."""
+    from PIL import Image
+
+    from mcq import image_path, load_split, prompt_messages
+    from model import encode_completions, encode_prompts, image_features
+
+    path = f"{demo_data}/rl.jsonl"
+    records = load_split(path)[:len(completions) // group_size]
+    prompt = encode_prompts(processor, [prompt_messages(r) for r in records],
+                            [Image.open(image_path(path, r)) for r in records], "cpu")
+    ids, mask = encode_completions(processor.tokenizer, completions, "cpu")
+    return train_grpo.Rows(model, prompt, image_features(model, prompt), ids, mask, group_size=group_size)
+
+
 def test_rows_positions_equal_transformers_own(demo_data):
     """Rows builds M-RoPE positions from the prompts alone; they must equal what transformers
     computes for the whole prompt + completion sequences."""
-    from PIL import Image
-
     from config import GRPOConfig
-    from mcq import image_path, load_split, prompt_messages
-    from model import encode_completions, encode_prompts, image_features, load_model, unwrap
+    from model import load_model, unwrap
 
     model, processor = load_model(GRPOConfig(model="tiny", reference="base"))
-    path = f"{demo_data}/rl.jsonl"
-    records = load_split(path)[:2]
-    prompt = encode_prompts(processor, [prompt_messages(r) for r in records],
-                            [Image.open(image_path(path, r)) for r in records], "cpu")
-    ids, mask = encode_completions(processor.tokenizer, ["<think>a</think>", "b", "<answer>A</answer>", "c c c"], "cpu")
-    rows = train_grpo.Rows(model, prompt, image_features(model, prompt), ids, mask, group_size=2)
+    rows = tiny_rows(demo_data, model, processor, ["<think>a</think>", "b", "<answer>A</answer>", "c c c"])
+    ids, mask = rows.ids, rows.mask
     full_mask = torch.cat([rows.prompt["attention_mask"], mask], 1)
     expected, _ = unwrap(model).model.get_rope_index(
         torch.cat([rows.prompt["input_ids"], ids], 1), torch.cat([rows.prompt["mm_token_type_ids"], torch.zeros_like(ids)], 1),
@@ -174,22 +182,15 @@ def test_rows_positions_equal_transformers_own(demo_data):
 
 
 def test_shared_prompt_logprobs_equal_full_pass(demo_data):
-    from PIL import Image
-
     from config import GRPOConfig
-    from mcq import image_path, load_split, prompt_messages
-    from model import encode_completions, encode_prompts, image_features, load_model
+    from model import load_model
 
     cfg = GRPOConfig(model="tiny", reference="base", micro_batch_size=4, group_size=2, gradient_checkpointing=True)
     model, processor = load_model(cfg)
     model.train()  # as in the loop: with checkpointing, transformers drops the KV cache in training mode
-    path = f"{demo_data}/rl.jsonl"
-    records = load_split(path)[:3]
-    prompt = encode_prompts(processor, [prompt_messages(r) for r in records],
-                            [Image.open(image_path(path, r)) for r in records], "cpu")
-    ids, mask = encode_completions(processor.tokenizer, ["<think>a</think>", "b", "<answer>A</answer>", "c c c",
-                                                         "dd", "<think>The patch is mostly brown.</think>"], "cpu")
-    rows = train_grpo.Rows(model, prompt, image_features(model, prompt), ids, mask, group_size=2)
+    rows = tiny_rows(demo_data, model, processor, ["<think>a</think>", "b", "<answer>A</answer>", "c c c", "dd",
+                                                   "<think>The patch is mostly brown.</think>"])
+    mask = rows.mask
     with torch.no_grad():
         full = torch.cat([train_grpo.completion_logprobs(model, **rows.part(i, 2)) for i in range(0, 6, 2)])
     shared = train_grpo.logprobs_no_grad(model, rows, 4, cfg)  # micro-batches of 2 groups, then 1
@@ -197,23 +198,16 @@ def test_shared_prompt_logprobs_equal_full_pass(demo_data):
 
 
 def test_shared_prompt_policy_pass_has_the_full_pass_gradients(demo_data):
-    from PIL import Image
-
     from config import GRPOConfig
-    from mcq import image_path, load_split, prompt_messages
-    from model import encode_completions, encode_prompts, image_features, load_model
+    from model import load_model
 
     model, processor = load_model(GRPOConfig(model="tiny", reference="base"))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)  # B = 0 at init would hide errors in the adapter's gradient path
-    path = f"{demo_data}/rl.jsonl"
-    records = load_split(path)[:2]
-    prompt = encode_prompts(processor, [prompt_messages(r) for r in records],
-                            [Image.open(image_path(path, r)) for r in records], "cpu")
-    ids, mask = encode_completions(processor.tokenizer, ["<think>a</think>", "b b", "<answer>A</answer>", "c"], "cpu")
-    rows = train_grpo.Rows(model, prompt, image_features(model, prompt), ids, mask, group_size=2)
+    rows = tiny_rows(demo_data, model, processor, ["<think>a</think>", "b b", "<answer>A</answer>", "c"])
+    mask = rows.mask
     weights = torch.tensor([[0.5], [-1.0], [2.0], [0.3]])
     grads = []
     for share in (False, True):
