@@ -253,3 +253,7 @@ class GRPOConfig(TrainConfig):
             raise ConfigError("reference=none needs kl_coef=0")
         if "process" in self.rewards and self.judge == "none":
             raise ConfigError("the process reward needs a judge: judge=api | self | rule")
+        for key, allowed in [("loss_type", ("grpo", "bnpo", "dapo", "dr_grpo")),
+                             ("scale_rewards", ("group", "batch", "none"))]:
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")

@@ -40,6 +40,8 @@ def test_cross_key_checks():
         load_config(GRPOConfig, None, ["reference=sft"])
     with pytest.raises(ConfigError, match="process reward needs a judge"):
         load_config(GRPOConfig, None, ["reference=base", "rewards={process: 1}"])
+    with pytest.raises(ConfigError, match="loss_type must be one of grpo, bnpo, dapo, dr_grpo, got 'ppo'"):
+        load_config(GRPOConfig, None, ["reference=base", "loss_type=ppo"])
 
 
 def test_missing_file_and_cli_exit(tmp_path):
