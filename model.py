@@ -216,13 +216,13 @@ def load_model(cfg, adapter: str | None = None, trainable: bool = True, lora: bo
         model.to(device)
     processor = load_processor(path, cfg.min_pixels, cfg.max_pixels)
     model.requires_grad_(False)  # the vision tower (and the rest of the base) stays frozen
+    if cfg.gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         model = attach_lora(model, cfg, adapter, trainable)
     elif trainable:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train_vision and trainable:
         unwrap(model).model.visual.requires_grad_(True)
     return model, processor
@@ -232,7 +232,6 @@ def attach_lora(model, cfg, adapter: str | None, trainable: bool):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if cfg.gradient_checkpointing and trainable:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # with checkpointing, the frozen embeddings must hand a grad-requiring tensor to the first
         # block, or no gradient reaches the adapters
         model.enable_input_require_grads()

@@ -35,7 +35,7 @@ from mcq import image_path, is_well_formed, parse_answer, prompt_messages
 from model import (completion_logprobs, completion_mask, count_params, encode_prompts, generate_groups, image_features,
                    load_model, repeat_prompts, shared_prompt_logprobs, special_token_ids, unwrap)
 from rewards import score_completions
-from train_sft import DataOrder, load_examples, make_optimizer, make_scheduler, open_tensorboard
+from train_sft import DataOrder, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
 
 
 def is_full_model(path: str) -> bool:
@@ -341,9 +341,7 @@ def main(argv=None):
     log.close()
     samples.close()
     save(step)
-    model.save_pretrained(cfg.output_dir, selected_adapters=["default"])
-    processor.tokenizer.save_pretrained(cfg.output_dir)
-    processor.image_processor.save_pretrained(cfg.output_dir)
+    save_trained(model, processor, cfg.output_dir, selected_adapters=["default"])  # the policy, not the reference
     print(f"saved the policy adapter to {cfg.output_dir}")
 
 

@@ -119,10 +119,10 @@ def make_scheduler(cfg, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def save_trained(model, processor, out_dir: str):
+def save_trained(model, processor, out_dir: str, **save_kwargs):
     """A PEFT adapter directory (PeftModel.from_pretrained(base, out_dir) loads it), or the whole
     model for finetune=full; the tokenizer and image processor beside it either way."""
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, **save_kwargs)
     processor.tokenizer.save_pretrained(out_dir)
     processor.image_processor.save_pretrained(out_dir)
 
@@ -240,9 +240,7 @@ def export_merged(cfg):
     merged_cfg = replace(cfg, quantization="none", gradient_checkpointing=False)
     model, processor = load_model(merged_cfg, adapter=cfg.output_dir, trainable=False)
     out = os.path.join(cfg.output_dir, "merged")
-    unwrap(model.merge_and_unload()).save_pretrained(out)
-    processor.tokenizer.save_pretrained(out)
-    processor.image_processor.save_pretrained(out)
+    save_trained(unwrap(model.merge_and_unload()), processor, out)
     print(f"merged model written to {out}")
 
 
