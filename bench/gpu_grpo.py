@@ -1,10 +1,10 @@
 """GPU benchmark: GRPO steps of Qwen2.5-VL-7B / 3B with random weights, QLoRA, the paper's lengths.
 
-    python bench/gpu_grpo.py --arch 7b                   # our loop: s/step, phases, tokens/s, peak memory
-    python bench/gpu_grpo.py --arch 7b --trl             # ... and TRL's GRPOTrainer on the same work
-    python bench/gpu_grpo.py --arch 7b --sft             # ... and peak memory of one SFT step
-    python bench/gpu_grpo.py --arch 3b --trl --sft
-    python bench/gpu_grpo.py --arch tiny --steps 2       # the same code on CPU in seconds (tests/test_bench.py)
+    python bench/gpu_grpo.py --arch 7b                     # our loop: s/step, phases, tokens/s, peak memory
+    python bench/gpu_grpo.py --arch 7b --runs ours trl sft # ... TRL's GRPOTrainer on the same work, one SFT step
+    python bench/gpu_grpo.py --arch 7b --runs trl --json runs/bench/7b-trl.json   # one part per call
+    python bench/gpu_grpo.py --table runs/bench/*.json     # the README table from saved results
+    python bench/gpu_grpo.py --arch tiny --steps 2         # the same code on CPU in seconds (tests/test_bench.py)
 
 The model has the real architecture (layer sizes from the public configs, in ARCHS below) and random
 weights: nothing is downloaded. It is built once in bf16 on the GPU (7B: 16.6 GB), saved in 2 GB
@@ -24,12 +24,20 @@ micro-batches of 4, paged 8-bit AdamW, reference = the base with the adapter dis
 Ours is train_grpo.main itself, on a synthetic JSONL; phases are timed by wrapping two of its helpers
 (common.patched): generation = train_grpo.sample_groups, log-prob = train_grpo.logprobs_no_grad
 (the reference pass), backward = the rest of the step (vision features, the policy forward and
-backward under checkpointing, the optimizer step). TRL (--trl): GRPOTrainer with the same model
+backward under checkpointing, the optimizer step). TRL (--runs trl): GRPOTrainer with the same model
 directory, processor, LoRA, lengths and settings (common.make_trl_grpo_trainer); generation =
 _generate_single_turn, log-prob = the rest of _generate_and_score_completions (prompt processing,
-reference log-probs, rewards), backward = the rest of the step. Peak memory is
-torch.cuda.max_memory_allocated, reset before each run (on CPU: the process's peak RSS, which cannot
-be reset). The first --warmup steps (CUDA kernel selection, allocator growth) are left out of s/step.
+reference log-probs, rewards), backward = the rest of the step. The first --warmup steps (CUDA kernel
+selection, allocator growth) are left out of s/step.
+
+Memory, reset before each run: peak *allocated* (torch.cuda.max_memory_allocated: what the tensors
+needed) and peak *reserved* (max_memory_reserved: what PyTorch's caching allocator held, which is what
+must fit on the card, plus ~0.5 GiB of CUDA context); `weights` is what was allocated right after the
+model was loaded. On CPU all three are the process's peak RSS, which cannot be reset.
+
+On a machine that limits the length of one command, run one part per call (`--runs ours`, then
+`--runs trl`, `--runs sft`) with `--json`: each file holds its part's figures as soon as the part ends,
+and `--table` prints the README table from any number of them.
 """
 
 import argparse
@@ -38,6 +46,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -154,20 +163,35 @@ def peak_reset():
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_gib() -> float:
+def memory_gib(kind: str) -> float:
+    """kind: 'allocated' (now), 'peak' (max allocated) or 'reserved' (max reserved). CPU: peak RSS."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+        read = {"allocated": torch.cuda.memory_allocated, "peak": torch.cuda.max_memory_allocated,
+                "reserved": torch.cuda.max_memory_reserved}[kind]
+        return read() / 2**30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def after_load(fn, out: dict):
+    """fn (a model loader), recording the load's seconds and the memory the weights take."""
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        cuda_sync()
+        out.update(load_s=time.perf_counter() - t0, weights_gib=memory_gib("allocated"))
+        return result
+    return wrapper
 
 
 def run_ours(model_dir, data, prompt_tokens, new_tokens, steps, out_dir) -> dict:
     import train_grpo
 
-    generate_s, logprob_s = [], []
+    generate_s, logprob_s, loaded = [], [], {}
     peak_reset()
     with patched(train_grpo, "sample_groups", lambda fn: timed(fn, generate_s, cuda_sync)), \
-            patched(train_grpo, "logprobs_no_grad", lambda fn: timed(fn, logprob_s, cuda_sync)):
+            patched(train_grpo, "logprobs_no_grad", lambda fn: timed(fn, logprob_s, cuda_sync)), \
+            patched(train_grpo, "load_model", lambda fn: after_load(fn, loaded)):
         train_grpo.main([
             os.path.join(ROOT, "configs/grpo.yaml"), f"model={model_dir}", f"output_dir={out_dir}", f"data={data}",
             "init_adapter=null", "reference=base", f"kl_coef={BETA}", f"num_prompts={NUM_PROMPTS}",
@@ -183,12 +207,13 @@ def run_ours(model_dir, data, prompt_tokens, new_tokens, steps, out_dir) -> dict
                        "completion_len": r["completion_len_mean"],
                        "gen_tokens_per_s": r["completion_len_mean"] * n / g}
                       for r, g, lp in zip(rows, generate_s, logprob_s)],
-            "peak_gib": max(r["peak_mem_gib"] for r in rows)}
+            "peak_gib": max(r["peak_mem_gib"] for r in rows), "reserved_gib": memory_gib("reserved"), **loaded}
 
 
 def run_trl(model_dir, data, new_tokens, steps, out_dir) -> dict:
     peak_reset()
-    model, processor = load_plain_model(model_dir, quantization="4bit", max_pixels=MAX_PIXELS)
+    loaded = {}
+    model, processor = after_load(load_plain_model, loaded)(model_dir, quantization="4bit", max_pixels=MAX_PIXELS)
     lengths = []
     trainer = make_trl_grpo_trainer(
         model, processor, trl_grpo_dataset(data), out_dir, num_prompts=NUM_PROMPTS, group_size=GROUP_SIZE,
@@ -205,74 +230,129 @@ def run_trl(model_dir, data, new_tokens, steps, out_dir) -> dict:
         length = sum(lengths[i * n:(i + 1) * n]) / n
         out.append({"step_s": step, "generation_s": gen, "logprob_s": rollout - gen, "backward_s": step - rollout,
                     "completion_len": length, "gen_tokens_per_s": length * n / gen})
-    peak = peak_gib()
+    result = {"steps": out, "peak_gib": memory_gib("peak"), "reserved_gib": memory_gib("reserved"), **loaded}
     del trainer, model
-    return {"steps": out, "peak_gib": peak}
+    return result
 
 
-def run_sft_step(model_dir, data, prompt_tokens, out_dir) -> float:
+def run_sft_step(model_dir, data, prompt_tokens, out_dir) -> dict:
     """Peak memory of one optimizer step of train_sft.main with configs/sft.yaml (micro-batch 2,
     QLoRA r=64, checkpointing); grad_accum=1, as further micro-batches repeat the same peak."""
     import train_sft
 
     peak_reset()
-    train_sft.main([os.path.join(ROOT, "configs/sft.yaml"), f"model={model_dir}", f"output_dir={out_dir}",
-                    f"data={data}", "eval_data=null", "max_steps=1", "grad_accum=1", "save_every=0", "resume=none",
-                    f"max_pixels={MAX_PIXELS}", f"max_len={prompt_tokens + 256}",
-                    f"optimizer={'paged_adamw_8bit' if torch.cuda.is_available() else 'adamw'}"])
-    return peak_gib()
+    loaded = {}
+    with patched(train_sft, "load_model", lambda fn: after_load(fn, loaded)):
+        train_sft.main([os.path.join(ROOT, "configs/sft.yaml"), f"model={model_dir}", f"output_dir={out_dir}",
+                        f"data={data}", "eval_data=null", "max_steps=1", "grad_accum=1", "save_every=0",
+                        "resume=none", f"max_pixels={MAX_PIXELS}", f"max_len={prompt_tokens + 256}",
+                        f"optimizer={'paged_adamw_8bit' if torch.cuda.is_available() else 'adamw'}"])
+    return {"peak_gib": memory_gib("peak"), "reserved_gib": memory_gib("reserved"), **loaded}
+
+
+# ----------------------------------------------------------------------------------------------
+# Printing: the phase table of one call, and the README table of saved results
+
+def print_phases(result: dict):
+    w, runs = result["warmup"], {k: v for k, v in result["runs"].items() if k != "sft"}
+    cpu = result["device"].startswith("CPU")
+    memory = "peak memory, process RSS (GiB)" if cpu else "peak GPU memory allocated (GiB)"
+    print(f"\nGRPO step, Qwen2.5-VL-{result['arch']} architecture with random weights, 4-bit QLoRA r={LORA_R}, "
+          f"gradient checkpointing, on {result['device']}")
+    print(f"{NUM_PROMPTS} prompts x G={GROUP_SIZE}: prompt {result['prompt_tokens']} tokens ({result['image_px']}-px "
+          f"image), {result['new_tokens']} new tokens (EOS ignored); micro-batch {MICRO_BATCH}; "
+          f"steps {w + 1}..{result['steps']} measured")
+    if runs:
+        def row(label, key):
+            return (label, *[median(s[key] for s in r["steps"][w:]) for r in runs.values()])
+
+        rows = [row("s/step (median)", "step_s"), row("  generation", "generation_s"),
+                row("  log-prob (reference, no grad)", "logprob_s"),
+                row("  backward (policy fwd+bwd, optimizer)", "backward_s"),
+                row("generation tokens/s", "gen_tokens_per_s"), row("completion tokens (mean)", "completion_len"),
+                (memory, *[r["peak_gib"] for r in runs.values()])]
+        if not cpu:
+            rows += [("peak GPU memory reserved (GiB)", *[r["reserved_gib"] for r in runs.values()]),
+                     ("weights after loading (GiB)", *[r["weights_gib"] for r in runs.values()])]
+        print_table(rows + [("model load (s)", *[r["load_s"] for r in runs.values()])], header=("", *runs))
+    if "ours" in runs and "TRL" in runs:
+        ratio = median(s["step_s"] for s in runs["ours"]["steps"][w:]) / \
+            median(s["step_s"] for s in runs["TRL"]["steps"][w:])
+        print(f"ours / TRL seconds per step = {ratio:.3f} (lower is better for us)")
+    if "sft" in result["runs"]:
+        print(f"SFT step (configs/sft.yaml: micro-batch 2, QLoRA r=64, checkpointing): {memory} = "
+              f"{result['runs']['sft']['peak_gib']:.2f}")
+
+
+def print_readme_table(paths: list[str]):
+    """One markdown row per run in the saved results (--json files), in the README's columns."""
+    print("| date | GPU | model | run | quantisation | G x prompts | prompt + new tokens | peak GiB allocated "
+          "(reserved) | s/step | generation tok/s | command |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        with open(path) as f:
+            result = json.load(f)
+        for name, r in result["runs"].items():
+            if name == "sft":  # one step of configs/sft.yaml on the same prompts, with their short answers
+                work, speed = ("SFT, micro-batch 2", f"{result['prompt_tokens']:,} + answer"), ("", "")
+            else:
+                steps = r["steps"][result["warmup"]:]
+                work = (f"{GROUP_SIZE} x {NUM_PROMPTS}", f"{result['prompt_tokens']:,} + {result['new_tokens']:,}")
+                speed = (f"{median(s['step_s'] for s in steps):.1f}",
+                         f"{median(s['gen_tokens_per_s'] for s in steps):.0f}")
+            print(f"| {result['date']} | {result['device']} | {result['arch']} | {name} | NF4, LoRA r={LORA_R} | "
+                  f"{work[0]} | {work[1]} | {r['peak_gib']:.1f} ({r['reserved_gib']:.1f}) | {speed[0]} | {speed[1]} | "
+                  f"`{result['command']}` |")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=list(ARCHS), default="7b")
+    p.add_argument("--runs", nargs="+", choices=["ours", "trl", "sft"], default=["ours"],
+                   help="ours: our GRPO loop; trl: TRL's GRPOTrainer (requirements-bench.txt); sft: one SFT step")
     p.add_argument("--steps", type=int, default=None, help="GRPO steps per run (default: 3; tiny 2)")
     p.add_argument("--warmup", type=int, default=1, help="first steps left out of s/step")
     p.add_argument("--image-px", type=int, default=None)
     p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length, image tokens included")
     p.add_argument("--new-tokens", type=int, default=None)
-    p.add_argument("--trl", action="store_true", help="also run TRL's GRPOTrainer (requirements-bench.txt)")
-    p.add_argument("--sft", action="store_true", help="also measure the peak memory of one SFT step")
     p.add_argument("--workdir", default=os.path.join(cache_dir(), "bench"), help="where the random weights are kept")
+    p.add_argument("--json", default=None, help="write the figures here, updated as each run ends")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print the README table from saved --json files")
     args = p.parse_args(argv)
+    if args.table:
+        return print_readme_table(args.table)
     image_px, prompt_tokens, new_tokens, steps = WORK[args.arch]
     image_px, prompt_tokens = args.image_px or image_px, args.prompt_tokens or prompt_tokens
     new_tokens, steps = args.new_tokens or new_tokens, args.steps or steps
-    warmup = args.warmup if steps > args.warmup else 0
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # see bench/sft_vs_trl.py: one thread is faster and steadier on a busy CPU
 
     model_dir = random_model_dir(args.arch, args.workdir, new_tokens)
-    results = {}
+    result = {"date": time.strftime("%Y-%m-%d"), "arch": args.arch, "steps": steps,
+              "warmup": args.warmup if steps > args.warmup else 0, "image_px": image_px, "new_tokens": new_tokens,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (1 thread)",
+              "command": "python bench/gpu_grpo.py " + " ".join(sys.argv[1:] if argv is None else argv), "runs": {}}
+
+    def save():
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(f"{args.json}.tmp", "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(f"{args.json}.tmp", args.json)
+
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
-        data, n_prompt = write_synthetic_data(os.path.join(tmp, "data"), model_dir, image_px, prompt_tokens)
-        results["ours"] = run_ours(model_dir, data, n_prompt, new_tokens, steps, os.path.join(tmp, "ours"))
-        if args.trl:
-            results["TRL"] = run_trl(model_dir, data, new_tokens, steps, os.path.join(tmp, "trl"))
-        sft_peak = run_sft_step(model_dir, data, n_prompt, os.path.join(tmp, "sft")) if args.sft else None
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (1 thread)"
-    memory = "peak GPU memory allocated (GiB)" if torch.cuda.is_available() else "peak memory, process RSS (GiB)"
-    print(f"\nGRPO step, Qwen2.5-VL-{args.arch} architecture with random weights, 4-bit QLoRA r={LORA_R}, "
-          f"gradient checkpointing, on {device}")
-    print(f"{NUM_PROMPTS} prompts x G={GROUP_SIZE}: prompt {n_prompt} tokens ({image_px}-px image), {new_tokens} new "
-          f"tokens (EOS ignored); micro-batch {MICRO_BATCH}; steps {warmup + 1}..{steps} measured")
-
-    def row(label, key):
-        return (label, *[median(s[key] for s in r["steps"][warmup:]) for r in results.values()])
-
-    print_table([row("s/step (median)", "step_s"), row("  generation", "generation_s"),
-                 row("  log-prob (reference, no grad)", "logprob_s"),
-                 row("  backward (policy fwd+bwd, optimizer)", "backward_s"),
-                 row("generation tokens/s", "gen_tokens_per_s"), row("completion tokens (mean)", "completion_len"),
-                 (memory, *[r["peak_gib"] for r in results.values()])],
-                header=("", *results))
-    if args.trl:
-        ratio = median(s["step_s"] for s in results["ours"]["steps"][warmup:]) / \
-            median(s["step_s"] for s in results["TRL"]["steps"][warmup:])
-        print(f"ours / TRL seconds per step = {ratio:.3f} (lower is better for us)")
-    if sft_peak is not None:
-        print(f"SFT step (configs/sft.yaml: micro-batch 2, QLoRA r=64, checkpointing): {memory} = {sft_peak:.2f}")
+        data, result["prompt_tokens"] = write_synthetic_data(os.path.join(tmp, "data"), model_dir, image_px,
+                                                             prompt_tokens)
+        for name in args.runs:  # in the order given; each saved as soon as it ends
+            out = os.path.join(tmp, name)
+            if name == "ours":
+                result["runs"]["ours"] = run_ours(model_dir, data, result["prompt_tokens"], new_tokens, steps, out)
+            elif name == "trl":
+                result["runs"]["TRL"] = run_trl(model_dir, data, new_tokens, steps, out)
+            else:
+                result["runs"]["sft"] = run_sft_step(model_dir, data, result["prompt_tokens"], out)
+            save()
+    print_phases(result)
 
 
 if __name__ == "__main__":
