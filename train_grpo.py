@@ -126,32 +126,51 @@ class Rows:
             completion_pos = (start[:, None] + steps[None, :]).expand(3, -1, -1)  # (3, N, T)
             self.position_ids = torch.cat([prompt_pos, completion_pos], 2)  # (3, N, P + T)
 
-    def prompt_part(self, start: int, size: int) -> dict:
-        """The distinct prompts of rows start ... start+size (whole groups), one row each."""
-        sl = slice(start // self.group_size, (start + size) // self.group_size)
-        return {k: v[sl] for k, v in self.unique_prompt.items() if k != "pixel_values"}
+    def columns(self, start: int, size: int) -> tuple[int, int]:
+        """(first prompt column that any of rows start ... start+size uses, their longest completion):
+        every column outside is padding in all of these rows (prompts are left-padded to the step's
+        longest, completions right-padded to its longest), which costs compute and changes no log-prob."""
+        sl = slice(start, start + size)
+        first = int(self.prompt["attention_mask"][sl].any(0).int().argmax())
+        width = max(1, int(self.mask[sl].sum(1).max()))
+        return first, width
+
+    def prompt_part(self, start: int, size: int, first: int = 0) -> dict:
+        """The distinct prompts of rows start ... start+size (whole groups), one row each, from column `first`."""
+        return cut(self.unique_prompt, slice(start // self.group_size, (start + size) // self.group_size), first)
 
     def features_part(self, start: int, size: int) -> dict:
         sl = slice(start // self.group_size, (start + size) // self.group_size)
         out = self.unique_features["image"]
         return {"image": BaseModelOutputWithPooling(pooler_output=tuple(out.pooler_output[sl]))}
 
-    def part(self, start: int, size: int) -> dict:
-        sl = slice(start, start + size)
-        return dict(prompt={k: v[sl] for k, v in self.prompt.items()}, completion_ids=self.ids[sl],
-                    completion_mask=self.mask[sl], position_ids=self.position_ids[:, sl],
+    def part(self, start: int, size: int, first: int = 0, width: int | None = None) -> dict:
+        """Rows start ... start+size: prompts from column `first`, completions' first `width` tokens."""
+        sl, width = slice(start, start + size), width or self.ids.shape[1]
+        end = self.prompt["input_ids"].shape[1] + width
+        return dict(prompt=cut(self.prompt, sl, first), completion_ids=self.ids[sl, :width],
+                    completion_mask=self.mask[sl, :width], position_ids=self.position_ids[:, sl, first:end],
                     features={"image": BaseModelOutputWithPooling(pooler_output=tuple(self.features[sl]))})
 
     def logprobs(self, model, start: int, size: int, chunk_size: int, share_prompt: bool) -> torch.Tensor:
-        """log π of the completions of rows start ... start+size (whole groups) -> (size, T).
+        """log π of the completions of rows start ... start+size (whole groups) -> (size, T), zero
+        where the completion has ended. Columns that are padding in all these rows are left out.
         share_prompt: each prompt runs once for its group; else every row in full (needed under
         gradient checkpointing, see model.shared_prompt_logprobs)."""
-        if not share_prompt:
-            return completion_logprobs(model, **self.part(start, size), chunk_size=chunk_size)
-        sl = slice(start, start + size)
-        return shared_prompt_logprobs(model, self.prompt_part(start, size), self.features_part(start, size),
-                                      self.ids[sl], self.mask[sl], self.group_size, self.position_ids[:, sl],
-                                      chunk_size=chunk_size)
+        first, width = self.columns(start, size)
+        if share_prompt:
+            part = self.part(start, size, first, width)
+            logp = shared_prompt_logprobs(model, self.prompt_part(start, size, first), self.features_part(start, size),
+                                          part["completion_ids"], part["completion_mask"], self.group_size,
+                                          part["position_ids"], chunk_size=chunk_size)
+        else:
+            logp = completion_logprobs(model, **self.part(start, size, first, width), chunk_size=chunk_size)
+        return torch.nn.functional.pad(logp, (0, self.ids.shape[1] - width)) * self.mask[start:start + size]
+
+
+def cut(prompt: dict, rows: slice, first: int) -> dict:
+    """prompt[rows], token columns from `first` on (image_grid_thw has one row per image, no columns)."""
+    return {k: v[rows] if k == "image_grid_thw" else v[rows, first:] for k, v in prompt.items() if k != "pixel_values"}
 
 
 @torch.no_grad()

@@ -149,8 +149,9 @@ def test_process_reward_through_local_api_keeps_training(demo_data, formatted_mo
     assert "sk-test-secret" not in open(os.path.join(out, "config.yaml")).read()
 
 
-def tiny_rows(demo_data, model, processor, completions, group_size=2):
-    """Rows for len(completions) // group_size demo prompts and the given completion texts."""
+def tiny_rows(demo_data, model, processor, completions, group_size=2, uneven=False):
+    """Rows for len(completions) // group_size demo prompts and the given completion texts.
+    uneven: the last prompt gets a longer question and a 4x larger image, so the others are left-padded."""
     from PIL import Image
 
     from mcq import image_path, load_split, prompt_messages
@@ -158,8 +159,11 @@ def tiny_rows(demo_data, model, processor, completions, group_size=2):
 
     path = f"{demo_data}/rl.jsonl"
     records = load_split(path)[:len(completions) // group_size]
-    prompt = encode_prompts(processor, [prompt_messages(r) for r in records],
-                            [Image.open(image_path(path, r)) for r in records], "cpu")
+    images = [Image.open(image_path(path, r)) for r in records]
+    if uneven:
+        records[-1].question += " Look at the whole patch, the nuclei and the stroma, before answering."
+        images[-1] = images[-1].resize((112, 112))
+    prompt = encode_prompts(processor, [prompt_messages(r) for r in records], images, "cpu")
     ids, mask = encode_completions(processor.tokenizer, completions, "cpu")
     return train_grpo.Rows(model, prompt, image_features(model, prompt), ids, mask, group_size=group_size)
 
@@ -195,6 +199,28 @@ def test_shared_prompt_logprobs_equal_full_pass(demo_data):
         full = torch.cat([train_grpo.completion_logprobs(model, **rows.part(i, 2)) for i in range(0, 6, 2)])
     shared = train_grpo.logprobs_no_grad(model, rows, 4, cfg)  # micro-batches of 2 groups, then 1
     assert torch.allclose(full * mask, shared * mask, atol=1e-5)
+
+
+def test_logprobs_leave_out_the_padding_columns(demo_data):
+    """Prompts of different lengths (a larger image, a longer question) and completions of different
+    lengths: each micro-batch leaves out the columns that are padding in all its rows, and its
+    log-probs equal the full, padded pass, with and without prompt sharing."""
+    from config import GRPOConfig
+    from model import load_model
+
+    model, processor = load_model(GRPOConfig(model="tiny", reference="base"))
+    model.eval()
+    rows = tiny_rows(demo_data, model, processor, ["a", "<think>b b b</think>", "c", "<think>The patch is brown.</think>"],
+                     uneven=True)
+    first, width = rows.columns(0, 2)  # the short prompt's group
+    assert first > 0 and width < rows.ids.shape[1]  # both kinds of padding are there to leave out
+    assert rows.columns(2, 2) == (0, rows.ids.shape[1])  # the long prompt and the longest completion
+    with torch.no_grad():
+        full = torch.cat([train_grpo.completion_logprobs(model, **rows.part(i, 2)) for i in (0, 2)]) * rows.mask
+        for share in (False, True):
+            cut = torch.cat([rows.logprobs(model, i, 2, chunk_size=5, share_prompt=share) for i in (0, 2)])
+            assert torch.allclose(full, cut, atol=1e-5), share
+            assert torch.equal(cut[rows.mask == 0], torch.zeros(int((rows.mask == 0).sum())))
 
 
 def test_shared_prompt_policy_pass_has_the_full_pass_gradients(demo_data):
