@@ -5,6 +5,7 @@ saved once to a cache directory, and from then on loaded with `from_pretrained` 
 so quantisation, LoRA and generation are exercised exactly as on the real model.
 """
 
+import contextlib
 import os
 import re
 
@@ -18,6 +19,7 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2TokenizerFast,
 )
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 # LoRA goes on the language model only: the vision blocks reuse the names q_proj/.../down_proj,
@@ -373,27 +375,69 @@ def token_logprobs(lm_head, hidden, targets, chunk_size: int = 1024) -> torch.Te
     return torch.cat(pieces).view(n, t)
 
 
+class _PromptKV(DynamicLayer):
+    """The prompt pass's cache layer: attention sees only the prompt's own keys/values, which are kept
+    for the completions. A second call (gradient checkpointing replaying the layer in backward)
+    overwrites them with the same values instead of appending."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys, self.values, self.is_initialized = key_states, value_states, True
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return 0  # nothing precedes the prompt
+
+
+class _PrefixKV(DynamicLayer):
+    """The completions' cache layer: the prompt's keys/values (repeated for the G completions) stay
+    as they are, and each call returns them followed by the completion's. Nothing is written, so a
+    replay under gradient checkpointing sees exactly what the first pass saw."""
+
+    def __init__(self, keys, values):
+        super().__init__()
+        self.keys, self.values, self.is_initialized = keys, values, True
+        self.dtype, self.device = keys.dtype, keys.device
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+
+
+@contextlib.contextmanager
+def _cache_under_checkpointing(language_model):
+    """Let checkpointed decoder layers keep the caches above (transformers drops a cache under
+    checkpointing unless the layer says replays are safe, which they are for _PromptKV/_PrefixKV)."""
+    for layer in language_model.layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in language_model.layers:
+            del layer._can_checkpoint_with_cache
+
+
 def shared_prompt_logprobs(model, prompt: dict, features: dict, completion_ids, completion_mask, group_size: int,
                            position_ids, chunk_size: int = 1024) -> torch.Tensor:
     """completion_logprobs for B*G completions of B prompts, running each prompt once instead of G
-    times: its KV cache is copied to the G completions. With gradients on, they flow back through the
-    copies into the prompt's one pass. Not under gradient checkpointing in training mode: the layers'
-    recomputation in backward would append to the cache a second time (transformers drops the cache).
+    times: its keys/values are repeated for the G completions. With gradients on, they flow back
+    through the copies into the prompt's one pass, with or without gradient checkpointing.
     prompt/features: B rows; completion_ids/mask: (N, T); position_ids: (3, N, P + T) as train_grpo's
     Rows builds them. Equal to completion_logprobs up to float rounding, gradients included (tested)."""
     base = unwrap(model)
     n_prompt, n_completion = prompt["input_ids"].shape[1], completion_ids.shape[1]
-    out = base.model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
-                     mm_token_type_ids=prompt["mm_token_type_ids"], image_grid_thw=prompt["image_grid_thw"],
-                     mm_encoder_outputs={"image": features["image"]},
-                     position_ids=position_ids[:, ::group_size, :n_prompt], use_cache=True)
-    first = out.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)  # (N, 1, H): predicts c_0
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(group_size)
-    attention_mask = torch.cat([prompt["attention_mask"].repeat_interleave(group_size, 0), completion_mask], 1)
-    rest = base.model.language_model(
-        inputs_embeds=base.model.get_input_embeddings()(completion_ids[:, :-1]), attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, :, n_prompt:n_prompt + n_completion - 1], past_key_values=cache, use_cache=True)
+    with _cache_under_checkpointing(base.model.language_model):
+        prompt_kv = Cache(layer_class_to_replicate=_PromptKV)
+        out = base.model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
+                         mm_token_type_ids=prompt["mm_token_type_ids"], image_grid_thw=prompt["image_grid_thw"],
+                         mm_encoder_outputs={"image": features["image"]},
+                         position_ids=position_ids[:, ::group_size, :n_prompt], past_key_values=prompt_kv)
+        first = out.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)  # (N, 1, H): predicts c_0
+        prefix = Cache(layers=[_PrefixKV(layer.keys.repeat_interleave(group_size, 0),
+                                         layer.values.repeat_interleave(group_size, 0)) for layer in prompt_kv.layers])
+        attention_mask = torch.cat([prompt["attention_mask"].repeat_interleave(group_size, 0), completion_mask], 1)
+        rest = base.model.language_model(
+            inputs_embeds=base.model.get_input_embeddings()(completion_ids[:, :-1]),
+            attention_mask=attention_mask[:, :-1], past_key_values=prefix,
+            position_ids=position_ids[:, :, n_prompt:n_prompt + n_completion - 1])
     hidden = torch.cat([first, rest.last_hidden_state], 1)  # (N, T, H)
     return token_logprobs(base.lm_head, hidden, completion_ids, chunk_size)
 

@@ -155,8 +155,8 @@ class Rows:
     def logprobs(self, model, start: int, size: int, chunk_size: int, share_prompt: bool) -> torch.Tensor:
         """log π of the completions of rows start ... start+size (whole groups) -> (size, T), zero
         where the completion has ended. Columns that are padding in all these rows are left out.
-        share_prompt: each prompt runs once for its group; else every row in full (needed under
-        gradient checkpointing, see model.shared_prompt_logprobs)."""
+        share_prompt: each prompt runs once for its group (what the loop does); else every row in full
+        (the plain pass it equals, for tests)."""
         first, width = self.columns(start, size)
         if share_prompt:
             part = self.part(start, size, first, width)
@@ -281,8 +281,7 @@ def main(argv=None):
             for _ in range(cfg.num_iterations):
                 for i in range(0, ids.shape[0], micro_batch):
                     sl = slice(i, i + micro_batch)
-                    logp = rows.logprobs(model, i, micro_batch, cfg.logprob_chunk,  # (micro_batch, T)
-                                         share_prompt=not cfg.gradient_checkpointing)
+                    logp = rows.logprobs(model, i, micro_batch, cfg.logprob_chunk, share_prompt=True)  # (mb, T)
                     loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[sl],
                                             None if ref_logp is None else ref_logp[sl], advantages[sl], loss_mask[sl],
                                             cfg.clip_eps, cfg.clip_eps_high, cfg.kl_coef, cfg.loss_type,

@@ -223,11 +223,16 @@ def test_logprobs_leave_out_the_padding_columns(demo_data):
             assert torch.equal(cut[rows.mask == 0], torch.zeros(int((rows.mask == 0).sum())))
 
 
-def test_shared_prompt_policy_pass_has_the_full_pass_gradients(demo_data):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_policy_pass_has_the_full_pass_gradients(demo_data, checkpointing):
+    """The policy pass runs each prompt once for its group, under gradient checkpointing too (the
+    layers replay in backward): the gradients equal those of the full pass over every row."""
     from config import GRPOConfig
-    from model import load_model
+    from model import load_model, unwrap
 
-    model, processor = load_model(GRPOConfig(model="tiny", reference="base"))
+    model, processor = load_model(GRPOConfig(model="tiny", reference="base", gradient_checkpointing=checkpointing))
+    model.train()
+    assert unwrap(model).model.language_model.layers[0].gradient_checkpointing == checkpointing
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
