@@ -230,6 +230,8 @@ def main(argv=None):
     samples = open(os.path.join(cfg.output_dir, "samples.jsonl"), "a")
     G = cfg.group_size
     micro_batch = max(G, cfg.micro_batch_size // G * G)  # whole groups, so a prompt is run once per pass
+    # Unsloth swaps in its own gradient checkpointing, untested with the shared-prompt cache: full rows there
+    share_in_policy_pass = not (cfg.backend == "unsloth" and cfg.gradient_checkpointing)
 
     def save(at_step):
         return ckpt.save_checkpoint(cfg.output_dir, at_step, model, optimizer, scheduler,
@@ -281,7 +283,8 @@ def main(argv=None):
             for _ in range(cfg.num_iterations):
                 for i in range(0, ids.shape[0], micro_batch):
                     sl = slice(i, i + micro_batch)
-                    logp = rows.logprobs(model, i, micro_batch, cfg.logprob_chunk, share_prompt=True)  # (mb, T)
+                    logp = rows.logprobs(model, i, micro_batch, cfg.logprob_chunk,  # (micro_batch, T)
+                                         share_prompt=share_in_policy_pass)
                     loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[sl],
                                             None if ref_logp is None else ref_logp[sl], advantages[sl], loss_mask[sl],
                                             cfg.clip_eps, cfg.clip_eps_high, cfg.kl_coef, cfg.loss_type,
