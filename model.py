@@ -430,6 +430,9 @@ def shared_prompt_logprobs(model, prompt: dict, features: dict, completion_ids, 
                          mm_token_type_ids=prompt["mm_token_type_ids"], image_grid_thw=prompt["image_grid_thw"],
                          mm_encoder_outputs={"image": features["image"]},
                          position_ids=position_ids[:, ::group_size, :n_prompt], past_key_values=prompt_kv)
+        if len(prompt_kv.layers) != len(base.model.language_model.layers):
+            raise RuntimeError("transformers dropped the prompt's KV cache under gradient checkpointing: this needs "
+                               "the transformers version pinned in requirements.txt")
         first = out.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)  # (N, 1, H): predicts c_0
         prefix = Cache(layers=[_PrefixKV(layer.keys.repeat_interleave(group_size, 0),
                                          layer.values.repeat_interleave(group_size, 0)) for layer in prompt_kv.layers])
