@@ -33,7 +33,8 @@ selection, allocator growth) are left out of s/step.
 Memory, reset before each run: peak *allocated* (torch.cuda.max_memory_allocated: what the tensors
 needed) and peak *reserved* (max_memory_reserved: what PyTorch's caching allocator held, which is what
 must fit on the card, plus ~0.5 GiB of CUDA context); `weights` is what was allocated right after the
-model was loaded. On CPU all three are the process's peak RSS, which cannot be reset.
+model was loaded (ours with its LoRA attached; TRL attaches its own later). On CPU all three are the
+process's peak RSS, which cannot be reset.
 
 On a machine that limits the length of one command, run one part per call (`--runs ours`, then
 `--runs trl`, `--runs sft`) with `--json`: each file holds its part's figures as soon as the part ends,
