@@ -210,8 +210,8 @@ def test_logprobs_leave_out_the_padding_columns(demo_data):
 
     model, processor = load_model(GRPOConfig(model="tiny", reference="base"))
     model.eval()
-    rows = tiny_rows(demo_data, model, processor, ["a", "<think>b b b</think>", "c", "<think>The patch is brown.</think>"],
-                     uneven=True)
+    completions = ["a", "<think>b b b</think>", "c", "<think>The patch is brown.</think>"]
+    rows = tiny_rows(demo_data, model, processor, completions, uneven=True)
     first, width = rows.columns(0, 2)  # the short prompt's group
     assert first > 0 and width < rows.ids.shape[1]  # both kinds of padding are there to leave out
     assert rows.columns(2, 2) == (0, rows.ids.shape[1])  # the long prompt and the longest completion
