@@ -8,7 +8,6 @@ of the wrong type stops the run with a message naming the key and the file it ca
 
 import dataclasses
 import difflib
-import json
 import os
 import sys
 import types
@@ -139,10 +138,6 @@ def save_config(cfg, output_dir: str, name: str = "config.yaml"):
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
 
-def to_json(cfg) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=1)
-
-
 __all__ = ["ConfigError", "ModelConfig", "EvalConfig", "SFTConfig", "GRPOConfig", "load_config", "parse_args", "save_config"]
 
 
@@ -176,7 +171,6 @@ class TrainConfig(ModelConfig):
     lr_schedule: str = "cosine"  # cosine | constant (after warmup)
     grad_clip: float = 1.0
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes; for GPUs)
-    log_every: int = 10
     save_every: int = 100  # steps between checkpoints (0 = only at the end and on Ctrl-C)
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (newest checkpoint in output_dir) | none | a checkpoint directory

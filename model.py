@@ -251,10 +251,6 @@ def check_adapter_dir(path: str):
                                 "(give the output_dir of a finished train_sft.py / train_grpo.py run)")
 
 
-def lora_module_names(model) -> list[str]:
-    return [n for n, m in model.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) > 0]
-
-
 def count_params(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())

@@ -16,7 +16,7 @@ import train_sft
 
 def run(demo_data, out, *extra):
     train_sft.main(["configs/demo_sft.yaml", f"data={demo_data}/sft.jsonl", f"eval_data={demo_data}/test.jsonl",
-                    f"output_dir={out}", "model=tiny", "eval_items=8", "batch_size=4", "log_every=1", *extra])
+                    f"output_dir={out}", "model=tiny", "eval_items=8", "batch_size=4", *extra])
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
