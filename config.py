@@ -138,22 +138,31 @@ def save_config(cfg, output_dir: str, name: str = "config.yaml"):
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
 
-__all__ = ["ConfigError", "ModelConfig", "EvalConfig", "SFTConfig", "GRPOConfig", "load_config", "parse_args", "save_config"]
+__all__ = ["ConfigError", "ModelConfig", "JudgeConfig", "EvalConfig", "SFTConfig", "GRPOConfig", "load_config", "parse_args", "save_config"]
 
 
 @dataclass
-class EvalConfig(ModelConfig):
+class JudgeConfig:
+    """Keys of the judge (judges.judge_from_config): GRPO's process reward, eval.py's reasoning quality."""
+
+    judge: str = "none"  # none | api | self | rule
+    judge_base_url: str = "https://api.openai.com/v1"
+    judge_model: str = "gpt-4o"
+    judge_api_key_env: str = "OPENAI_API_KEY"  # name of the variable; the key never enters a config
+    judge_concurrency: int = 8
+    judge_timeout: float = 60.0  # seconds per API request
+    judge_max_retries: int = 4  # on 429 / 5xx / timeouts, with exponential back-off
+    judge_cache_dir: str | None = None  # default: ~/.cache/pathvlm-r1/judge
+
+
+@dataclass
+class EvalConfig(JudgeConfig, ModelConfig):
     adapter: str | None = None  # LoRA adapter directory; none = the base model
     # test sets as name=path-to-jsonl; the first one gives the top-level `accuracy`
     sets: list[str] = field(default_factory=lambda: ["demo=data/demo/prepared/test.jsonl"])
     batch_size: int = 16
     max_new_tokens: int = 256
     limit: int = 0  # evaluate only the first N items of each set (0 = all)
-    judge: str = "none"  # reasoning-quality judge: none | api | self | rule
-    judge_base_url: str = "https://api.openai.com/v1"
-    judge_model: str = "gpt-4o"
-    judge_api_key_env: str = "OPENAI_API_KEY"  # the key itself never goes in a config
-    judge_concurrency: int = 8
     run_name: str = ""  # label in reports; default: the output_dir's name
 
 
@@ -198,7 +207,7 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
+class GRPOConfig(JudgeConfig, TrainConfig):
     data: str = "data/demo/prepared/rl.jsonl"
     eval_data: str | None = None  # a held-out split answered greedily every eval_every steps
     eval_every: int = 0  # 0 = never
@@ -214,14 +223,6 @@ class GRPOConfig(TrainConfig):
     # rewards: name -> weight (rewards.REWARDS); the paper sums them with equal weight
     rewards: dict = field(default_factory=lambda: {"format": 1.0, "accuracy": 1.0})
     accuracy_requires_format: bool = False
-    judge: str = "none"  # process reward judge: api | self | rule
-    judge_base_url: str = "https://api.openai.com/v1"
-    judge_model: str = "gpt-4o"
-    judge_api_key_env: str = "OPENAI_API_KEY"  # name of the variable; the key never enters a config
-    judge_concurrency: int = 8
-    judge_timeout: float = 60.0  # seconds per API request
-    judge_max_retries: int = 4  # on 429 / 5xx / timeouts, with exponential back-off
-    judge_cache_dir: str | None = None  # default: ~/.cache/pathvlm-r1/judge
     # objective (grpo.py)
     scale_rewards: str = "group"  # group | batch | none
     skip_equal_groups: bool = False  # drop groups whose rewards are all equal (their advantage is 0)

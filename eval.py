@@ -164,22 +164,19 @@ def make_eval_judge(cfg, model=None, processor=None):
     if cfg.judge == "none":
         return None
     try:
-        from judges import JUDGE_KINDS, make_judge
+        from judges import JUDGE_KINDS, judge_from_config
     except ImportError:
         sys.exit(f"judge={cfg.judge} needs judges.py, which this checkout does not have; run with judge=none")
     if cfg.judge not in JUDGE_KINDS:
         sys.exit(f"unknown judge '{cfg.judge}': use one of {', '.join(JUDGE_KINDS)} or none")
     if cfg.judge == "self":
         # the six-key JSON reply is ~60 Qwen tokens: the self-judge's default 64 would cut it
-        return None if model is None else make_judge("self", model=model, processor=processor, max_new_tokens=128,
-                                                     batch_size=cfg.batch_size)
-    if cfg.judge == "api":
-        try:
-            return make_judge("api", model=cfg.judge_model, base_url=cfg.judge_base_url,
-                              api_key_env=cfg.judge_api_key_env, max_concurrency=cfg.judge_concurrency)
-        except (ImportError, ValueError) as e:  # no openai package, no key in the environment
-            sys.exit(f"judge=api: {e}")
-    return make_judge(cfg.judge)
+        return None if model is None else judge_from_config(cfg, model, processor, max_new_tokens=128,
+                                                            batch_size=cfg.batch_size)
+    try:
+        return judge_from_config(cfg)
+    except (ImportError, ValueError) as e:  # judge=api: no openai package, no key in the environment
+        sys.exit(f"judge={cfg.judge}: {e}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -397,6 +397,18 @@ class RuleJudge:
 JUDGE_KINDS = ("api", "self", "rule")
 
 
+def judge_from_config(cfg, model=None, processor=None, **self_settings):
+    """The judge a config's JudgeConfig keys name (None for judge=none). judge=self needs the policy's
+    model and processor; self_settings go to SelfJudge (max_new_tokens, batch_size)."""
+    if cfg.judge == "api":
+        return make_judge("api", model=cfg.judge_model, base_url=cfg.judge_base_url, api_key_env=cfg.judge_api_key_env,
+                          max_concurrency=cfg.judge_concurrency, timeout=cfg.judge_timeout,
+                          max_retries=cfg.judge_max_retries, cache_dir=cfg.judge_cache_dir)
+    if cfg.judge == "self":
+        return make_judge("self", model=model, processor=processor, **self_settings)
+    return make_judge(cfg.judge)
+
+
 def make_judge(kind: str, **settings):
     """kind: api (settings: APIJudge's arguments) | self (model=, processor=, ...) | rule | none -> None."""
     if kind == "none":

@@ -30,7 +30,7 @@ import checkpoint as ckpt
 from config import GRPOConfig, parse_args, save_config
 from eval import evaluate, load_sets
 from grpo import equal_reward_groups, group_advantages, grpo_loss
-from judges import make_judge
+from judges import judge_from_config
 from mcq import image_path, is_well_formed, parse_answer, prompt_messages
 from model import (completion_logprobs, completion_mask, count_params, encode_prompts, generate_groups, image_features,
                    load_model, repeat_prompts, shared_prompt_logprobs, special_token_ids, unwrap)
@@ -203,14 +203,7 @@ def main(argv=None):
     tok = processor.tokenizer
     train = load_examples(cfg.data, processor, cfg.max_prompt_len, with_target=False)
     heldout = load_sets([f"heldout={cfg.eval_data}"], cfg.eval_items) if cfg.eval_data and cfg.eval_every else {}
-    judge = None
-    if cfg.judge != "none":
-        judge_settings = {"self": dict(model=model, processor=processor), "rule": {},
-                          "api": dict(model=cfg.judge_model, base_url=cfg.judge_base_url,
-                                      api_key_env=cfg.judge_api_key_env, max_concurrency=cfg.judge_concurrency,
-                                      timeout=cfg.judge_timeout, max_retries=cfg.judge_max_retries,
-                                      cache_dir=cfg.judge_cache_dir)}[cfg.judge]
-        judge = make_judge(cfg.judge, **judge_settings)
+    judge = judge_from_config(cfg, model, processor)  # None for judge=none
     n_trainable, n_total = count_params(model)
     print(f"policy: LoRA on {cfg.model}, {n_trainable:,} trainable of {n_total:,} parameters; reference: "
           f"{cfg.reference if cfg.kl_coef else 'none (kl_coef=0)'}; {len(train)} prompts; B={cfg.num_prompts} "
