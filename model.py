@@ -80,30 +80,37 @@ def build_tiny_tokenizer(vocab_size: int = 640) -> Qwen2TokenizerFast:
     return tokenizer
 
 
-def tiny_config(tokenizer, size: str = "tiny") -> Qwen2_5_VLConfig:
-    s = TINY_SIZES[size]
-    head_dim = s["hidden"] // s["heads"]
-    # M-RoPE splits head_dim/2 rotary frequencies over (time, height, width); the 7B uses [16, 24, 24]
-    t = head_dim // 2 // 4
-    mrope_section = [t, (head_dim // 2 - t) // 2, head_dim // 2 - t - (head_dim // 2 - t) // 2]
+def qwen25vl_config(tokenizer, *, hidden, layers, heads, kv_heads, mlp, vocab, tied, mrope, v_depth, v_hidden,
+                    v_mlp, v_heads, v_full, max_positions, norm_eps, tokens_per_second) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config of these sizes (text: hidden, layers, heads, kv heads, mlp, vocab, tied
+    embeddings, M-RoPE sections; vision: depth, hidden, mlp, heads, full-attention blocks, windowed
+    elsewhere) whose special-token ids are the tokenizer's, so its image tokens line up."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=s["hidden"], intermediate_size=s["mlp"],
-            num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-            max_position_embeddings=4096, rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                                               mrope_section=mrope_section),
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+            rms_norm_eps=norm_eps, rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=mrope),
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        ),
+            tie_word_embeddings=tied),
         vision_config=dict(
-            depth=s["v_depth"], hidden_size=s["v_hidden"], intermediate_size=s["v_mlp"], num_heads=s["v_heads"],
-            out_hidden_size=s["hidden"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-            window_size=112, fullatt_block_indexes=[s["v_depth"] - 1],
-        ),
+            depth=v_depth, hidden_size=v_hidden, intermediate_size=v_mlp, num_heads=v_heads, out_hidden_size=hidden,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=v_full,
+            tokens_per_second=tokens_per_second),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+        tie_word_embeddings=tied)
+
+
+def tiny_config(tokenizer, size: str = "tiny") -> Qwen2_5_VLConfig:
+    s = TINY_SIZES[size]
+    half = s["hidden"] // s["heads"] // 2
+    # M-RoPE splits head_dim/2 rotary frequencies over (time, height, width); the 7B uses [16, 24, 24]
+    t = half // 4
+    mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
+    # norm_eps and tokens_per_second (video only) are transformers' defaults, which the tiny models have always had
+    return qwen25vl_config(tokenizer, **s, vocab=len(tokenizer), tied=False, mrope=mrope, v_full=[s["v_depth"] - 1],
+                           max_positions=4096, norm_eps=1e-5, tokens_per_second=4)
 
 
 def build_tiny_model(size: str = "tiny", seed: int = 0):

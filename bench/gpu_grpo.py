@@ -11,9 +11,9 @@ weights: nothing is downloaded. It is built once in bf16 on the GPU (7B: 16.6 GB
 shards under --workdir, and from then on loaded by our own `model.load_model` with 4-bit NF4
 quantisation, exactly as a real checkpoint would be. The tokenizer is the embedded tiny one (a few
 hundred tokens, the Qwen special tokens among them) while the config keeps the real vocabulary
-(152,064 / 151,936 rows): the special-token ids in the config are read from that tokenizer, as
-model.tiny_config does, so image tokens line up; sampled ids the tokenizer does not know decode to
-nothing, which only the (here meaningless) rewards see.
+(152,064 / 151,936 rows): model.qwen25vl_config, which builds the tiny models' configs too, reads the
+special-token ids from that tokenizer, so image tokens line up; sampled ids the tokenizer does not know
+decode to nothing, which only the (here meaningless) rewards see.
 
 The work of one step follows configs/grpo.yaml: 2 prompts x G=4, each prompt one 448-px image
 (256 image tokens) and a question padded to ~1,024 prompt tokens in all, 1,024 new tokens per
@@ -58,10 +58,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ROOT, PhaseTimer, cuda_sync, load_plain_model, make_trl_grpo_trainer, median,  # noqa: E402
                     patched, print_table, read_metrics, step_end_callback, timed, trl_grpo_dataset)
 
-from model import SPECIAL_TOKENS, build_tiny_tokenizer, cache_dir, load_processor  # noqa: E402
+from model import build_tiny_tokenizer, cache_dir, load_processor, qwen25vl_config  # noqa: E402
 
-# Text: hidden, layers, heads, kv heads, mlp, vocab, tied embeddings, M-RoPE sections (sum = head_dim/2).
-# Vision: depth, hidden, mlp, heads, full-attention blocks (windowed elsewhere). From the public configs.
+# model.qwen25vl_config's sizes, from the public configs (M-RoPE sections sum to head_dim/2)
 ARCHS = {
     "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, mlp=18944, vocab=152064, tied=False,
                mrope=[16, 24, 24], v_depth=32, v_hidden=1280, v_mlp=3420, v_heads=16, v_full=[7, 15, 23, 31]),
@@ -79,24 +78,7 @@ LORA_R, LORA_ALPHA, LR, BETA = 64, 128, 1e-6, 0.04  # configs/grpo.yaml
 
 
 def arch_config(arch: str, tokenizer):
-    from transformers import Qwen2_5_VLConfig
-
-    a = ARCHS[arch]
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["mlp"], num_hidden_layers=a["layers"],
-            num_attention_heads=a["heads"], num_key_value_heads=a["kv_heads"], max_position_embeddings=128000,
-            rms_norm_eps=1e-6, rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=a["mrope"]),
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=a["tied"]),
-        vision_config=dict(
-            depth=a["v_depth"], hidden_size=a["v_hidden"], intermediate_size=a["v_mlp"], num_heads=a["v_heads"],
-            out_hidden_size=a["hidden"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-            fullatt_block_indexes=a["v_full"], tokens_per_second=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=a["tied"])
+    return qwen25vl_config(tokenizer, **ARCHS[arch], max_positions=128000, norm_eps=1e-6, tokens_per_second=2)
 
 
 def random_model_dir(arch: str, workdir: str, new_tokens: int) -> str:
