@@ -29,7 +29,7 @@ import yaml
 from PIL import Image
 
 from config import EvalConfig, parse_args, save_config
-from mcq import LETTERS, Record, image_path, is_well_formed, load_split, parse_answer, prompt_messages
+from mcq import Record, image_path, is_well_formed, load_split, option_lines, parse_answer, prompt_messages
 from model import completion_mask, encode_prompts, generate, load_model
 from report import read_jsonl, wilson_interval
 
@@ -220,8 +220,7 @@ def reasoning_request(record: Record, completion: str):
 
     if not TAGS_RE.sub("", completion).strip():
         return None
-    options = [f"{LETTERS[i]}) {o}" for i, o in enumerate(record.options)]
-    user = "\n".join([f"Question: {record.question.strip()}", "Options:", *options,
+    user = "\n".join([f"Question: {record.question.strip()}", "Options:", *option_lines(record.options),
                       "", "Model's response:", completion.strip(),
                       "", f"Correct answer: {record.answer}) {record.answer_text()}"])
     think = THINK_RE.search(completion)

@@ -40,9 +40,13 @@ INSTRUCTION = ("Think step by step inside <think> </think>: describe what the im
                "<answer> </answer> as the letter and the option text, for example <answer>A) option text</answer>.")
 
 
+def option_lines(options: list[str]) -> list[str]:
+    """["A) brown", "B) blue", ...]: the options as the model (and a judge) sees them."""
+    return [f"{LETTERS[i]}) {o}" for i, o in enumerate(options)]
+
+
 def format_prompt_text(question: str, options: list[str]) -> str:
-    lines = [question.strip()] + [f"{LETTERS[i]}) {o}" for i, o in enumerate(options)] + [INSTRUCTION]
-    return "\n".join(lines)
+    return "\n".join([question.strip(), *option_lines(options), INSTRUCTION])
 
 
 def prompt_messages(record: Record) -> list[dict]:

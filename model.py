@@ -331,9 +331,8 @@ def generate_groups(model, prompt: dict, features: dict, group_size: int, **gene
 
 def repeat_prompts(inputs: dict, repeat: int) -> dict:
     """Each prompt row repeated `repeat` times (rows i*repeat ... i*repeat+repeat-1 share prompt i)."""
-    out = {k: inputs[k].repeat_interleave(repeat, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    out["image_grid_thw"] = inputs["image_grid_thw"].repeat_interleave(repeat, 0)
-    return out
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")  # one image per prompt
+    return {k: inputs[k].repeat_interleave(repeat, 0) for k in keys}
 
 
 def _selected_logprobs(hidden, lm_head, targets):

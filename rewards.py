@@ -67,8 +67,7 @@ def process_request(record: mcq.Record, completion: str, image_path: str) -> Jud
         return None
     answer = mcq.ANSWER_RE.search(completion)
     answer_text = answer.group(1).strip() if answer else "(no answer given)"
-    options = [f"{mcq.LETTERS[i]}) {o}" for i, o in enumerate(record.options)]
-    user = "\n".join([f"Question: {record.question.strip()}", "Options:", *options,
+    user = "\n".join([f"Question: {record.question.strip()}", "Options:", *mcq.option_lines(record.options),
                       "", "Student's reasoning:", think.group(1).strip(),
                       "", f"Student's final answer: {answer_text}",
                       f"Correct answer: {record.answer}) {record.answer_text()}"])

@@ -242,10 +242,9 @@ def step_end_callback():
 # Reading and printing
 
 def read_metrics(output_dir: str) -> list[dict]:
-    import json
+    from report import read_jsonl
 
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(os.path.join(output_dir, "metrics.jsonl"))
 
 
 def median(values) -> float:
