@@ -216,6 +216,19 @@ class PhaseTimer:
                                                         cuda_sync)
 
 
+def train_trl_timed(trainer, completion_lengths: list, completions_per_step: int) -> list[dict]:
+    """trainer.train() with its phases timed -> one row per optimizer step: step_s, generation_s,
+    rollout_s (TRL's _generate_and_score_completions, generation included) and completion_len, the
+    mean length of its completions (completion_lengths: filled by trl_reward_functions)."""
+    ends, phases = step_end_callback(), PhaseTimer(trainer)
+    trainer.add_callback(ends)
+    trainer.train()
+    n = completions_per_step
+    return [{"step_s": step, "generation_s": gen, "rollout_s": rollout,
+             "completion_len": sum(completion_lengths[i * n:(i + 1) * n]) / n}
+            for i, (step, gen, rollout) in enumerate(zip(ends.step_seconds(), phases.generate_s, phases.rollout_s))]
+
+
 def step_end_callback():
     """A TrainerCallback that records the wall clock at the start of training and at the end of every
     optimizer step. Step i takes ends[i] - ends[i-1]: the whole step as the user waits for it (data

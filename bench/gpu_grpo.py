@@ -55,8 +55,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ROOT, PhaseTimer, cuda_sync, load_plain_model, make_trl_grpo_trainer, median,  # noqa: E402
-                    patched, print_table, read_metrics, step_end_callback, timed, trl_grpo_dataset)
+from common import (ROOT, cuda_sync, load_plain_model, make_trl_grpo_trainer, median, patched,  # noqa: E402
+                    print_table, read_metrics, timed, train_trl_timed, trl_grpo_dataset)
 
 from model import build_tiny_tokenizer, cache_dir, load_processor, qwen25vl_config  # noqa: E402
 
@@ -204,15 +204,9 @@ def run_trl(model_dir, data, new_tokens, steps, out_dir) -> dict:
         loss_type="grpo", seed=0, bf16=torch.cuda.is_available(), gradient_checkpointing=True,
         micro_batch_size=MICRO_BATCH, completion_lengths=lengths,
         optim="paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch")
-    ends, phases = step_end_callback(), PhaseTimer(trainer)
-    trainer.add_callback(ends)
-    trainer.train()
     n = NUM_PROMPTS * GROUP_SIZE
-    out = []
-    for i, (step, gen, rollout) in enumerate(zip(ends.step_seconds(), phases.generate_s, phases.rollout_s)):
-        length = sum(lengths[i * n:(i + 1) * n]) / n
-        out.append({"step_s": step, "generation_s": gen, "logprob_s": rollout - gen, "backward_s": step - rollout,
-                    "completion_len": length, "gen_tokens_per_s": length * n / gen})
+    out = [{**r, "logprob_s": r["rollout_s"] - r["generation_s"], "backward_s": r["step_s"] - r["rollout_s"],
+            "gen_tokens_per_s": r["completion_len"] * n / r["generation_s"]} for r in train_trl_timed(trainer, lengths, n)]
     result = {"steps": out, "peak_gib": memory_gib("peak"), "reserved_gib": memory_gib("reserved"), **loaded}
     del trainer, model
     return result

@@ -35,8 +35,8 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ROOT, PhaseTimer, bench_model_dir, load_plain_model, make_trl_grpo_trainer, median,  # noqa: E402
-                    patched, prepare_demo_data, print_table, read_metrics, step_end_callback, timed, trl_grpo_dataset)
+from common import (ROOT, bench_model_dir, load_plain_model, make_trl_grpo_trainer, median, patched,  # noqa: E402
+                    prepare_demo_data, print_table, read_metrics, timed, train_trl_timed, trl_grpo_dataset)
 
 NUM_PROMPTS, GROUP_SIZE, MAX_NEW_TOKENS = 4, 4, 32
 LR, BETA, LOSS_TYPE = 1e-5, 0.04, "grpo"
@@ -74,13 +74,8 @@ def run_trl(model_dir: str, data: str, steps: int, out_dir: str) -> list[dict]:
         model, processor, trl_grpo_dataset(data), out_dir, num_prompts=NUM_PROMPTS, group_size=GROUP_SIZE,
         max_new_tokens=MAX_NEW_TOKENS, max_steps=steps, lr=LR, beta=BETA, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
         loss_type=LOSS_TYPE, seed=0, completion_lengths=lengths)
-    ends, phases = step_end_callback(), PhaseTimer(trainer)
-    trainer.add_callback(ends)
-    trainer.train()
-    n = NUM_PROMPTS * GROUP_SIZE
-    return [{"step_s": step, "generation_s": gen, "rollout_rest_s": rollout - gen, "rest_s": step - gen,
-             "completion_len": sum(lengths[i * n:(i + 1) * n]) / n}
-            for i, (step, gen, rollout) in enumerate(zip(ends.step_seconds(), phases.generate_s, phases.rollout_s))]
+    return [{**r, "rollout_rest_s": r["rollout_s"] - r["generation_s"], "rest_s": r["step_s"] - r["generation_s"]}
+            for r in train_trl_timed(trainer, lengths, NUM_PROMPTS * GROUP_SIZE)]
 
 
 def compare(model_name: str, steps: int, warmup: int, data: str, tmp: str, trl_first: bool) -> float:
