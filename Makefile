@@ -24,8 +24,10 @@ demo: setup
 	$(PY) eval.py configs/demo_eval.yaml model=$(DEMO)/sft adapter=$(DEMO)/grpo output_dir=$(DEMO)/eval_grpo run_name=grpo
 	$(PY) report.py $(DEMO)/eval_base $(DEMO)/eval_sft $(DEMO)/eval_grpo --out $(DEMO)/report
 
+# pytest exits 5 when it collects no tests: a broken checkout, not a pass, so say so and fail
 test: setup
-	$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q tests; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests under tests/" >&2; fi; exit $$status
 
 clean-demo:
 	rm -rf $(DEMO) data/demo/prepared
