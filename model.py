@@ -116,8 +116,11 @@ def tiny_config(tokenizer, size: str = "tiny") -> Qwen2_5_VLConfig:
 def build_tiny_model(size: str = "tiny", seed: int = 0):
     """A random-init tiny Qwen2.5-VL and its tokenizer; the same seed gives the same weights."""
     tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, size))
+    # a private RNG stream: a run that builds the model first must draw the same LoRA init and samples
+    # as one that finds it cached
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, size))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

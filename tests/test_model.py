@@ -21,7 +21,11 @@ def image(h, w, seed=0):
 
 
 def test_tiny_is_deterministic_and_round_trips_exactly(tmp_path):
+    torch.manual_seed(123)
+    caller_rng = torch.get_rng_state()
     model_a, tok = build_tiny_model("tiny", seed=3)
+    # building it leaves the caller's RNG alone: a run draws the same whether or not the model was cached
+    assert torch.equal(torch.get_rng_state(), caller_rng)
     model_b, _ = build_tiny_model("tiny", seed=3)
     model_c, _ = build_tiny_model("tiny", seed=4)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
