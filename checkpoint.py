@@ -2,12 +2,17 @@
 
 A checkpoint is written to `<output_dir>/checkpoints/.tmp-step_N` and renamed to `step_N` only when
 complete, so a run killed mid-save never leaves a half-written checkpoint that `resume=auto` picks up.
+Ctrl-C or SIGTERM (`StopAfterStep`) lets the step in progress finish before the loop saves, so that
+checkpoint too is a step boundary and the resumed run equals the uninterrupted one.
 """
 
 import json
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 
 import numpy as np
 import torch
@@ -101,7 +106,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
 
 
 def truncate_metrics(path: str, step: int):
-    """Drop metric lines logged after `step`: they came from the part of the run being redone."""
+    """Drop lines logged after `step` (metrics.jsonl, samples.jsonl): they came from the part of the run
+    being redone."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -131,3 +137,46 @@ class MetricsLog:
 
     def close(self):
         self.file.close()
+
+
+class StopAfterStep:
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) during training: the step in progress
+    finishes, then the loop sees `requested`, saves a checkpoint and exits. Stopping mid-step instead
+    would save a state that never existed between steps (the batch already drawn, the RNG moved on,
+    perhaps the weights updated), and the resumed run would differ from the uninterrupted one.
+    A second signal stops at once: KeyboardInterrupt, and the step in progress is lost.
+
+        stop = StopAfterStep()          # installs the handlers
+        try:
+            while step < max_steps:
+                ...one step...
+                if stop.requested: save(step); sys.exit(...)
+        finally:
+            stop.restore()              # the handlers that were there before
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: str | None = None  # the name of the signal that asked, once one has
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals only there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: finishing this step, then saving a checkpoint (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def stopped_at_once_message(output_dir: str) -> str:
+    newest = list_checkpoints(output_dir)
+    where = f"the newest checkpoint is {newest[-1]}" if newest else "no checkpoint was saved yet"
+    return (f"\nstopped at once: the step in progress is lost; {where}; "
+            "run the same command again to resume from it")

@@ -213,14 +213,16 @@ def main(argv=None):
     scheduler = make_scheduler(cfg, optimizer)
     order, step, counters = DataOrder(len(train), cfg.seed), 0, {"bad_steps": 0, "skipped_steps": 0}
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
     resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
     if resume_from:
         loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
         step, order, counters = loop["step"], DataOrder(len(train), cfg.seed, **loop["data"]), loop["counters"]
         ckpt.truncate_metrics(metrics_path, step)
+        ckpt.truncate_metrics(samples_path, step)
         print(f"resumed from {resume_from} at step {step}")
     log, tb = ckpt.MetricsLog(metrics_path), open_tensorboard(cfg)
-    samples = open(os.path.join(cfg.output_dir, "samples.jsonl"), "a")
+    samples = open(samples_path, "a")
     G = cfg.group_size
     micro_batch = max(G, cfg.micro_batch_size // G * G)  # whole groups, so a prompt is run once per pass
     # Unsloth swaps in its own gradient checkpointing, untested with the shared-prompt cache: full rows there
@@ -232,6 +234,7 @@ def main(argv=None):
                                     save_model=lambda d: model.save_pretrained(d, selected_adapters=["default"]))
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", dynamic_ncols=True)
+    stop = ckpt.StopAfterStep()  # Ctrl-C / SIGTERM: finish the step, save, exit (resume is then exact)
     try:
         while step < cfg.max_steps:
             t_start = time.perf_counter()
@@ -346,11 +349,16 @@ def main(argv=None):
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward/total']:.2f}", acc=f"{row['accuracy']:.2f}",
                             fmt=f"{row['format_rate']:.2f}", kl=f"{row['kl']:.3f}", len=f"{row['completion_len_mean']:.0f}")
+            if stop.requested and step < cfg.max_steps:
+                path = save(step)
+                sys.exit(f"\nstopped by {stop.requested} after step {step}: saved {path}; "
+                         "run the same command again to resume")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step)
-    except KeyboardInterrupt:
-        path = save(step)
-        sys.exit(f"\ninterrupted: saved {path}; run the same command again to resume")
+    except KeyboardInterrupt:  # a second signal: the step in progress is dropped
+        sys.exit(ckpt.stopped_at_once_message(cfg.output_dir))
+    finally:
+        stop.restore()
     bar.close()
     log.close()
     samples.close()

@@ -189,6 +189,7 @@ def main(argv=None):
 
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True)
+    stop = ckpt.StopAfterStep()  # Ctrl-C / SIGTERM: finish the step, save, exit (resume is then exact)
     try:
         while step < cfg.max_steps:
             t0, loss_sum, n_tokens = time.perf_counter(), 0.0, 0
@@ -216,12 +217,16 @@ def main(argv=None):
                     tb.add_scalar(k, v, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if stop.requested and step < cfg.max_steps:
+                path = save(step)
+                sys.exit(f"\nstopped by {stop.requested} after step {step}: saved {path}; "
+                         "run the same command again to resume")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step)
-    except KeyboardInterrupt:
-        path = save(step)
-        log.close()
-        sys.exit(f"\ninterrupted: saved {path}; run the same command again to resume")
+    except KeyboardInterrupt:  # a second signal: the step in progress is dropped
+        sys.exit(ckpt.stopped_at_once_message(cfg.output_dir))
+    finally:
+        stop.restore()
     bar.close()
     log.close()
 

@@ -1,8 +1,13 @@
-"""SFT on the tiny model and real demo data: the loss mask, loss falling, exact resume, reload."""
+"""SFT on the tiny model and real demo data: the loss mask, loss falling, exact resume (after a
+SIGTERM too), reload."""
 
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -12,6 +17,8 @@ from config import ModelConfig, SFTConfig
 from mcq import load_split, target_text
 from model import load_model
 import train_sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(demo_data, out, *extra):
@@ -75,6 +82,58 @@ def test_exact_resume(demo_data, tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # exact, not approximately
     assert [r["lr"] for r in resumed] == [r["lr"] for r in full]
+
+
+def signal_after_first_step(argv: list[str], out: str, signum, timeout: float = 300) -> tuple[int, str]:
+    """Run `python *argv` (a training script) in its own process; once its first step is logged in
+    out/metrics.jsonl, send `signum`. Returns (exit code, stderr)."""
+    with open(f"{out}.stderr", "w+") as err:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        metrics, deadline = os.path.join(out, "metrics.jsonl"), time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if os.path.isfile(metrics) and open(metrics).read().count("\n") >= 1:
+                proc.send_signal(signum)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=timeout)
+        err.seek(0)
+        return proc.returncode, err.read()
+
+
+def test_sigterm_finishes_the_step_then_resumes_exactly(demo_data, tmp_path):
+    """A stop mid-step would save the next batch as already seen (and the RNG moved on): the resumed run
+    would then differ from the uninterrupted one."""
+    args = ["max_steps=30", "finetune=lora", "save_every=0", "eval_every=100", "lr=1e-3"]
+    full = run(demo_data, str(tmp_path / "full"), *args)
+    part = str(tmp_path / "part")
+    code, err = signal_after_first_step(
+        ["train_sft.py", "configs/demo_sft.yaml", f"data={demo_data}/sft.jsonl", f"eval_data={demo_data}/test.jsonl",
+         f"output_dir={part}", "model=tiny", "eval_items=8", "batch_size=4", *args], part, signal.SIGTERM)
+    assert code == 1 and "stopped by SIGTERM after step" in err, err
+    saved = os.listdir(os.path.join(part, "checkpoints"))
+    assert len(saved) == 1 and 1 <= int(saved[0].removeprefix("step_")) < 30  # stopped early, at a step's end
+    resumed = run(demo_data, part, *args)
+    assert [r["step"] for r in resumed] == list(range(1, 31))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # exact, not approximately
+
+
+def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back():
+    import checkpoint
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop = checkpoint.StopAfterStep()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 5
+        while stop.requested is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the handler runs in this thread between two bytecodes
+        assert stop.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        stop.restore()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_4bit_qlora_path_trains(demo_data, tmp_path):

@@ -3,6 +3,7 @@ ratio, exact resume, non-finite steps, and the process reward through a real loc
 
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import rewards
 import train_grpo
 import train_sft
 from test_rewards import ChatHandler, running_server
+from test_sft import signal_after_first_step
 
 
 def sft_adapter(demo_data, tmp_path_factory):
@@ -25,10 +27,13 @@ def sft_dir(demo_data, tmp_path_factory):
     return sft_adapter(demo_data, tmp_path_factory)
 
 
+def grpo_args(demo_data, out, *extra):
+    return ["configs/demo_grpo.yaml", "model=tiny", f"data={demo_data}/rl.jsonl", f"output_dir={out}", "num_prompts=2",
+            "group_size=4", "max_new_tokens=12", "save_every=2", "sample_every=1", "lr=1e-3", "eval_data=null", *extra]
+
+
 def grpo(demo_data, out, *extra):
-    train_grpo.main(["configs/demo_grpo.yaml", "model=tiny", f"data={demo_data}/rl.jsonl", f"output_dir={out}",
-                     "num_prompts=2", "group_size=4", "max_new_tokens=12", "save_every=2", "sample_every=1",
-                     "lr=1e-3", "eval_data=null", *extra])
+    train_grpo.main(grpo_args(demo_data, out, *extra))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -38,11 +43,15 @@ def adapter_weights(path):
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
+# as source text, so that a training run in another process can register the very same reward
+LENGTH_REWARD = "lambda completions, records, **_: [len(c) / 50 for c in completions]"
+
+
 @pytest.fixture
 def length_reward(monkeypatch):
     """An untrained tiny model never earns the format or accuracy reward, so every advantage would be 0;
     a reward on the completion's length varies within each group and gives the step a gradient."""
-    monkeypatch.setitem(rewards.REWARDS, "length", lambda completions, records, **_: [len(c) / 50 for c in completions])
+    monkeypatch.setitem(rewards.REWARDS, "length", eval(LENGTH_REWARD))
 
 
 def test_step_moves_policy_not_reference(demo_data, sft_dir, tmp_path, length_reward):
@@ -96,6 +105,31 @@ def test_exact_resume(demo_data, sft_dir, tmp_path, length_reward):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for key in ["loss", "reward/total", "kl", "completion_len_mean"]:
         assert [r[key] for r in resumed] == [r[key] for r in full], key
+
+
+def test_ctrl_c_finishes_the_step_then_resumes_exactly(demo_data, sft_dir, tmp_path, length_reward):
+    """Ctrl-C lands mid-step; a checkpoint of that moment would count the drawn batch as seen and keep
+    the moved RNG, so the resumed run would sample other prompts and completions than the full run."""
+    common = [f"init_adapter={sft_dir}", "reference=sft", "temperature=2.0", "rewards={length: 1.0}", "max_steps=10",
+              "save_every=0"]
+    full_dir, part = str(tmp_path / "full"), str(tmp_path / "part")
+    full = grpo(demo_data, full_dir, *common)
+    # the same run in its own process (with the same length reward), sent SIGINT once its first step is logged
+    script = ("import sys, rewards, train_grpo; "
+              f"rewards.REWARDS['length'] = {LENGTH_REWARD}; train_grpo.main(sys.argv[1:])")
+    code, err = signal_after_first_step(["-c", script, *grpo_args(demo_data, part, *common)], part, signal.SIGINT)
+    assert code == 1 and "stopped by SIGINT after step" in err, err
+    saved = os.listdir(os.path.join(part, "checkpoints"))
+    assert len(saved) == 1 and 1 <= int(saved[0].removeprefix("step_")) < 10  # stopped early, at a step's end
+    resumed = grpo(demo_data, part, *common)
+    assert [r["step"] for r in resumed] == list(range(1, 11))
+    for key in ["loss", "reward/total", "kl", "completion_len_mean"]:
+        assert [r[key] for r in resumed] == [r[key] for r in full], key
+    samples = [open(os.path.join(d, "samples.jsonl")).read() for d in (part, full_dir)]
+    assert samples[0] == samples[1]  # the same prompts and completions, each step once
+    resumed_weights, full_weights = adapter_weights(part), adapter_weights(full_dir)
+    assert resumed_weights.keys() == full_weights.keys()
+    assert all(torch.equal(resumed_weights[k], full_weights[k]) for k in full_weights)
 
 
 def test_non_finite_reward_skips_then_stops(demo_data, tmp_path, monkeypatch):
