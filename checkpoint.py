@@ -150,7 +150,7 @@ class StopAfterStep:
         try:
             while step < max_steps:
                 ...one step...
-                if stop.requested: save(step); sys.exit(...)
+                stop.exit_if_requested(step, max_steps, save)
         finally:
             stop.restore()              # the handlers that were there before
     """
@@ -169,6 +169,14 @@ class StopAfterStep:
         self.requested = signal.Signals(signum).name
         print(f"\n{self.requested}: finishing this step, then saving a checkpoint (send it again to stop at once)",
               file=sys.stderr, flush=True)
+
+    def exit_if_requested(self, step: int, max_steps: int, save):
+        """At a step's end: if a signal asked, save(step) and exit. After the last step the loop's own
+        final save follows anyway."""
+        if self.requested and step < max_steps:
+            path = save(step)
+            sys.exit(f"\nstopped by {self.requested} after step {step}: saved {path}; "
+                     "run the same command again to resume")
 
     def restore(self):
         for s, handler in self._previous.items():

@@ -349,10 +349,7 @@ def main(argv=None):
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward/total']:.2f}", acc=f"{row['accuracy']:.2f}",
                             fmt=f"{row['format_rate']:.2f}", kl=f"{row['kl']:.3f}", len=f"{row['completion_len_mean']:.0f}")
-            if stop.requested and step < cfg.max_steps:
-                path = save(step)
-                sys.exit(f"\nstopped by {stop.requested} after step {step}: saved {path}; "
-                         "run the same command again to resume")
+            stop.exit_if_requested(step, cfg.max_steps, save)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step)
     except KeyboardInterrupt:  # a second signal: the step in progress is dropped

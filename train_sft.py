@@ -217,10 +217,7 @@ def main(argv=None):
                     tb.add_scalar(k, v, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if stop.requested and step < cfg.max_steps:
-                path = save(step)
-                sys.exit(f"\nstopped by {stop.requested} after step {step}: saved {path}; "
-                         "run the same command again to resume")
+            stop.exit_if_requested(step, cfg.max_steps, save)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step)
     except KeyboardInterrupt:  # a second signal: the step in progress is dropped
