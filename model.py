@@ -6,6 +6,7 @@ so quantisation, LoRA and generation are exercised exactly as on the real model.
 """
 
 import contextlib
+import logging
 import os
 import re
 
@@ -21,6 +22,11 @@ from transformers import (
 )
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+# On CPUs with AVX512-BF16, importing bitsandbytes (peft does) tries to fetch an inference kernel from the
+# Hugging Face hub with the `kernels` package and warns when it cannot. We never run that kernel (see
+# keep_one_4bit_layout), and nothing may be downloaded at run time, so the warning only misleads.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # LoRA goes on the language model only: the vision blocks reuse the names q_proj/.../down_proj,
 # so we match on the module path, not on the name alone.
@@ -226,6 +232,8 @@ def load_model(cfg, adapter: str | None = None, trainable: bool = True, lora: bo
         device_map={"": device} if quant is not None else None)
     if quant is None:
         model.to(device)
+    if cfg.quantization == "4bit":
+        keep_one_4bit_layout(model)
     processor = load_processor(path, cfg.min_pixels, cfg.max_pixels)
     model.requires_grad_(False)  # the vision tower (and the rest of the base) stays frozen
     if cfg.gradient_checkpointing and trainable:
@@ -238,6 +246,20 @@ def load_model(cfg, adapter: str | None = None, trainable: bool = True, lora: bo
     if train_vision and trainable:
         unwrap(model).model.visual.requires_grad_(True)
     return model, processor
+
+
+def keep_one_4bit_layout(model):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 inference kernel the first
+    time its layer runs in eval mode without grad, and never packs it back: a training pass after any
+    sampling or reference pass then takes a branch without autograd and fails ("a view of a leaf Variable
+    that requires grad is being used in an in-place operation"). That kernel also computes in bf16, so the
+    sampler and the loss would see two different policies. We turn the repacking off for every layer:
+    one weight layout, one arithmetic, on every CPU."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False  # set by bitsandbytes from the CPU's flags
 
 
 def attach_lora(model, cfg, adapter: str | None, trainable: bool):

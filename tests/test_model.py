@@ -131,3 +131,29 @@ def test_group_generation_with_shared_prefill_matches_plain_generate():
     torch.manual_seed(0)
     shared = generate_groups(model, inputs, image_features(model, inputs), 3, **kwargs)
     assert torch.equal(plain, shared)
+
+
+def test_4bit_training_survives_eval_passes_on_avx512_bf16_cpus(monkeypatch):
+    """bitsandbytes decides from the CPU's flags, when a Linear4bit is built, whether an eval-mode no-grad
+    forward repacks its weight for an inference-only kernel. Claim the flag on any machine (as a recent
+    Xeon or Zen 4 sets it), then: policy gradients, sampling and a no-grad pass in eval mode, gradients
+    again. They must be the same (without load_model's fix the second backward fails, or differs)."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    model, processor = load_model(ModelConfig(quantization="4bit"))
+    inputs = encode_prompts(processor, [prompt_messages(RECORD)], [image(56, 56)], "cpu")
+
+    def lora_grads():
+        model.train()
+        model.zero_grad()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    before = lora_grads()
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)
+    generate(model, processor, inputs, max_new_tokens=4)
+    after = lora_grads()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
