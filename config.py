@@ -28,8 +28,8 @@ class ModelConfig:
     model: str = "tiny"  # hub id, local directory, `tiny` (a few MB) or `tiny-small` (3.2M params)
     output_dir: str = "runs/default"
     seed: int = 0
-    device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto = cuda if available, else cpu (refused for models over 1B parameters)
+    dtype: str = "auto"  # auto = bf16 on GPU (fp32 on GPUs without bf16), fp32 on CPU
     quantization: str = "none"  # none | 4bit (NF4, double quant) | 8bit
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     min_pixels: int = 56 * 56
@@ -234,12 +234,23 @@ class GRPOConfig(JudgeConfig, TrainConfig):
     mask_truncated: bool = False  # completions that hit max_new_tokens get no loss
     # memory and logging
     micro_batch_size: int = 8  # completions per log-prob forward/backward pass
-    merge_for_sampling: bool = True  # fold LoRA into the weights while sampling (unquantised bases only)
+    # fold LoRA into the weights while sampling (unquantised bases only); auto = on CPU only: the exact
+    # restore afterwards holds a copy of every adapted layer (~13 GB for the 7B in bf16)
+    merge_for_sampling: bool | str = "auto"
     logprob_chunk: int = 1024  # tokens per vocab-projection chunk
     sample_every: int = 10  # write sample completions every N steps
     max_bad_steps: int = 5  # stop (with a checkpoint) after this many NaN/inf steps in a row
 
     def validate(self):
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be at least 2, got {self.group_size}: advantages compare the "
+                              "completions of one prompt with each other")
+        if self.lora_dropout != 0:
+            raise ConfigError(f"lora_dropout must be 0 in GRPO, got {self.lora_dropout}: the policy pass (train "
+                              "mode) and the sampling, old and reference passes (eval mode) must be one network, or "
+                              "dropout noise alone gives KL > 0 and ratios != 1")
+        if self.merge_for_sampling not in (True, False, "auto"):
+            raise ConfigError(f"merge_for_sampling must be true, false or auto, got {self.merge_for_sampling!r}")
         if self.reference not in ("sft", "base", "none"):
             raise ConfigError(f"reference must be sft, base or none, got '{self.reference}'")
         if self.reference == "sft" and self.init_adapter is None and self.kl_coef != 0:

@@ -30,7 +30,7 @@ from PIL import Image
 
 from config import EvalConfig, parse_args, save_config
 from mcq import Record, image_path, is_well_formed, load_split, option_lines, parse_answer, prompt_messages
-from model import completion_mask, encode_prompts, generate, load_model
+from model import completion_mask, encode_prompts, generate, load_model, stop_token_ids
 from report import read_jsonl, wilson_interval
 
 # config keys that change what the model answers: predictions made under other values are not resumed
@@ -101,7 +101,7 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    eos_id = processor.tokenizer.eos_token_id
+    stop_ids = stop_token_ids(processor.tokenizer)
     results = {}
     try:
         for name, records in records_by_set.items():
@@ -112,7 +112,7 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
                 images = [Image.open(r.image).convert("RGB") for r in batch]
                 inputs = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
                 ids, texts = generate(model, processor, inputs, max_new_tokens, temperature=0.0)  # (B, T)
-                lengths = completion_mask(ids, eos_id).sum(1).tolist()  # tokens up to and including EOS
+                lengths = completion_mask(ids, stop_ids).sum(1).tolist()  # tokens up to and including EOS
                 for record, text, length in zip(batch, texts, lengths):
                     pred = {"id": record.id, "set": name, "completion": text, **score(text, record),
                             "gold": record.answer, "completion_tokens": length}
@@ -155,6 +155,16 @@ def check_resumable(cfg, output_dir: str):
     if changed:
         sys.exit(f"{output_dir} holds predictions made with other {', '.join(changed)} "
                  f"({', '.join(f'{k}={old[k]!r}' for k in changed)}): use a new output_dir")
+
+
+def trained_quantization(adapter: str | None) -> str | None:
+    """The base quantization an adapter was trained on, from the config.yaml its training run saved
+    beside it (train_sft.py / train_grpo.py write both to output_dir), or None if unknown."""
+    path = os.path.join(adapter or "", "config.yaml")
+    if adapter is None or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return (yaml.safe_load(f) or {}).get("quantization")
 
 
 def make_eval_judge(cfg, model=None, processor=None):
@@ -323,6 +333,12 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
     save_config(cfg, cfg.output_dir)
     print(f"model {cfg.model}, adapter {cfg.adapter or 'none (base model)'}; "
           + ", ".join(f"{name} {len(r)}" for name, r in records_by_set.items()))
+    trained_on = trained_quantization(cfg.adapter)
+    if trained_on not in (None, cfg.quantization):
+        # a QLoRA adapter learnt to correct the 4-bit weights' rounding too: on another base it is not
+        # quite the model that was trained (usually close, sometimes a point or two of accuracy apart)
+        print(f"note: {cfg.adapter} was trained on a quantization={trained_on} base; this evaluation uses "
+              f"quantization={cfg.quantization} (add quantization={trained_on} to evaluate it as trained)")
 
     # 1. model and processor, once. Without an adapter load_model still attaches a fresh LoRA (B = 0,
     #    the identity); switching it off gives the base model's answers without its extra matmuls.

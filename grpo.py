@@ -33,20 +33,22 @@ def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, clip_eps_high=None, kl_coef=0.04,
-              loss_type="grpo", max_completion_len=None, num_tokens=None):
+              loss_type="grpo", max_completion_len=None, num_sequences=None, num_tokens=None):
     """The clipped GRPO objective with a KL penalty to the reference policy.
 
         ρ_t  = π_θ(c_t) / π_old(c_t) = exp(logp - old_logp)
         L_t  = -min(ρ_t·A, clip(ρ_t, 1-ε, 1+ε_high)·A) + β·KL_t
         KL_t = exp(ref_logp - logp) - (ref_logp - logp) - 1      (k3 estimator: unbiased, >= 0)
 
-    How the per-token L_t become one number (loss_type):
-        grpo    : mean over sequences of  Σ_t m_t·L_t / Σ_t m_t      (the GRPO paper; long answers
-                  count less per token)
-        bnpo    : Σ m·L / Σ m over this micro-batch                    (token mean)
-        dapo    : Σ m·L / num_tokens, num_tokens = completion tokens in the whole step, so micro-batches
-                  add up to one token mean over the step (DAPO)
-        dr_grpo : Σ m·L / (N · max_completion_len)                     (Dr. GRPO: no length bias)
+    How the per-token L_t become one number (loss_type), S = num_sequences, K = num_tokens:
+        grpo    : Σ_seq (Σ_t m_t·L_t / Σ_t m_t) / S      mean over sequences of their token means
+                                                         (the GRPO paper; long answers count less per token)
+        bnpo    : Σ m·L / K                              token mean (K: this process's tokens in the step)
+        dapo    : Σ m·L / K                              token mean over the step (DAPO; K: all processes')
+        dr_grpo : Σ m·L / (S · max_completion_len)       (Dr. GRPO: no length bias)
+    S and K count the whole step, so the losses of its micro-batches add up to the loss of one pass
+    over all of it, whatever their sizes; left None they count this call's rows and tokens. In one
+    process bnpo and dapo are the same number.
 
     logp, old_logp, ref_logp, mask: (N, T); advantages: (N,). ref_logp may be None when kl_coef = 0.
     Returns (loss, stats) with stats = mean KL and the fraction of tokens whose ratio was clipped."""
@@ -62,14 +64,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, clip_eps
         kl = torch.exp(delta) - delta - 1  # (N, T)
         per_token = per_token + kl_coef * kl
 
+    num_sequences = mask.shape[0] if num_sequences is None else num_sequences
+    num_tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
-    elif loss_type == "dapo":
-        loss = (per_token * mask).sum() / (num_tokens if num_tokens is not None else mask.sum().clamp(min=1))
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_sequences
+    elif loss_type in ("bnpo", "dapo"):
+        loss = (per_token * mask).sum() / num_tokens
     elif loss_type == "dr_grpo":
-        loss = (per_token * mask).sum() / (mask.shape[0] * (max_completion_len or mask.shape[1]))
+        loss = (per_token * mask).sum() / (num_sequences * (max_completion_len or mask.shape[1]))
     else:
         raise ValueError(f"loss_type must be grpo, bnpo, dapo or dr_grpo, got '{loss_type}'")
 

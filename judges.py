@@ -260,7 +260,7 @@ class SelfJudge:
     def _generate(self, requests: list[JudgeRequest]) -> list[str]:
         from PIL import Image
 
-        from model import completion_mask, encode_prompts, generate
+        from model import completion_mask, encode_prompts, generate, stop_token_ids
 
         messages, images = [], []
         for r in requests:
@@ -273,7 +273,7 @@ class SelfJudge:
         inputs = encode_prompts(self.processor, messages, images or None, device)
         ids, texts = generate(self.model, self.processor, inputs, self.max_new_tokens)
         self.stats.add(calls=len(requests), prompt_tokens=int(inputs["attention_mask"].sum()),
-                       completion_tokens=int(completion_mask(ids, self.processor.tokenizer.eos_token_id).sum()))
+                       completion_tokens=int(completion_mask(ids, stop_token_ids(self.processor.tokenizer)).sum()))
         return texts
 
 

@@ -13,8 +13,10 @@ import re
 import torch
 import torch.utils.checkpoint
 from transformers import (
+    AutoConfig,
     AutoTokenizer,
     BitsAndBytesConfig,
+    GenerationConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -165,8 +167,7 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 
 
 def load_processor(path: str, min_pixels: int, max_pixels: int) -> ImageOnlyQwen2_5_VLProcessor:
-    if not os.path.isdir(path) and os.sep in path:
-        raise FileNotFoundError(f"model directory not found: {path}")
+    """path: a local directory or a hub id (`Qwen/Qwen2.5-VL-7B-Instruct`), as from_pretrained takes it."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"  # batched generation appends to the right end of every row
     if tokenizer.chat_template is None:
@@ -179,15 +180,44 @@ def load_processor(path: str, min_pixels: int, max_pixels: int) -> ImageOnlyQwen
 # ----------------------------------------------------------------------------------------------
 # Model loading
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+# device=auto refuses to put a model bigger than this on the CPU: a 7B config on a machine whose GPU
+# is not visible (driver, CUDA_VISIBLE_DEVICES, a CPU build of torch) would otherwise load for many minutes
+# in fp32 and train at seconds per token instead of stopping with the reason. The tiny models are ~1e6.
+CPU_AUTO_MAX_PARAMS = 1e9
+
+
+def estimate_params(path: str) -> float:
+    """Rough parameter count of a Qwen2.5-VL config (text layers, embeddings, vision tower), without
+    loading any weights: enough to tell a 7B from a test model."""
+    config = AutoConfig.from_pretrained(path)
+    text, vision = config.get_text_config(), config.vision_config
+    h, layers, mlp = text.hidden_size, text.num_hidden_layers, text.intermediate_size
+    per_layer = 4 * h * h + 3 * h * mlp  # attention (upper bound with GQA) + gated MLP
+    v_per_layer = 4 * vision.hidden_size ** 2 + 3 * vision.hidden_size * vision.intermediate_size
+    return layers * per_layer + 2 * text.vocab_size * h + vision.depth * v_per_layer
+
+
+def pick_device(name: str = "auto", model_path: str | None = None) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if model_path is not None and estimate_params(model_path) > CPU_AUTO_MAX_PARAMS:
+        raise SystemExit(f"{model_path}: ~{estimate_params(model_path) / 1e9:.0f}B parameters and no CUDA GPU is "
+                         "visible to torch (torch.cuda.is_available() is False; check the driver, CUDA_VISIBLE_DEVICES "
+                         "and that torch is a CUDA build: README, GPU). To run it on the CPU anyway: device=cpu")
+    return torch.device("cpu")
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        # fp16 without loss scaling underflows LoRA gradients; fp32 is slow but right. dtype=fp16 to choose it
+        print(f"{torch.cuda.get_device_name(device)} has no bf16: computing in fp32 (dtype=fp16 is faster, unscaled)")
+        return torch.float32
     return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
             "fp32": torch.float32, "float32": torch.float32}[name]
 
@@ -212,9 +242,13 @@ def load_model(cfg, adapter: str | None = None, trainable: bool = True, lora: bo
     lora=True: a PeftModel whose adapter 'default' is loaded from `adapter` (or new), trainable if
     `trainable`. lora=False: the plain model with every language-model weight trainable (full
     fine-tuning). The vision tower stays frozen unless `train_vision`."""
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
     path = resolve_model_path(cfg.model, cfg.seed if cfg.model in TINY_SIZES else 0)
+    device = pick_device(cfg.device, path)
+    dtype = pick_dtype(cfg.dtype, device)
+    if device.type == "cuda":
+        # TF32 matmuls for whatever stays in fp32 (LoRA weights, log-softmax): ~8x the fp32 rate on
+        # Ampere and later, with a 10-bit mantissa that training does not notice
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg.backend == "unsloth":
         from unsloth_backend import load_unsloth_model  # optional, GPU only
         return load_unsloth_model(cfg, path, adapter, trainable)
@@ -234,6 +268,11 @@ def load_model(cfg, adapter: str | None = None, trainable: bool = True, lora: bo
         model.to(device)
     if cfg.quantization == "4bit":
         keep_one_4bit_layout(model)
+    # The checkpoint's generation_config.json (Qwen2.5-VL-7B-Instruct's: top_k 1, top_p 0.001,
+    # temperature 0.1, repetition_penalty 1.05) would fill in every generation setting we do not
+    # pass, so GRPO would sample from something other than the policy it scores. We pass complete
+    # configs (generation_config below) and leave the model a neutral default besides.
+    model.generation_config = GenerationConfig()
     processor = load_processor(path, cfg.min_pixels, cfg.max_pixels)
     model.requires_grad_(False)  # the vision tower (and the rest of the base) stays frozen
     if cfg.gradient_checkpointing and trainable:
@@ -271,10 +310,21 @@ def attach_lora(model, cfg, adapter: str | None, trainable: bool):
         model.enable_input_require_grads()
     if adapter is not None:
         check_adapter_dir(adapter)
-        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+        # an adapter brings the dropout it was trained with; this run's config decides (GRPO's is 0)
+        set_lora_dropout(model, cfg.lora_dropout)
+        return model
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=LORA_TARGET, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def set_lora_dropout(model, p: float):
+    """Every LoRA layer's dropout, for every adapter, becomes p (identity when 0)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
 
 
 def check_adapter_dir(path: str):
@@ -296,6 +346,38 @@ def special_token_ids(tokenizer) -> list[int]:
     forward pass (image features and image tokens no longer match)."""
     names = ["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     return [tokenizer.convert_tokens_to_ids(n) for n in names]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """A completion ends at the first of these: <|im_end|> (the chat turn's end) and <|endoftext|>,
+    the two EOS ids of Qwen2.5-VL-Instruct's generation_config.json."""
+    return [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+
+
+def generation_config(tokenizer, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                      **extra) -> GenerationConfig:
+    """Every setting that shapes the next-token distribution, given: temperature 0 = greedy, else
+    sampling from softmax(logits / temperature) with the special tokens removed, nothing else (no
+    top-k, no repetition penalty), which is the distribution completion_logprobs scores. transformers
+    fills any setting left None from the model's own generation config; none is left None here."""
+    sample = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1, temperature=temperature if sample else 1.0,
+        top_p=top_p if sample else 1.0, top_k=0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
+        min_length=0, min_new_tokens=0, bad_words_ids=None, begin_suppress_tokens=None,
+        suppress_tokens=special_token_ids(tokenizer), eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **extra)
+
+
+def autocast(model):
+    """bf16/fp16 autocast when the model computes in 16 bits (GPU): the LoRA weights are fp32 (PEFT keeps
+    trainable adapters in fp32), and without autocast each LoRA layer casts its 16-bit input to an
+    fp32 copy and multiplies in fp32. Nothing changes for an fp32 model (the CPU default)."""
+    dtype = unwrap(model).dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
 def encode_prompts(processor, messages_list, images, device):
@@ -329,29 +411,34 @@ def image_features(model, inputs: dict):
     """Vision-tower output for each prompt's image, in the form generate and forward accept as
     `mm_encoder_outputs`. The tower is frozen and LoRA sits on the language model only, so these
     features are the same for the sampling, old, reference and policy passes: computed once per step."""
-    out = unwrap(model).model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    with autocast(model):
+        out = unwrap(model).model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                     return_dict=True)
     return {"image": out}
 
 
 @torch.no_grad()
-def generate_groups(model, prompt: dict, features: dict, group_size: int, **generate_kwargs) -> torch.Tensor:
+def generate_groups(model, prompt: dict, features: dict, group_size: int, config: GenerationConfig,
+                    **generate_kwargs) -> torch.Tensor:
     """G sampled completions per prompt, with the prompt's prefill computed once, not G times.
 
     generate(num_return_sequences=G) copies each prompt G times before the prefill; a prompt of
     ~1,000 tokens then costs G full forward passes before the first new token. Instead we prefill
     all but the last prompt token once per prompt, copy that KV cache (and the M-RoPE offsets) G
     times, and let generate continue from there. Same tokens as the plain call (tested), about half
-    the time on the demo. Returns the (B*G, P + T) ids, as generate does."""
+    the time on the demo. Returns the (B*G, P + T) ids, as generate does (or generate's output object
+    when generate_kwargs ask for one)."""
     base = unwrap(model)
-    prefill = base(input_ids=prompt["input_ids"][:, :-1], attention_mask=prompt["attention_mask"][:, :-1],
-                   mm_token_type_ids=prompt["mm_token_type_ids"][:, :-1], image_grid_thw=prompt["image_grid_thw"],
-                   mm_encoder_outputs={"image": features["image"]}, use_cache=True, logits_to_keep=1)
-    cache = prefill.past_key_values
-    cache.batch_repeat_interleave(group_size)
-    base.model.rope_deltas = base.model.rope_deltas.repeat_interleave(group_size, 0)  # (B*G, 1)
-    return base.generate(input_ids=prompt["input_ids"].repeat_interleave(group_size, 0),
-                         attention_mask=prompt["attention_mask"].repeat_interleave(group_size, 0),
-                         past_key_values=cache, **generate_kwargs)
+    with autocast(model):
+        prefill = base(input_ids=prompt["input_ids"][:, :-1], attention_mask=prompt["attention_mask"][:, :-1],
+                       mm_token_type_ids=prompt["mm_token_type_ids"][:, :-1], image_grid_thw=prompt["image_grid_thw"],
+                       mm_encoder_outputs={"image": features["image"]}, use_cache=True, logits_to_keep=1)
+        cache = prefill.past_key_values
+        cache.batch_repeat_interleave(group_size)
+        base.model.rope_deltas = base.model.rope_deltas.repeat_interleave(group_size, 0)  # (B*G, 1)
+        return base.generate(input_ids=prompt["input_ids"].repeat_interleave(group_size, 0),
+                             attention_mask=prompt["attention_mask"].repeat_interleave(group_size, 0),
+                             past_key_values=cache, generation_config=config, **generate_kwargs)
 
 
 def repeat_prompts(inputs: dict, repeat: int) -> dict:
@@ -360,14 +447,19 @@ def repeat_prompts(inputs: dict, repeat: int) -> dict:
     return {k: inputs[k].repeat_interleave(repeat, 0) for k in keys}
 
 
-def _selected_logprobs(hidden, lm_head, targets):
-    logits = lm_head(hidden).float()  # (n, V): only `chunk_size` rows of the vocab projection at a time
+def _selected_logprobs(hidden, lm_head, targets, temperature, suppressed):
+    logits = lm_head(hidden).float() / temperature  # (n, V): only `chunk_size` rows of the vocab projection at a time
+    if suppressed is not None:
+        logits = logits.index_fill(-1, suppressed, float("-inf"))  # as the sampler's suppress_tokens does
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def completion_logprobs(model, prompt: dict, completion_ids, completion_mask, features=None, position_ids=None,
-                        chunk_size: int = 1024):
+                        chunk_size: int = 1024, temperature: float = 1.0, suppressed: list[int] | None = None):
     """log π(c_t | prompt, c_<t) for every completion token -> (N, T).
+
+    π is softmax(logits / temperature) without the `suppressed` token ids: for GRPO, exactly the
+    distribution generation_config(temperature=T) samples from (tested); for SFT, the plain model.
 
     prompt: left-padded prompt rows (input_ids, attention_mask, mm_token_type_ids, image_grid_thw and
     either pixel_values or precomputed `features`); completion_ids/mask: (N, T), right-padded.
@@ -384,17 +476,21 @@ def completion_logprobs(model, prompt: dict, completion_ids, completion_mask, fe
         kwargs["mm_encoder_outputs"] = features
     else:
         kwargs["pixel_values"] = prompt["pixel_values"]
-    hidden = base.model(**kwargs).last_hidden_state[:, n_prompt - 1:-1]  # (N, T, H): states that predict c_t
-    return token_logprobs(base.lm_head, hidden, completion_ids, chunk_size)
+    with autocast(model):
+        hidden = base.model(**kwargs).last_hidden_state[:, n_prompt - 1:-1]  # (N, T, H): states that predict c_t
+        return token_logprobs(base.lm_head, hidden, completion_ids, chunk_size, temperature, suppressed)
 
 
-def token_logprobs(lm_head, hidden, targets, chunk_size: int = 1024) -> torch.Tensor:
-    """log softmax(lm_head(hidden))[target] for (N, T, H) hidden states -> (N, T), chunk by chunk."""
+def token_logprobs(lm_head, hidden, targets, chunk_size: int = 1024, temperature: float = 1.0,
+                   suppressed: list[int] | None = None) -> torch.Tensor:
+    """log softmax(lm_head(hidden) / temperature)[target], the `suppressed` ids left out of the softmax,
+    for (N, T, H) hidden states -> (N, T), chunk by chunk."""
     n, t, h = hidden.shape
     flat_hidden, flat_targets = hidden.reshape(n * t, h), targets.reshape(n * t)
+    suppressed = None if not suppressed else torch.tensor(suppressed, device=hidden.device)
     pieces = []
     for i in range(0, n * t, chunk_size):
-        args = (flat_hidden[i:i + chunk_size], lm_head, flat_targets[i:i + chunk_size])
+        args = (flat_hidden[i:i + chunk_size], lm_head, flat_targets[i:i + chunk_size], temperature, suppressed)
         if torch.is_grad_enabled():
             pieces.append(torch.utils.checkpoint.checkpoint(_selected_logprobs, *args, use_reentrant=False))
         else:
@@ -443,7 +539,8 @@ def _cache_under_checkpointing(language_model):
 
 
 def shared_prompt_logprobs(model, prompt: dict, features: dict, completion_ids, completion_mask, group_size: int,
-                           position_ids, chunk_size: int = 1024) -> torch.Tensor:
+                           position_ids, chunk_size: int = 1024, temperature: float = 1.0,
+                           suppressed: list[int] | None = None) -> torch.Tensor:
     """completion_logprobs for B*G completions of B prompts, running each prompt once instead of G
     times: its keys/values are repeated for the G completions. With gradients on, they flow back
     through the copies into the prompt's one pass, with or without gradient checkpointing.
@@ -451,7 +548,7 @@ def shared_prompt_logprobs(model, prompt: dict, features: dict, completion_ids, 
     Rows builds them. Equal to completion_logprobs up to float rounding, gradients included (tested)."""
     base = unwrap(model)
     n_prompt, n_completion = prompt["input_ids"].shape[1], completion_ids.shape[1]
-    with _cache_under_checkpointing(base.model.language_model):
+    with _cache_under_checkpointing(base.model.language_model), autocast(model):
         prompt_kv = Cache(layer_class_to_replicate=_PromptKV)
         out = base.model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
                          mm_token_type_ids=prompt["mm_token_type_ids"], image_grid_thw=prompt["image_grid_thw"],
@@ -460,37 +557,37 @@ def shared_prompt_logprobs(model, prompt: dict, features: dict, completion_ids, 
         if len(prompt_kv.layers) != len(base.model.language_model.layers):
             raise RuntimeError("transformers dropped the prompt's KV cache under gradient checkpointing: this needs "
                                "the transformers version pinned in requirements.txt")
-        first = out.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)  # (N, 1, H): predicts c_0
-        prefix = Cache(layers=[_PrefixKV(layer.keys.repeat_interleave(group_size, 0),
-                                         layer.values.repeat_interleave(group_size, 0)) for layer in prompt_kv.layers])
-        attention_mask = torch.cat([prompt["attention_mask"].repeat_interleave(group_size, 0), completion_mask], 1)
-        rest = base.model.language_model(
-            inputs_embeds=base.model.get_input_embeddings()(completion_ids[:, :-1]),
-            attention_mask=attention_mask[:, :-1], past_key_values=prefix,
-            position_ids=position_ids[:, :, n_prompt:n_prompt + n_completion - 1])
-    hidden = torch.cat([first, rest.last_hidden_state], 1)  # (N, T, H)
-    return token_logprobs(base.lm_head, hidden, completion_ids, chunk_size)
+        hidden = out.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)  # (N, 1, H): predicts c_0
+        if n_completion > 1:  # else every completion is EOS alone: the prompt's last state is all we need
+            prefix = Cache(layers=[_PrefixKV(layer.keys.repeat_interleave(group_size, 0),
+                                             layer.values.repeat_interleave(group_size, 0))
+                                   for layer in prompt_kv.layers])
+            attention_mask = torch.cat([prompt["attention_mask"].repeat_interleave(group_size, 0), completion_mask], 1)
+            rest = base.model.language_model(
+                inputs_embeds=base.model.get_input_embeddings()(completion_ids[:, :-1]),
+                attention_mask=attention_mask[:, :-1], past_key_values=prefix,
+                position_ids=position_ids[:, :, n_prompt:n_prompt + n_completion - 1])
+            hidden = torch.cat([hidden, rest.last_hidden_state], 1)  # (N, T, H)
+        return token_logprobs(base.lm_head, hidden, completion_ids, chunk_size, temperature, suppressed)
 
 
 @torch.no_grad()
 def generate(model, processor, inputs: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              num_return_sequences: int = 1):
-    """-> completion_ids (N*num_return_sequences, T) padded with pad id after EOS, and their decoded texts."""
+    """-> completion_ids (N*num_return_sequences, T) padded with pad id after EOS, and their decoded texts.
+    temperature 0: greedy (eval), whatever the checkpoint's generation_config.json says."""
     tok = processor.tokenizer
-    sample = temperature > 0
-    out = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-        top_p=top_p if sample else None, top_k=None, num_return_sequences=num_return_sequences,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        suppress_tokens=special_token_ids(tok))
+    config = generation_config(tok, max_new_tokens, temperature, top_p, num_return_sequences=num_return_sequences)
+    with autocast(model):
+        out = model.generate(**inputs, generation_config=config)
     completion_ids = out[:, inputs["input_ids"].shape[1]:]
     texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
     return completion_ids, texts
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 for tokens up to and including the first EOS, 0 after it. (N, T) -> (N, T) long."""
-    is_eos = completion_ids == eos_id
+def completion_mask(completion_ids: torch.Tensor, eos_id: int | list[int]) -> torch.Tensor:
+    """1 for tokens up to and including the first EOS (any of the ids), 0 after it. (N, T) -> (N, T) long."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_id, device=completion_ids.device))
     first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.shape[1])
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
     return (positions[None, :] <= first_eos[:, None]).long()

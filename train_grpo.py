@@ -32,8 +32,9 @@ from eval import evaluate, load_sets
 from grpo import equal_reward_groups, group_advantages, grpo_loss
 from judges import judge_from_config
 from mcq import image_path, is_well_formed, parse_answer, prompt_messages
-from model import (completion_logprobs, completion_mask, count_params, encode_prompts, generate_groups, image_features,
-                   load_model, repeat_prompts, shared_prompt_logprobs, special_token_ids, unwrap)
+from model import (completion_logprobs, completion_mask, count_params, encode_prompts, generate_groups,
+                   generation_config, image_features, load_model, repeat_prompts, shared_prompt_logprobs,
+                   special_token_ids, stop_token_ids, unwrap)
 from rewards import score_completions
 from train_sft import DataOrder, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
 
@@ -84,33 +85,47 @@ def lora_merged(model, enabled: bool):
                 p.copy_(original)
 
 
+def merge_while_sampling(cfg, device) -> bool:
+    """merge_for_sampling=auto: on CPU only. The exact restore copies every adapted layer (~13 GB for
+    the unquantised 7B), which a GPU run would rather spend elsewhere; a 4-bit base cannot merge at all."""
+    merge = device.type == "cpu" if cfg.merge_for_sampling == "auto" else cfg.merge_for_sampling
+    return merge and cfg.quantization == "none"
+
+
+def sampling_config(cfg, tokenizer):
+    """What the sampler draws from: softmax(logits / temperature) without the special tokens, top_p
+    as configured; nothing from the checkpoint's generation_config.json (model.generation_config)."""
+    return generation_config(tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+
+
 @torch.no_grad()
 def sample_groups(model, processor, prompt, features, cfg):
     """B prompts -> B*G completions (ids, mask up to and including EOS, texts, truncated flags).
     `features`: the B images' vision outputs, computed once for the whole step."""
     tok = processor.tokenizer
     model.eval()  # no dropout while sampling, and generate keeps its KV cache under checkpointing
-    with lora_merged(model, cfg.merge_for_sampling and cfg.quantization == "none"):
-        out = generate_groups(model, prompt, features, cfg.group_size, do_sample=True, temperature=cfg.temperature,
-                              top_p=cfg.top_p, top_k=None, max_new_tokens=cfg.max_new_tokens,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                              suppress_tokens=special_token_ids(tok))
+    with lora_merged(model, merge_while_sampling(cfg, prompt["input_ids"].device)):
+        out = generate_groups(model, prompt, features, cfg.group_size, sampling_config(cfg, tok))
     model.train()
     ids = out[:, prompt["input_ids"].shape[1]:]  # (N, T)
-    mask = completion_mask(ids, tok.eos_token_id)  # (N, T)
+    stop_ids = stop_token_ids(tok)
+    truncated = ~torch.isin(ids, torch.tensor(stop_ids, device=ids.device)).any(1)  # (N,): no EOS in max_new_tokens
+    mask = completion_mask(ids, stop_ids)  # (N, T)
     ids = ids.masked_fill(mask == 0, tok.pad_token_id)
-    truncated = ~(ids == tok.eos_token_id).any(1)  # (N,): no EOS within max_new_tokens
     texts = tok.batch_decode(ids, skip_special_tokens=True)
     return ids, mask, texts, truncated
 
 
 class Rows:
     """The N = B*G sequences of a step, prompt + completion, with what every forward pass over them
-    shares: the vision features and the M-RoPE position ids, both computed once per step.
-    `part(i, n)` slices out a micro-batch of rows; `prompt_part`/`features_part` its distinct prompts."""
+    shares: the vision features and the M-RoPE position ids, both computed once per step, and the
+    distribution the completions were sampled from (temperature, suppressed tokens), which every
+    log-prob pass scores. `part(i, n)` slices out a micro-batch of rows; `prompt_part`/`features_part`
+    its distinct prompts."""
 
-    def __init__(self, model, prompt, features, ids, mask, group_size):
+    def __init__(self, model, prompt, features, ids, mask, group_size, temperature=1.0, suppressed=None):
         self.group_size, self.unique_prompt, self.unique_features = group_size, prompt, features
+        self.sampling = dict(temperature=temperature, suppressed=suppressed)
         self.prompt = repeat_prompts(prompt, group_size)  # (N, P) rows aligned with the completions
         self.features = [f for f in features["image"].pooler_output for _ in range(group_size)]
         self.ids, self.mask = ids, mask
@@ -162,9 +177,10 @@ class Rows:
             part = self.part(start, size, first, width)
             logp = shared_prompt_logprobs(model, self.prompt_part(start, size, first), self.features_part(start, size),
                                           part["completion_ids"], part["completion_mask"], self.group_size,
-                                          part["position_ids"], chunk_size=chunk_size)
+                                          part["position_ids"], chunk_size=chunk_size, **self.sampling)
         else:
-            logp = completion_logprobs(model, **self.part(start, size, first, width), chunk_size=chunk_size)
+            logp = completion_logprobs(model, **self.part(start, size, first, width), chunk_size=chunk_size,
+                                       **self.sampling)
         return torch.nn.functional.pad(logp, (0, self.ids.shape[1] - width)) * self.mask[start:start + size]
 
 
@@ -262,7 +278,7 @@ def main(argv=None):
                 loss_mask = loss_mask * (~truncated)[:, None]
 
             # 3. old and reference log-probs (no grad) -----------------------------------------------
-            rows = Rows(model, prompt, features, ids, mask, G)
+            rows = Rows(model, prompt, features, ids, mask, G, cfg.temperature, special_token_ids(tok))
             ref_logp = None
             if cfg.kl_coef != 0:
                 with reference_context(model, cfg.reference):
@@ -273,34 +289,36 @@ def main(argv=None):
             t_scored = time.perf_counter()
 
             # 4. μ policy updates ----------------------------------------------------------------
-            n_tokens = loss_mask.sum().clamp(min=1)
+            # grpo_loss divides by the step's sequences and tokens, not the micro-batch's: micro-batches
+            # of any sizes then add up to the loss of one pass over the whole step
+            n_rows, n_tokens = ids.shape[0], loss_mask.sum().clamp(min=1)
             loss_total, kl_sum, clip_sum, finite = 0.0, 0.0, 0.0, bool(torch.isfinite(rewards).all())
-            n_micro = (ids.shape[0] + micro_batch - 1) // micro_batch
             for _ in range(cfg.num_iterations):
-                for i in range(0, ids.shape[0], micro_batch):
+                for i in range(0, n_rows, micro_batch):
+                    if not finite:
+                        break
                     sl = slice(i, i + micro_batch)
                     logp = rows.logprobs(model, i, micro_batch, cfg.logprob_chunk,  # (micro_batch, T)
                                          share_prompt=share_in_policy_pass)
                     loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[sl],
                                             None if ref_logp is None else ref_logp[sl], advantages[sl], loss_mask[sl],
                                             cfg.clip_eps, cfg.clip_eps_high, cfg.kl_coef, cfg.loss_type,
-                                            cfg.max_new_tokens, n_tokens)
-                    # dapo already divides by the step's tokens; the others average their micro-batches
-                    loss = loss if cfg.loss_type == "dapo" else loss / n_micro
-                    finite = finite and bool(torch.isfinite(loss))
+                                            cfg.max_new_tokens, n_rows, n_tokens)
+                    finite = bool(torch.isfinite(loss))
                     if finite:
                         loss.backward()
-                    loss_total += loss.item()
-                    kl_sum += stats["kl"] / n_micro
-                    clip_sum += stats["clip_frac"] / n_micro
-                if not finite:
-                    break
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                           cfg.grad_clip)
-                finite = finite and bool(torch.isfinite(grad_norm))
+                        share = float(loss_mask[sl].sum() / n_tokens)  # of the step's tokens: weighs its stats
+                        loss_total, kl_sum = loss_total + loss.item(), kl_sum + stats["kl"] * share
+                        clip_sum += stats["clip_frac"] * share
+                if finite:
+                    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                               cfg.grad_clip)
+                    finite = bool(torch.isfinite(grad_norm))
                 if finite:
                     optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)  # also when skipped: no gradient may carry into the next step
+                if not finite:
+                    break
             scheduler.step()
             step += 1
             if not finite:

@@ -21,7 +21,8 @@ from tqdm import tqdm
 import checkpoint as ckpt
 from config import SFTConfig, parse_args, save_config
 from mcq import Record, image_path, load_split, prompt_messages, target_text
-from model import completion_logprobs, count_params, encode_completions, encode_prompts, load_model, unwrap
+from model import (completion_logprobs, count_params, encode_completions, encode_prompts, image_features, load_model,
+                   unwrap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,9 +140,12 @@ def open_tensorboard(cfg):
 
 # ----------------------------------------------------------------------------------------------
 
-def sft_loss(model, prompt, completion_ids, completion_mask):
-    """Mean negative log-likelihood over the assistant's tokens of the micro-batch."""
-    logp = completion_logprobs(model, prompt, completion_ids, completion_mask)  # (B, T)
+def sft_loss(model, prompt, completion_ids, completion_mask, train_vision: bool = False):
+    """Mean negative log-likelihood over the assistant's tokens of the micro-batch. A frozen vision
+    tower runs without grad: with gradient checkpointing, the hook that makes the inputs require
+    grad (for the adapters) would otherwise carry the backward pass through every vision block."""
+    features = None if train_vision else image_features(model, prompt)
+    logp = completion_logprobs(model, prompt, completion_ids, completion_mask, features)  # (B, T)
     return -(logp * completion_mask).sum() / completion_mask.sum()
 
 
@@ -196,7 +200,7 @@ def main(argv=None):
             for _ in range(cfg.grad_accum):
                 batch = [train[i] for i in order.next(cfg.batch_size)]
                 prompt, ids, mask = batch_tensors(batch, cfg.data, processor, device)
-                loss = sft_loss(model, prompt, ids, mask)
+                loss = sft_loss(model, prompt, ids, mask, cfg.train_vision)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 n_tokens += int(prompt["attention_mask"].sum() + mask.sum())

@@ -1,4 +1,4 @@
-"""What the benchmarks share: demo data, the bench copy of a model, and TRL's view of our data.
+"""What the benchmarks share: demo data, fixed-length sampling, and TRL's view of our data.
 
 TRL is imported inside the functions that need it: `bench/gpu_grpo.py` uses this file without TRL
 (it is only in requirements-bench.txt).
@@ -16,7 +16,6 @@ Fairness rules every comparison here follows:
 
 import contextlib
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ if ROOT not in sys.path:
 
 from config import ModelConfig  # noqa: E402
 from mcq import Record, format_prompt_text, image_path, load_split, target_text  # noqa: E402
-from model import LORA_TARGET, load_model, resolve_model_path, special_token_ids  # noqa: E402
+from model import LORA_TARGET, load_model, special_token_ids  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,23 +40,16 @@ def prepare_demo_data(out_dir: str, sft_size: int = 64, rl_size: int = 32) -> st
     return out_dir
 
 
-def bench_model_dir(name: str, out_dir: str, min_new_tokens: int | None = None) -> str:
-    """A copy of model `name` (e.g. `tiny`) whose generation_config.json sets `min_new_tokens`.
-
-    Our loop calls `generate` without min_new_tokens, so transformers takes it from the model's
-    generation config: with min_new_tokens = max_new_tokens, EOS cannot be sampled and every
-    completion is exactly max_new_tokens long. TRL gets the same setting through
-    `GRPOConfig.generation_kwargs`. Both loops then do the same amount of work per step."""
-    from transformers import GenerationConfig
-
-    src = resolve_model_path(name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    shutil.copytree(src, out_dir)
-    if min_new_tokens is not None:
-        generation = GenerationConfig.from_pretrained(out_dir)
-        generation.min_new_tokens = min_new_tokens
-        generation.save_pretrained(out_dir)
-    return out_dir
+def full_length(sampling_config, new_tokens: int):
+    """train_grpo.sampling_config with EOS unsampleable for the first `new_tokens` (min_new_tokens): every
+    completion is exactly new_tokens long, so both loops of a comparison do the same work per step (TRL
+    gets the same setting through `GRPOConfig.generation_kwargs`). For benchmarks only: it changes
+    the distribution sampled from, which the log-prob passes do not know."""
+    def wrapper(*args, **kwargs):
+        config = sampling_config(*args, **kwargs)
+        config.min_new_tokens = new_tokens
+        return config
+    return wrapper
 
 
 def load_plain_model(model_dir: str, **model_keys):
@@ -154,7 +146,7 @@ def make_trl_grpo_trainer(model, processor, dataset, output_dir: str, *, num_pro
         output_dir=output_dir, seed=seed, max_steps=max_steps,
         per_device_train_batch_size=micro, gradient_accumulation_steps=completions_per_step // micro,
         num_generations=group_size, max_completion_length=max_new_tokens, temperature=1.0, top_p=1.0,
-        # min_new_tokens: EOS cannot be sampled, as in our bench model's generation config; suppress the
+        # min_new_tokens: EOS cannot be sampled, as in our loop under full_length; suppress the
         # same special tokens our loop suppresses (TRL alone would suppress only <|image_pad|>)
         generation_kwargs={"min_new_tokens": max_new_tokens, "suppress_tokens": special_token_ids(processor.tokenizer)},
         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, optim=optim, weight_decay=0.0,

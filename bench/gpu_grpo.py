@@ -5,6 +5,7 @@
     python bench/gpu_grpo.py --arch 7b --runs trl --json runs/bench/7b-trl.json   # one part per call
     python bench/gpu_grpo.py --table runs/bench/*.json     # the README table from saved results
     python bench/gpu_grpo.py --arch tiny --steps 2         # the same code on CPU in seconds (tests/test_bench.py)
+    python bench/gpu_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --runs ours sft   # the real checkpoint, by hub id
 
 The model has the real architecture (layer sizes from the public configs, in ARCHS below) and random
 weights: nothing is downloaded. It is built once in bf16 on the GPU (7B: 16.6 GB), saved in 2 GB
@@ -17,8 +18,8 @@ decode to nothing, which only the (here meaningless) rewards see.
 
 The work of one step follows configs/grpo.yaml: 2 prompts x G=4, each prompt one 448-px image
 (256 image tokens) and a question padded to ~1,024 prompt tokens in all, 1,024 new tokens per
-completion with EOS unsampleable (the model's generation config sets min_new_tokens, so every
-completion is full length), LoRA r=64 on the language model, 4-bit base, gradient checkpointing,
+completion with EOS unsampleable (common.full_length sets min_new_tokens, so every completion is
+full length), LoRA r=64 on the language model, 4-bit base, gradient checkpointing,
 micro-batches of 4, paged 8-bit AdamW, reference = the base with the adapter disabled (β = 0.04).
 
 Ours is train_grpo.main itself, on a synthetic JSONL; phases are timed by wrapping two of its helpers
@@ -55,7 +56,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ROOT, cuda_sync, load_plain_model, make_trl_grpo_trainer, median, patched,  # noqa: E402
+from common import (ROOT, cuda_sync, full_length, load_plain_model, make_trl_grpo_trainer, median, patched,  # noqa: E402
                     print_table, read_metrics, timed, train_trl_timed, trl_grpo_dataset)
 
 from model import build_tiny_tokenizer, cache_dir, load_processor, qwen25vl_config  # noqa: E402
@@ -81,10 +82,10 @@ def arch_config(arch: str, tokenizer):
     return qwen25vl_config(tokenizer, **ARCHS[arch], max_positions=128000, norm_eps=1e-6, tokens_per_second=2)
 
 
-def random_model_dir(arch: str, workdir: str, new_tokens: int) -> str:
-    """Build the random-weight model once (bf16, on the GPU if there is one: no 16 GB of CPU init),
-    save it in shards; at every call set min_new_tokens = new_tokens in its generation config."""
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+def random_model_dir(arch: str, workdir: str) -> str:
+    """Build the random-weight model once (bf16, on the GPU if there is one: no 16 GB of CPU init) and
+    save it in shards."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     path = os.path.join(workdir, f"random-qwen2.5-vl-{arch}")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -102,9 +103,6 @@ def random_model_dir(arch: str, workdir: str, new_tokens: int) -> str:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    generation = GenerationConfig.from_pretrained(path)
-    generation.min_new_tokens = new_tokens  # EOS cannot be sampled: every completion is new_tokens long
-    generation.save_pretrained(path)
     return path
 
 
@@ -174,7 +172,8 @@ def run_ours(model_dir, data, prompt_tokens, new_tokens, steps, out_dir) -> dict
     peak_reset()
     with patched(train_grpo, "sample_groups", lambda fn: timed(fn, generate_s, cuda_sync)), \
             patched(train_grpo, "logprobs_no_grad", lambda fn: timed(fn, logprob_s, cuda_sync)), \
-            patched(train_grpo, "load_model", lambda fn: after_load(fn, loaded)):
+            patched(train_grpo, "load_model", lambda fn: after_load(fn, loaded)), \
+            patched(train_grpo, "sampling_config", lambda fn: full_length(fn, new_tokens)):
         train_grpo.main([
             os.path.join(ROOT, "configs/grpo.yaml"), f"model={model_dir}", f"output_dir={out_dir}", f"data={data}",
             "init_adapter=null", "reference=base", f"kl_coef={BETA}", f"num_prompts={NUM_PROMPTS}",
@@ -285,6 +284,8 @@ def print_readme_table(paths: list[str]):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=list(ARCHS), default="7b")
+    p.add_argument("--model", default=None, help="a real checkpoint (hub id or local directory) instead of random "
+                   "weights of --arch, which then only sets the work's default sizes")
     p.add_argument("--runs", nargs="+", choices=["ours", "trl", "sft"], default=["ours"],
                    help="ours: our GRPO loop; trl: TRL's GRPOTrainer (requirements-bench.txt); sft: one SFT step")
     p.add_argument("--steps", type=int, default=None, help="GRPO steps per run (default: 3; tiny 2)")
@@ -304,8 +305,8 @@ def main(argv=None):
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # see bench/sft_vs_trl.py: one thread is faster and steadier on a busy CPU
 
-    model_dir = random_model_dir(args.arch, args.workdir, new_tokens)
-    result = {"date": time.strftime("%Y-%m-%d"), "arch": args.arch, "steps": steps,
+    model_dir = args.model or random_model_dir(args.arch, args.workdir)
+    result = {"date": time.strftime("%Y-%m-%d"), "arch": args.model or args.arch, "steps": steps,
               "warmup": args.warmup if steps > args.warmup else 0, "image_px": image_px, "new_tokens": new_tokens,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (1 thread)",
               "command": "python bench/gpu_grpo.py " + " ".join(sys.argv[1:] if argv is None else argv), "runs": {}}

@@ -5,7 +5,7 @@
     python bench/grpo_vs_trl.py --runs 3                 # repeat the whole comparison; median ratio
 
 One step, on both sides: 4 demo prompts (one 56-px image each, 4 image tokens) x G=4 completions of
-exactly 32 new tokens (EOS cannot be sampled: see common.bench_model_dir; temperature 1, the same
+exactly 32 new tokens (EOS cannot be sampled: see common.full_length; temperature 1, the same
 special tokens suppressed), format + accuracy rewards (ours, wrapped for TRL), group-normalised
 advantages, reference log-probs with the LoRA adapter disabled (β = 0.04), the "grpo" loss (mean
 over sequences of per-sequence token means), μ = 1 (no old-policy pass), one micro-batch of 16, one
@@ -35,8 +35,10 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ROOT, bench_model_dir, load_plain_model, make_trl_grpo_trainer, median, patched,  # noqa: E402
+from common import (ROOT, full_length, load_plain_model, make_trl_grpo_trainer, median, patched,  # noqa: E402
                     prepare_demo_data, print_table, read_metrics, timed, train_trl_timed, trl_grpo_dataset)
+
+from model import resolve_model_path  # noqa: E402
 
 NUM_PROMPTS, GROUP_SIZE, MAX_NEW_TOKENS = 4, 4, 32
 LR, BETA, LOSS_TYPE = 1e-5, 0.04, "grpo"
@@ -47,7 +49,8 @@ def run_ours(model_dir: str, data: str, steps: int, out_dir: str) -> list[dict]:
     import train_grpo
 
     generate_s = []
-    with patched(train_grpo, "sample_groups", lambda fn: timed(fn, generate_s)):
+    with patched(train_grpo, "sample_groups", lambda fn: timed(fn, generate_s)), \
+            patched(train_grpo, "sampling_config", lambda fn: full_length(fn, MAX_NEW_TOKENS)):
         train_grpo.main([
             os.path.join(ROOT, "configs/demo_grpo.yaml"), f"model={model_dir}", f"output_dir={out_dir}",
             f"data={data}", "eval_data=null", "init_adapter=null", "reference=base", f"kl_coef={BETA}", f"num_prompts={NUM_PROMPTS}",
@@ -79,7 +82,7 @@ def run_trl(model_dir: str, data: str, steps: int, out_dir: str) -> list[dict]:
 
 
 def compare(model_name: str, steps: int, warmup: int, data: str, tmp: str, trl_first: bool) -> float:
-    model_dir = bench_model_dir(model_name, os.path.join(tmp, "model"), min_new_tokens=MAX_NEW_TOKENS)
+    model_dir = resolve_model_path(model_name)
     runs = {}
     for side in (["trl", "ours"] if trl_first else ["ours", "trl"]):
         out = os.path.join(tmp, side)

@@ -67,3 +67,14 @@ def test_bench_architectures_have_the_real_parameter_counts(arch, parameters):
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(arch_config(arch, build_tiny_tokenizer()))
     assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+def test_gpu_grpo_loads_a_checkpoint_by_hub_id(hub_model, tmp_path):
+    """`--model Qwen/Qwen2.5-VL-7B-Instruct` on a GPU is this, by the tiny real-shaped checkpoint's id
+    (offline hub cache, the real generation_config.json): loaded, run, every completion full length."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_grpo.py"), "--model", hub_model,
+                             "--arch", "tiny", "--steps", "2", "--runs", "ours", "--workdir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert figure(result.stdout, "completion tokens (mean)") == 16
+    assert hub_model in result.stdout

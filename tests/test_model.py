@@ -117,19 +117,17 @@ def test_unsloth_backend_without_gpu_is_one_clear_error():
 
 
 def test_group_generation_with_shared_prefill_matches_plain_generate():
-    from model import generate_groups, image_features, special_token_ids
+    from model import generate_groups, generation_config, image_features
 
     model, processor = load_model(ModelConfig(), trainable=False)
     model.eval()
     records = [RECORD, Record("s", "a.png", "Dominant stain?", ["a", "b"], "A")]
     inputs = encode_prompts(processor, [prompt_messages(r) for r in records], [image(56, 56), image(84, 56, 1)], "cpu")
-    tok = processor.tokenizer
-    kwargs = dict(do_sample=True, temperature=1.0, top_k=None, max_new_tokens=10, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, suppress_tokens=special_token_ids(tok))
+    config = generation_config(processor.tokenizer, max_new_tokens=10, temperature=1.0)
     torch.manual_seed(0)
-    plain = model.generate(**inputs, num_return_sequences=3, **kwargs)
+    plain = model.generate(**inputs, generation_config=config, num_return_sequences=3)
     torch.manual_seed(0)
-    shared = generate_groups(model, inputs, image_features(model, inputs), 3, **kwargs)
+    shared = generate_groups(model, inputs, image_features(model, inputs), 3, config)
     assert torch.equal(plain, shared)
 
 

@@ -184,3 +184,24 @@ def test_merge_export_gives_the_adapter_model(demo_data, tmp_path):
                             "cpu")
     with torch.no_grad():
         assert torch.allclose(with_adapter.eval()(**inputs).logits, merged.eval()(**inputs).logits, atol=1e-4)
+
+
+def test_frozen_vision_tower_takes_no_part_in_backward(demo_data, tmp_path, monkeypatch):
+    """QLoRA SFT with gradient checkpointing, as configs/sft.yaml runs it: the hook that makes the
+    inputs require grad (so the adapters get one) must not carry the backward pass into the vision
+    tower. No vision block may produce an output that requires grad."""
+    from model import unwrap
+
+    outputs_need_grad = []
+
+    def load_and_watch(*args, **kwargs):
+        model, processor = load(*args, **kwargs)
+        for block in unwrap(model).model.visual.blocks:
+            block.register_forward_hook(lambda module, args, out: outputs_need_grad.append(out.requires_grad))
+        return model, processor
+
+    load = train_sft.load_model
+    monkeypatch.setattr(train_sft, "load_model", load_and_watch)
+    run(demo_data, str(tmp_path / "q"), "max_steps=2", "finetune=lora", "gradient_checkpointing=true",
+        "eval_every=100")
+    assert outputs_need_grad and not any(outputs_need_grad)

@@ -294,3 +294,115 @@ def test_lora_merged_sampling_restores_weights_exactly(sft_dir):
         merged = {n: p.detach().clone() for n, p in model.named_parameters() if ".base_layer." in n}
     assert any(not torch.equal(merged[n], before[n]) for n in merged)  # the update was folded in
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # and taken out, bit for bit
+
+
+# ----------------------------------------------------------------------------------------------
+# The real path's loop bugs (issue 12): each test fails on the loop as it was before
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "bnpo", "dapo"])
+def test_unequal_micro_batches_give_the_one_pass_step(demo_data, sft_dir, tmp_path, length_reward, loss_type):
+    """12 completions as micro-batches of 8 + 4 or as one pass of 12: the same samples (the sampler does
+    not see micro_batch_size), so the same loss and the same updated adapter. Averaging the two
+    micro-batches' losses instead would weigh a row of the small one 1/8, not 1/12. (The policy starts
+    as the SFT adapter and the reference is the base, so the KL term makes the step-1 loss non-zero.)"""
+    common = [f"init_adapter={sft_dir}", "reference=base", "kl_coef=0.5", "num_prompts=3", "group_size=4",
+              "temperature=2.0", "rewards={length: 1.0}", "max_steps=1", f"loss_type={loss_type}",
+              "lr_schedule=constant"]
+    split, whole = str(tmp_path / "split"), str(tmp_path / "whole")
+    rows_split = grpo(demo_data, split, *common, "micro_batch_size=8")
+    rows_whole = grpo(demo_data, whole, *common, "micro_batch_size=12")
+    assert rows_split[0]["loss"] == pytest.approx(rows_whole[0]["loss"], abs=1e-6) and rows_whole[0]["loss"] != 0
+    assert rows_split[0]["kl"] == pytest.approx(rows_whole[0]["kl"], abs=1e-7)
+    a, b = adapter_weights(split), adapter_weights(whole)
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_group_of_eos_only_completions_is_scored(demo_data, checkpointing):
+    """Every completion of a micro-batch is EOS alone (width 1): the shared-prompt pass equals the full
+    pass, without and with gradients."""
+    from config import GRPOConfig
+    from model import load_model
+
+    model, processor = load_model(GRPOConfig(model="tiny", reference="base", gradient_checkpointing=checkpointing))
+    model.train()
+    rows = tiny_rows(demo_data, model, processor, ["", ""])  # encode_completions appends EOS: [EOS], [EOS]
+    assert rows.ids.shape[1] == 1
+    with torch.no_grad():
+        full = train_grpo.completion_logprobs(model, **rows.part(0, 2))
+        assert torch.allclose(rows.logprobs(model, 0, 2, 1024, share_prompt=True), full, atol=1e-5)
+    logp = rows.logprobs(model, 0, 2, 1024, share_prompt=True)
+    logp.sum().backward()
+    assert torch.allclose(logp.detach(), full, atol=1e-5)
+
+
+def test_a_non_finite_micro_batch_leaves_no_gradient_behind(demo_data, tmp_path, length_reward, monkeypatch):
+    """The second of two micro-batches turns NaN after the first has run backward(): the step is
+    skipped, and its first half's gradient must not wait in .grad to be added to the next update."""
+    from model import unwrap
+
+    seen = {}
+
+    def nan_on_second_policy_pass(module, args, output):
+        if torch.is_grad_enabled():  # the policy pass (sampling and reference run without grad)
+            seen["calls"] = seen.get("calls", 0) + 1
+            if seen["calls"] == 2:
+                output.last_hidden_state = output.last_hidden_state * float("nan")
+        return output
+
+    def load_with_fault(*args, **kwargs):
+        model, processor = train_grpo_load(*args, **kwargs)
+        seen["model"] = model
+        unwrap(model).model.register_forward_hook(nan_on_second_policy_pass)
+        return model, processor
+
+    train_grpo_load = train_grpo.load_model
+    monkeypatch.setattr(train_grpo, "load_model", load_with_fault)
+    rows = grpo(demo_data, str(tmp_path / "g"), "init_adapter=null", "reference=base", "rewards={length: 1.0}",
+                "temperature=2.0", "micro_batch_size=4", "max_steps=1")  # 2 prompts x G=4: two micro-batches
+    assert seen["calls"] == 2 and rows[0]["skipped_steps"] == 1
+    assert all(p.grad is None for p in seen["model"].parameters() if p.requires_grad)
+
+
+def test_kl_is_zero_at_the_first_step_after_sft_with_dropout(demo_data, tmp_path, length_reward):
+    """An SFT adapter trained with lora_dropout 0.5 is both the policy's start and the reference: GRPO
+    runs it without dropout in every pass, so at step 1 the KL is 0 (dropout noise alone made it > 0)."""
+    sft = str(tmp_path / "sft")
+    train_sft.main(["configs/demo_sft.yaml", "model=tiny", f"data={demo_data}/sft.jsonl", "eval_data=null",
+                    f"output_dir={sft}", "finetune=lora", "lora_dropout=0.5", "max_steps=2", "lr=1e-2",
+                    "warmup_steps=0", "batch_size=4"])
+    with open(os.path.join(sft, "adapter_config.json")) as f:
+        assert json.load(f)["lora_dropout"] == 0.5
+    rows = grpo(demo_data, str(tmp_path / "g"), f"init_adapter={sft}", "reference=sft", "rewards={length: 1.0}",
+                "temperature=2.0", "max_steps=1", "kl_coef=0.04")
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_grpo_refuses_what_would_make_its_numbers_meaningless():
+    from config import ConfigError, GRPOConfig, load_config
+
+    with pytest.raises(ConfigError, match="group_size must be at least 2"):
+        load_config(GRPOConfig, None, ["group_size=1", "reference=base"])
+    with pytest.raises(ConfigError, match="lora_dropout must be 0"):
+        load_config(GRPOConfig, None, ["lora_dropout=0.05", "reference=base"])
+
+
+def test_16_bit_models_run_their_lora_layers_under_autocast(demo_data, tmp_path, length_reward, monkeypatch):
+    """A bf16 base (as on a GPU) with fp32 LoRA weights: the adapters' matmuls must run in bf16, not
+    on fp32 copies of their inputs. Checked on the CPU's bf16 autocast through one real GRPO step."""
+    from model import unwrap
+
+    dtypes = set()
+
+    def load_and_watch(*args, **kwargs):
+        model, processor = train_grpo_load(*args, **kwargs)
+        lora_a = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_A.default"))
+        assert lora_a.weight.dtype == torch.float32 and unwrap(model).dtype == torch.bfloat16
+        lora_a.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+        return model, processor
+
+    train_grpo_load = train_grpo.load_model
+    monkeypatch.setattr(train_grpo, "load_model", load_and_watch)
+    rows = grpo(demo_data, str(tmp_path / "g"), "init_adapter=null", "reference=base", "rewards={length: 1.0}",
+                "dtype=bf16", "max_steps=1", "merge_for_sampling=false")
+    assert dtypes == {torch.bfloat16} and rows[0]["skipped_steps"] == 0
