@@ -1,19 +1,50 @@
-"""What the data/<name>/prepare.py scripts share: stopping with download instructions when an input is
-missing, placing images inside the prepared folder, mapping an answer text to its letter, and a report that
+"""What the data/<name>/prepare.py scripts share: stopping with a clear message when an input is missing or
+malformed, placing images inside the prepared folder, mapping an answer text to its letter, and a report that
 keeps items left out on purpose ("filtered") apart from broken ones ("skipped", by mcq.SplitWriter)."""
 
+import hashlib
+import json
 import os
 from collections import Counter
 
 from mcq import LETTERS, SplitWriter
 
 NOT_AN_OPTION = "answer not among the options"
+SEVERAL_OPTIONS = "answer matches several identical options"
 
 
 def require(path: str, what: str, how_to_get: str):
     """Stop before any work, naming the file and how to get it, rather than with a traceback."""
     if not os.path.exists(path):
         raise SystemExit(f"error: {what} not found: {path}\n\n{how_to_get}")
+
+
+def read_json(path: str, what: str):
+    """The parsed JSON file at `path`, or a stop naming the file and what it should be. `what` describes the
+    expected file, e.g. "PathMMU's data.json ({subset: {split: [item]}})"."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {path} is a folder, expected {what}")
+    with open(path, "rb") as f:
+        return parse_json(f.read(), path, what)
+
+
+def parse_json(data: bytes, path: str, what: str):
+    """`data`, the bytes of the file at `path`, parsed as JSON; a stop naming the file when they are not."""
+    try:
+        return json.loads(data)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not text at all (a zip passed by mistake)
+        raise SystemExit(f"error: {path} is not valid JSON ({e}); expected {what}") from None
+
+
+def shape_error(path: str, where: str, value, expected: str) -> SystemExit:
+    """The stop for a JSON file whose content has the wrong shape: which file, which key, what was found."""
+    return SystemExit(f"error: {path}: {where} is {type(value).__name__} {short(value)}, expected {expected}")
+
+
+def short(value, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, for quoting an offending value in a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def image_path_in(name: str) -> str:
@@ -31,20 +62,50 @@ def save_image(out_dir: str, image: str, data: bytes):
         f.write(data)
 
 
+def file_hash(path: str) -> str:
+    """sha256 of a file's bytes: two file names with the same hash are the same image."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def _squash(text: str) -> str:
     return " ".join(str(text).split()).casefold()
 
 
 def answer_letter(answer: str, options: list[str]) -> str | None:
     """The letter of the option whose text is `answer`, ignoring case and spacing. None when no option
-    matches, or several identical ones do: the record is then skipped as NOT_AN_OPTION."""
+    matches, or several identical ones do: the record is then skipped with answer_problem's reason."""
     hits = [i for i, option in enumerate(options) if _squash(option) == _squash(answer)]
     return LETTERS[hits[0]] if len(hits) == 1 else None
 
 
-def write_report(writer: SplitWriter, filtered: Counter, **extra) -> dict:
-    """Write the splits and report.json. `filtered` counts valid items this preparation leaves out on
-    purpose (another subset, an open question, a repeat); broken records are the writer's `skipped`."""
+def answer_problem(answer: str, options: list[str]) -> str:
+    """The skip reason when answer_letter finds no letter, quoting the answer and the options so that the
+    report shows what to fix. The reason's name (before the colon) is what report.json counts by."""
+    hits = sum(_squash(option) == _squash(answer) for option in options)
+    reason = SEVERAL_OPTIONS if hits > 1 else NOT_AN_OPTION
+    return f"{reason}: {short(answer)} (options {short(options, 200)})"
+
+
+def write_report(writer: SplitWriter, filtered: Counter, split_names: list[str], report_name: str = "report.json",
+                 **extra) -> dict:
+    """Write the splits and the report. `filtered` counts valid items this preparation leaves out on purpose
+    (another subset, an open question, a repeat); broken records are the writer's `skipped`.
+
+    `split_names` are every split this preparer can write into the folder: a file of one of them that this
+    run did not write (an empty split, a set not asked for this time) is left from an earlier run, and is
+    removed so that the folder holds only what the new report describes. SplitWriter always writes
+    report.json; a preparer whose splits keep a report each (PathVQA) names it with `report_name`."""
     if filtered:
         print(f"filtered {sum(filtered.values())} on purpose: {dict(filtered)}")
-    return writer.write({"filtered": sum(filtered.values()), "filtered_by_reason": dict(filtered), **extra})
+    stale = [f"{name}.jsonl" for name in split_names
+             if name not in writer.splits and os.path.isfile(os.path.join(writer.out_dir, f"{name}.jsonl"))]
+    report = writer.write({"filtered": sum(filtered.values()), "filtered_by_reason": dict(filtered),
+                           "removed_stale_splits": stale, **extra})
+    for name in stale:
+        os.remove(os.path.join(writer.out_dir, name))
+        print(f"removed {os.path.join(writer.out_dir, name)}, left by an earlier run")
+    if report_name != "report.json":
+        os.replace(os.path.join(writer.out_dir, "report.json"), os.path.join(writer.out_dir, report_name))
+        print(f"report: {os.path.join(writer.out_dir, report_name)}")
+    return report

@@ -1,16 +1,19 @@
 """The three dataset preparers on small fixtures written in the real formats (see each script's docstring):
-PathMMU's data.json + images.zip, OmniMedVQA's QA_information/Open-access/*.json + Images/, PathVQA's
-parquet shards. Each fixture holds one broken record of every kind; the tests check exact counts, the
-report's skipped ids and reasons, and that the output loads with mcq.load_split and datasets."""
+PathMMU's data.json + images.zip, OmniMedVQA's QA_information/Open-access/*.json + Images/ (or the zip),
+PathVQA's parquet shards. Each fixture holds one broken record of every kind; the tests check exact counts,
+the report's skipped ids and reasons, and that the output loads with mcq.load_split and datasets. Then: no
+image in two splits (PathMMU's deal, the demo's patches), and bad inputs run as real commands, each
+stopping with a message that names the file."""
 
 import hashlib
 import io
 import json
 import os
-import shutil
+import random
 import subprocess
 import sys
 import zipfile
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -69,11 +72,18 @@ def mmu_item(no, uid, img, n_options=4, answer=None, question=None) -> dict:
             "options": options, "answer": answer or options[uid % n_options], "explanation": f"Item {uid}."}
 
 
+TWIN = hashed_name("a copy of image 3")  # a second file name for image 3's bytes
+
+
 @pytest.fixture(scope="module")
 def mmu_files(tmp_path_factory):
+    return build_mmu_files(tmp_path_factory.mktemp("pathmmu"))
+
+
+def build_mmu_files(root) -> dict:
     """40 valid PubMed/EduContent items, 2 test_tiny repeats of test items, 6 broken items, and 7 items of
-    the subsets the paper leaves out. Two questions share each image, as in PathMMU."""
-    root = tmp_path_factory.mktemp("pathmmu")
+    the subsets the paper leaves out. Two questions share each image, as in PathMMU (image 2 has three), and
+    one question shows image 3 under a second file name, TWIN, with identical bytes: 21 images by content."""
     zip_images, expected, uid = {}, {}, 0
 
     def expect(item, uid):  # the letter and plain option texts the record must end up with
@@ -102,6 +112,8 @@ def mmu_files(tmp_path_factory):
     edu = {"val": [valid(no) for no in range(1, 5)], "test": [valid(no) for no in range(1, 13)],
            "test_tiny": [valid(no) for no in range(1, 3)]}
     edu["test"][0]["img"] = "./images/" + edu["test"][0]["img"]  # the form some copies of data.json use
+    edu["val"][0]["img"] = TWIN  # its own image keeps the other question about it
+    zip_images[TWIN] = zip_images[hashed_name("image 3")]
     data = {
         "PubMed": {"val": [valid(no) for no in range(1, 6)], "test": pubmed_test,
                    "test_tiny": repeats + [valid(no) for no in (201, 202)]},
@@ -138,15 +150,20 @@ def test_split_sizes_follow_the_paper_and_scale_down_proportionally():
 def test_pathmmu_counts_and_report(mmu_files, tmp_path):
     report = run_pathmmu(mmu_files, tmp_path / "out")
     # 46 pooled items: 46 * 3000 / 5385 = 25.6 -> 26 sft, 46 * 1000 / 5385 = 8.5 -> 9 rl; the 6 broken
-    # take no slot, so test holds the other 40 - 35 = 5.
+    # take no slot. Whole images are dealt: with seed 0 the last image that fits rl leaves it one short,
+    # so test holds the other 40 - 34 = 6.
     assert report["planned_sizes"] == {"sft": 26, "rl": 9, "test": 11}
-    assert report["counts"] == {"sft": 26, "rl": 9, "test": 5}
+    assert report["counts"] == {"sft": 26, "rl": 8, "test": 6}
+    assert (report["split_by"], report["images"], report["images_merged_by_content"]) == ("image", 21, 1)
+    assert report["images_in_several_splits"] == 0
     assert skipped_reasons(report) == {
         "pathmmu-PubMed-test-16": "image missing", "pathmmu-PubMed-test-17": "image unreadable",
         "pathmmu-PubMed-test-18": "answer not among the options",
         "pathmmu-PubMed-test-19": "fewer than two options", "pathmmu-PubMed-test-20": "empty question",
         "pathmmu-PubMed-test-1": "duplicate id"}
     assert report["skipped"] == 6
+    not_an_option = [r["reason"] for r in report["skipped_records"] if r["id"] == "pathmmu-PubMed-test-18"]
+    assert "'a finding no option names'" in not_an_option[0]  # the offending answer, quoted
     assert report["filtered_by_reason"] == {
         "repeat of an earlier item (same image and question)": 2, "subset SocialPath not used": 3,
         "subset Atlas not used": 2, "subset PathCLS not used": 2}
@@ -192,6 +209,61 @@ def test_pathmmu_size_flags(mmu_files, tmp_path):
     assert report["counts"] == {"sft": 10, "rl": 5, "test": 25}
 
 
+def prepared_splits(out) -> dict:
+    """split -> its records, for sft, rl and test."""
+    return {split: load_split(os.path.join(out, f"{split}.jsonl")) for split in ("sft", "rl", "test")}
+
+
+def image_hashes(out) -> dict:
+    """split -> the content hashes of its records' images."""
+    return {split: {hashlib.sha256((out / r.image).read_bytes()).hexdigest() for r in records}
+            for split, records in prepared_splits(out).items()}
+
+
+@pytest.mark.parametrize("seed", ["0", "1", "2"])
+def test_pathmmu_deals_whole_images(mmu_files, tmp_path, seed):
+    """No image, by content, in two splits: not the three questions of image 3 (two under TWIN's name,
+    identical bytes), not image 2's three. The old deal does put images in two splits on this fixture."""
+    report = run_pathmmu(mmu_files, tmp_path / "out", "--seed", seed)
+    hashes = image_hashes(tmp_path / "out")
+    assert not hashes["sft"] & hashes["rl"] and not hashes["sft"] & hashes["test"] and not hashes["rl"] & hashes["test"]
+    assert report["images_merged_by_content"] == 1 and report["images_in_several_splits"] == 0
+    records = {r.question: split for split, rs in prepared_splits(tmp_path / "out").items() for r in rs}
+    image_3 = [records[f"What does the image of item {uid} show?"] for uid in (6, 7, 16)]  # 16 shows TWIN
+    assert len(set(image_3)) == 1
+    # sft and rl within a question or two of their planned sizes; test the rest
+    assert all(0 <= report["planned_sizes"][s] - report["counts"][s] <= 2 for s in ("sft", "rl"))
+    assert sum(report["counts"].values()) == 40
+
+    old = run_pathmmu(mmu_files, tmp_path / "old", "--seed", seed, "--split-by", "question")
+    assert old["images_in_several_splits"] > 0
+
+
+@pytest.mark.parametrize("seed, sizes", [("0", []), ("3", ["--sft-size", "10", "--rl-size", "5"])])
+def test_pathmmu_split_by_question_is_the_old_deal(mmu_files, tmp_path, seed, sizes):
+    """--split-by question deals as before image-disjoint splits: the pooled items in the seed's order, the
+    broken ones (and the later of two with one id) left out, the first planned-sft to sft, the next
+    planned-rl to rl, the rest to test. Checked against the same rule written out here."""
+    report = run_pathmmu(mmu_files, tmp_path / "out", "--seed", seed, "--split-by", "question", *sizes)
+    with open(mmu_files["data_json"]) as f:
+        items = pathmmu.pooled_items(json.load(f), pathmmu.PAPER_SUBSETS, Counter())
+    random.Random(int(seed)).shuffle(items)
+    broken = {i for i, reason in skipped_reasons(report).items() if reason != "duplicate id"}
+    dealt = [i for i in dict.fromkeys(item["id"] for item in items) if i not in broken]
+    n_sft, n_rl = report["planned_sizes"]["sft"], report["planned_sizes"]["rl"]
+    assert split_ids(tmp_path / "out") == {"sft": dealt[:n_sft], "rl": dealt[n_sft:n_sft + n_rl],
+                                           "test": dealt[n_sft + n_rl:]}
+    assert report["split_by"] == "question"
+
+
+def test_pathmmu_rerun_removes_a_split_it_no_longer_writes(mmu_files, tmp_path):
+    run_pathmmu(mmu_files, tmp_path / "out")
+    # rl 0: 46 * 40 / 53.8 = 34 sft, the rest test, no rl.jsonl this time
+    report = run_pathmmu(mmu_files, tmp_path / "out", "--sft-size", "40", "--rl-size", "0")
+    assert report["removed_stale_splits"] == ["rl.jsonl"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["images", "report.json", "sft.jsonl", "test.jsonl"]
+
+
 # ----------------------------------------------------------------------------------------------
 # OmniMedVQA
 
@@ -204,7 +276,7 @@ def omni_item(dataset, qid, image_path, question, gt, options) -> dict:
 
 @pytest.fixture(scope="module")
 def omni_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("OmniMedVQA")
+    root = tmp_path_factory.mktemp("datasets") / "OmniMedVQA"  # as unzip makes it, in the folder above
     qa_dir = root / "QA_information" / "Open-access"
     qa_dir.mkdir(parents=True)
 
@@ -230,6 +302,7 @@ def omni_root(tmp_path_factory):
             omni_item("Chest CT Scan", "ct_6", "Images/Chest CT Scan/test/normal/absent.png", modality, "CT",
                       ["CT", "MR"]),
             omni_item("Chest CT Scan", "ct_7", ct_b, "", "CT", ["CT", "MR"]),
+            omni_item("Chest CT Scan", "ct_8", None, modality, "CT", ["CT", "MR"]),
         ],
         "ISIC2020": [
             omni_item("ISIC2020", f"isic_{n}", image(f"Images/ISIC2020/ISIC_{n}.jpg", image_bytes(10 + n)),
@@ -256,10 +329,12 @@ def omni_root(tmp_path_factory):
 def test_omnimedvqa_one_split_per_set(omni_root, tmp_path):
     report = omnimedvqa.main(["--root", omni_root, "--out", str(tmp_path / "out")])
     assert report["counts"] == {"chest_ct": 4, "isic2020": 3, "oct_c8": 2, "diabetic_retinopathy": 2}
+    assert "'X-ray'" in [r["reason"] for r in report["skipped_records"] if r["id"].endswith("ct_4")][0]
     assert skipped_reasons(report) == {
         "omnimedvqa-chest_ct-ct_4": "answer not among the options",
         "omnimedvqa-chest_ct-ct_5": "fewer than two options", "omnimedvqa-chest_ct-ct_6": "image missing",
-        "omnimedvqa-chest_ct-ct_7": "empty question", "omnimedvqa-isic2020-isic_3": "image unreadable",
+        "omnimedvqa-chest_ct-ct_7": "empty question", "omnimedvqa-chest_ct-ct_8": "no image named",
+        "omnimedvqa-isic2020-isic_3": "image unreadable",
         "omnimedvqa-isic2020-isic_0": "duplicate id"}
     records = load_everywhere(str(tmp_path / "out"), list(report["counts"]), tmp_path / "cache")
     chest = {r.id: r for r in records["chest_ct"]}
@@ -275,6 +350,36 @@ def test_omnimedvqa_sets_flag_takes_names_or_slugs(omni_root, tmp_path):
     report = omnimedvqa.main(["--root", omni_root, "--out", str(tmp_path / "out"), "--sets", "oct_c8", "ISIC2020"])
     assert report["counts"] == {"oct_c8": 2, "isic2020": 3}
     assert sorted(os.listdir(tmp_path / "out")) == ["images", "isic2020.jsonl", "oct_c8.jsonl", "report.json"]
+
+
+def test_omnimedvqa_rerun_with_fewer_sets_leaves_no_stale_split(omni_root, tmp_path):
+    omnimedvqa.main(["--root", omni_root, "--out", str(tmp_path / "out")])
+    report = omnimedvqa.main(["--root", omni_root, "--out", str(tmp_path / "out"), "--sets", "oct_c8"])
+    assert report["removed_stale_splits"] == ["chest_ct.jsonl", "isic2020.jsonl", "diabetic_retinopathy.jsonl"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["images", "oct_c8.jsonl", "report.json"]
+
+
+def zip_folder(folder, zip_path, prefix: str):
+    """The folder's files in a zip, under `prefix` (as OmniMedVQA.zip holds OmniMedVQA/...)."""
+    with zipfile.ZipFile(zip_path, "w") as z:
+        for directory, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(directory, name)
+                z.write(path, prefix + os.path.relpath(path, folder).replace(os.sep, "/"))
+    return str(zip_path)
+
+
+def test_omnimedvqa_reads_the_downloaded_zip_in_place(omni_root, tmp_path):
+    from_folder = omnimedvqa.main(["--root", omni_root, "--out", str(tmp_path / "from_folder")])
+    omni_zip = zip_folder(omni_root, tmp_path / "OmniMedVQA.zip", "OmniMedVQA/")
+    from_zip = omnimedvqa.main(["--root", omni_zip, "--out", str(tmp_path / "from_zip")])
+    assert from_zip["counts"] == from_folder["counts"]
+    assert from_zip["skipped_records"] == from_folder["skipped_records"]
+    for split in from_zip["counts"]:
+        assert (tmp_path / "from_zip" / f"{split}.jsonl").read_text() == \
+            (tmp_path / "from_folder" / f"{split}.jsonl").read_text()
+        for r in load_split(str(tmp_path / "from_zip" / f"{split}.jsonl")):
+            assert (tmp_path / "from_zip" / r.image).read_bytes() == (tmp_path / "from_folder" / r.image).read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,6 +436,21 @@ def test_pathvqa_keeps_yes_no_questions(pathvqa_dir, tmp_path):
         assert im.format == "PNG"
 
 
+def test_pathvqa_splits_in_one_folder_keep_a_report_each(pathvqa_dir, tmp_path):
+    out = tmp_path / "out"
+    test = pathvqa.main(["--parquet", pathvqa_dir, "--split", "test", "--out", str(out)])
+    train = pathvqa.main(["--parquet", pathvqa_dir, "--split", "train", "--out", str(out)])
+    assert sorted(os.listdir(out)) == ["images", "report-test.json", "report-train.json", "test.jsonl", "train.jsonl"]
+    assert json.loads((out / "report-test.json").read_text())["counts"] == test["counts"] == {"test": 5}
+    assert json.loads((out / "report-train.json").read_text())["counts"] == train["counts"] == {"train": 1}
+    # a re-run that keeps no row of the split removes its file from the earlier run
+    open_only = tmp_path / "train-00000-of-00001-0000.parquet"
+    write_parquet(open_only, [(image_bytes(1), "What is present?", "adenocarcinoma")])
+    again = pathvqa.main(["--parquet", str(open_only), "--split", "train", "--out", str(out)])
+    assert again["counts"] == {} and again["removed_stale_splits"] == ["train.jsonl"]
+    assert "train.jsonl" not in os.listdir(out) and "test.jsonl" in os.listdir(out)
+
+
 def test_pathvqa_reads_a_single_file(pathvqa_dir, tmp_path):
     report = pathvqa.main(["--parquet", os.path.join(pathvqa_dir, "test-00001-of-00002-9c1b.parquet"),
                            "--out", str(tmp_path / "out")])
@@ -360,6 +480,7 @@ def test_pathvqa_folder_without_the_split_is_a_clear_error(pathvqa_dir, tmp_path
     with pytest.raises(SystemExit) as stop:
         pathvqa.main(["--parquet", pathvqa_dir, "--split", "validation", "--out", str(tmp_path / "out")])
     assert "no validation-*.parquet" in str(stop.value.code)
+    assert "the splits there are: test, train" in str(stop.value.code)
 
 
 def test_missing_input_from_the_command_line_exits_without_traceback(tmp_path):
@@ -377,3 +498,106 @@ def test_image_paths_cannot_leave_the_prepared_folder():
     assert image_path_in("../../etc/x.png") == "images/etc/x.png"
     assert image_path_in("./images/a.jpg") == "images/images/a.jpg"
     assert image_path_in("Chest CT Scan/test/000139 (9).png") == "images/Chest CT Scan/test/000139 (9).png"
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo: its test patches come from held-out blocks; SFT and RL crop the same blocks, and a crop drawn
+# twice must not land in both
+
+def test_demo_take_patch_passes_over_a_patch_another_split_holds():
+    from data.demo.prepare import take_patch
+
+    a, b, c = (np.full((2, 2, 3), value, dtype=np.uint8) for value in (0, 1, 2))
+    pool, split_of = [a, b, a, c], {}
+    assert take_patch(pool, 0, "sft", split_of) == 0
+    assert take_patch(pool, 1, "rl", split_of) == 1
+    assert take_patch(pool, 2, "rl", split_of) == 3  # pool[2] is sft's patch again
+    assert take_patch(pool, 2, "sft", split_of) == 2  # a split may repeat its own patch
+    assert take_patch(pool, 4, "rl", split_of) is None
+
+
+def test_demo_default_splits_share_no_patch(tmp_path):
+    from data.demo.prepare import main
+
+    main(["--out", str(tmp_path)])
+    hashes = image_hashes(tmp_path)
+    assert not hashes["sft"] & hashes["rl"] and not hashes["sft"] & hashes["test"] and not hashes["rl"] & hashes["test"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["counts"] == {"sft": 1500, "rl": 900, "test": 300}
+    assert report["patches_in_another_split_passed_over"] == 5  # seed 0 draws 5 of SFT's crops again for RL
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs, run as a user runs them: a message naming the file and what was expected, no traceback
+
+def write_file(path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def omni_set_file(tmp_path, text: str) -> str:
+    """An OmniMedVQA folder whose Chest CT Scan set file holds `text`; returns the folder."""
+    write_file(tmp_path / "OmniMedVQA" / "QA_information" / "Open-access" / "Chest CT Scan.json", text)
+    return str(tmp_path / "OmniMedVQA")
+
+
+# Each case: (script, its arguments, the path the message must name, a phrase of the message). The
+# arguments may use {tmp}, {mmu_json}, {mmu_zip}, {omni}, {omni_parent}, {pathvqa}: this test's folder and the
+# fixtures above.
+BAD_INPUTS = {
+    "data.json not JSON": ("pathmmu", ["--data-json", "{tmp}/data.json", "--images", "{mmu_zip}"],
+                           "{tmp}/data.json", "is not valid JSON"),
+    "data.json a folder": ("pathmmu", ["--data-json", "{tmp}/folder", "--images", "{mmu_zip}"],
+                           "{tmp}/folder", "is a folder, expected PathMMU's data.json"),
+    "images.zip as data.json": ("pathmmu", ["--data-json", "{mmu_zip}", "--images", "{mmu_zip}"],
+                                "{mmu_zip}", "is not valid JSON"),
+    "data.json a list": ("pathmmu", ["--data-json", "{tmp}/list.json", "--images", "{mmu_zip}"],
+                         "{tmp}/list.json", "the top level is list"),
+    "data.json item not an object": ("pathmmu", ["--data-json", "{tmp}/item.json", "--images", "{mmu_zip}"],
+                                     "{tmp}/item.json", "PubMed/test[0] is str 'oops'"),
+    "images not a zip": ("pathmmu", ["--data-json", "{mmu_json}", "--images", "{tmp}/list.json"],
+                         "{tmp}/list.json", "neither a folder nor a readable zip archive"),
+    "images folder without the images": ("pathmmu", ["--data-json", "{mmu_json}", "--images", "{tmp}/folder"],
+                                         "{tmp}/folder", "none of the images named in"),
+    "subset not in data.json": ("pathmmu", ["--data-json", "{mmu_json}", "--images", "{mmu_zip}",
+                                            "--subsets", "Pubmed"], "{mmu_json}", "has no subset 'Pubmed'"),
+    "omni root one level too high": ("omnimedvqa", ["--root", "{omni_parent}"], "{omni}",
+                                     "its subfolder OmniMedVQA/ holds it (one level down)"),
+    "omni root QA_information/": ("omnimedvqa", ["--root", "{omni}/QA_information"], "{omni}",
+                                  "inside the OmniMedVQA folder"),
+    "omni root Open-access/": ("omnimedvqa", ["--root", "{omni}/QA_information/Open-access"], "{omni}",
+                               "inside the OmniMedVQA folder"),
+    "omni root a zip of something else": ("omnimedvqa", ["--root", "{mmu_zip}"], "{mmu_zip}",
+                                          "holds no QA_information/Open-access/ folder"),
+    "omni root a plain file": ("omnimedvqa", ["--root", "{tmp}/list.json"], "{tmp}/list.json",
+                               "neither a folder nor a readable zip archive"),
+    "omni set file not JSON": ("omnimedvqa", ["--root", "{tmp}/OmniMedVQA", "--sets", "chest_ct"],
+                               "{tmp}/OmniMedVQA/QA_information/Open-access/Chest CT Scan.json", "is not valid JSON"),
+    "pathvqa split absent": ("pathvqa", ["--parquet", "{pathvqa}", "--split", "validation"], "{pathvqa}",
+                             "the splits there are: test, train"),
+    "pathvqa folder without parquet": ("pathvqa", ["--parquet", "{tmp}/folder"], "{tmp}/folder",
+                                       "holds no .parquet file at all"),
+    "pathvqa file not parquet": ("pathvqa", ["--parquet", "{tmp}/list.json"], "{tmp}/list.json",
+                                 "is not a readable parquet file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_stops_with_a_message_naming_the_file(case, mmu_files, omni_root, pathvqa_dir, tmp_path):
+    write_file(tmp_path / "data.json", '{"PubMed": {"test": [')  # cut short
+    (tmp_path / "folder").mkdir()
+    write_file(tmp_path / "list.json", json.dumps([{"question": "Is this PathMMU?"}]))
+    write_file(tmp_path / "item.json", json.dumps({"PubMed": {"test": ["oops"]}}))
+    omni_set_file(tmp_path, '[{"question": ')
+    script, args, named, phrase = BAD_INPUTS[case]
+    places = {"tmp": str(tmp_path), "mmu_json": mmu_files["data_json"], "mmu_zip": mmu_files["zip"],
+              "omni": omni_root, "omni_parent": os.path.dirname(omni_root), "pathvqa": pathvqa_dir}
+    command = [sys.executable, f"data/{script}/prepare.py", *[a.format(**places) for a in args],
+               "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ")
+    assert named.format(**places) in result.stderr and phrase in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

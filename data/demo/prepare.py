@@ -10,7 +10,9 @@ two stains and the log ratio of mean DAB to mean hematoxylin gives the class; pa
 boundary are dropped so that every kept answer is visible.
 
 Test patches come from 64-px blocks never used for training, a quarter of the section scattered
-over it by the seed (no crop overlaps across splits).
+over it by the seed (no test crop overlaps a training crop). SFT and RL patches are crops of the same
+training blocks; the same crop can be drawn twice, so a patch already in one split is passed over by the
+other: no patch is in two splits (report.json counts those passed over).
 
 The SFT split carries a *systematic annotator error*: a share of the blue patches (--sft-blue-as-mixed,
 default 0.65) are labelled "mixed", with an explanation to match, as a careless annotator would.
@@ -21,8 +23,10 @@ clean SFT labels.
 """
 
 import argparse
+import hashlib
 import os
 import sys
+from collections import Counter
 
 import numpy as np
 from PIL import Image
@@ -30,6 +34,7 @@ from skimage import data as skdata
 from skimage.color import rgb2hed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from data.common import write_report  # noqa: E402
 from mcq import Record, SplitWriter  # noqa: E402
 
 CLASSES = ["brown", "blue", "mixed"]
@@ -85,6 +90,19 @@ def label_patches(candidates, margin: float):
     return labelled
 
 
+def take_patch(pool: list, start: int, split: str, split_of: dict) -> int | None:
+    """The index of the first patch in pool[start:] that no other split holds, or None when there is none.
+    A block offers 9 x 9 crop positions x 8 transforms, so a crop can be drawn twice; SFT and RL draw
+    from the same blocks, and without this check one patch could be in both. split_of maps a patch's
+    pixels (hashed) to the split that took it."""
+    for index in range(start, len(pool)):
+        key = hashlib.sha1(pool[index].tobytes()).hexdigest()
+        if split_of.get(key, split) == split:
+            split_of[key] = split
+            return index
+    return None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="data/demo/prepared")
@@ -113,16 +131,20 @@ def main(argv=None):
     wanted = {"sft": args.sft_size, "rl": args.rl_size, "test": args.test_size}
     writer = SplitWriter(args.out)
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-    taken = {key: 0 for key in pools}
+    taken = {key: 0 for key in pools}  # how far each pool has been walked
+    split_of = {}
+    passed_over = 0
     for split, size in wanted.items():
         is_test = int(split == "test")
         for i in range(size):
             label = CLASSES[i % 3]
             pool = pools[(is_test, label)]
-            if taken[(is_test, label)] >= len(pool):
+            index = take_patch(pool, taken[(is_test, label)], split, split_of)
+            if index is None:
                 sys.exit(f"not enough '{label}' patches for split {split}: lower the split sizes or the margin")
-            patch = pool[taken[(is_test, label)]]
-            taken[(is_test, label)] += 1
+            passed_over += index - taken[(is_test, label)]
+            patch = pool[index]
+            taken[(is_test, label)] = index + 1
             given = label
             if split == "sft" and label == "blue" and rng.random() < args.sft_blue_as_mixed:
                 given = "mixed"
@@ -133,7 +155,8 @@ def main(argv=None):
             writer.add(split, Record(id=rid, image=rel, question=QUESTION, options=options,
                                      answer="ABC"[options.index(given)], explanation=explanation(given),
                                      source=f"demo/stain/{label}"))
-    writer.write(extra={"seed": args.seed, "sft_blue_as_mixed": args.sft_blue_as_mixed})
+    write_report(writer, Counter(), list(wanted), seed=args.seed, sft_blue_as_mixed=args.sft_blue_as_mixed,
+                 patches_in_another_split_passed_over=passed_over)
 
 
 if __name__ == "__main__":

@@ -18,18 +18,21 @@ Each set is a JSON list in QA_information/Open-access/<set>.json; an item:
 
 gt_answer is the text of an option; option_C and option_D may be absent; image_path is relative to the
 OmniMedVQA folder. Each set becomes one split, named by its slug (SETS below): chest_ct.jsonl (871 questions
-in the release), isic2020.jsonl (1,580), oct_c8.jsonl (4,016), diabetic_retinopathy.jsonl (2,051).
+in the release), isic2020.jsonl (1,580), oct_c8.jsonl (4,016), diabetic_retinopathy.jsonl (2,051). All four
+are test splits and nothing is dealt, so no image can land in training. --root may also be OmniMedVQA.zip
+itself, read in place without unzipping.
 """
 
 import argparse
-import json
 import os
 import sys
+import zipfile
 from collections import Counter
 
 # Run as `python data/omnimedvqa/prepare.py` only this folder is on sys.path; add the repo root for mcq and data.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-from data.common import NOT_AN_OPTION, answer_letter, image_path_in, require, save_image, write_report  # noqa: E402
+from data.common import (answer_letter, answer_problem, image_path_in, parse_json, require, save_image,  # noqa: E402
+                         shape_error, short, write_report)
 from mcq import Record, SplitWriter  # noqa: E402
 
 # The set's file name in QA_information/Open-access -> the split it becomes.
@@ -39,25 +42,24 @@ OPTION_KEYS = ["option_A", "option_B", "option_C", "option_D"]
 HOW_TO_GET = """Download OmniMedVQA.zip from https://huggingface.co/datasets/foreverbeliever/OmniMedVQA (open access), e.g.
     huggingface-cli download foreverbeliever/OmniMedVQA OmniMedVQA.zip --repo-type dataset --local-dir ~/datasets
     unzip ~/datasets/OmniMedVQA.zip -d ~/datasets
-and pass the folder that holds QA_information/ and Images/: --root ~/datasets/OmniMedVQA"""
+and pass the folder that holds QA_information/ and Images/: --root ~/datasets/OmniMedVQA
+(or the zip itself: --root ~/datasets/OmniMedVQA.zip)"""
+QA_DIR = "QA_information/Open-access"
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    qa_dir = os.path.join(args.root, "QA_information", "Open-access")
-    require(qa_dir, "OmniMedVQA's QA_information/Open-access folder", HOW_TO_GET)
-    for name in args.sets:
-        require(os.path.join(qa_dir, f"{name}.json"), f"OmniMedVQA set {name!r}", HOW_TO_GET)
+    require(args.root, "OmniMedVQA folder", HOW_TO_GET)
+    files = OmniMedVQAFiles(args.root)
+    items = {name: set_items(files, name) for name in args.sets}  # every set read before anything is written
 
     writer = SplitWriter(args.out)
     for name in args.sets:
-        with open(os.path.join(qa_dir, f"{name}.json")) as f:
-            items = json.load(f)
-        for position, item in enumerate(items):
-            record = to_record(item, name, position, args.root, writer)
+        for position, item in enumerate(items[name]):
+            record = to_record(item, name, position, files, writer)
             if record is not None:
                 writer.add(SETS[name], record)
-    return write_report(writer, Counter(), sets={name: SETS[name] for name in args.sets})
+    return write_report(writer, Counter(), list(SETS.values()), sets={name: SETS[name] for name in args.sets})
 
 
 def parse_args(argv):
@@ -75,23 +77,102 @@ def parse_args(argv):
     return args
 
 
-def to_record(item: dict, name: str, position: int, root: str, writer: SplitWriter) -> Record | None:
-    """The item as a Record with its image copied into the prepared folder; None when gt_answer is not
-    one of its options. The writer checks everything else (question, options, image) when it is added."""
+def set_items(files: "OmniMedVQAFiles", name: str) -> list[dict]:
+    """The set's items; a stop naming the file when it is missing or not a JSON list of item objects."""
+    path = files.where(f"{QA_DIR}/{name}.json")
+    if not files.exists(f"{QA_DIR}/{name}.json"):
+        raise SystemExit(f"error: OmniMedVQA set {name!r} not found: {path}\n\n{HOW_TO_GET}")
+    items = parse_json(files.read(f"{QA_DIR}/{name}.json"), path, "a JSON list of OmniMedVQA items")
+    if not isinstance(items, list):
+        raise shape_error(path, "the top level", items, "a list of items")
+    for position, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise shape_error(path, f"item [{position}]", item, 'an item object {"question": ..., "gt_answer": ...}')
+    return items
+
+
+def to_record(item: dict, name: str, position: int, files: "OmniMedVQAFiles", writer: SplitWriter) -> Record | None:
+    """The item as a Record with its image copied into the prepared folder; None (skipped, quoting the answer)
+    when gt_answer is not one of its options. The writer checks everything else (question, options, image)."""
     record_id = f"omnimedvqa-{SETS[name]}-{item.get('question_id', position)}"
     options = [str(item[key]) for key in OPTION_KEYS if item.get(key) is not None]
-    letter = answer_letter(str(item.get("gt_answer", "")), options)
+    answer = str(item.get("gt_answer", ""))
+    letter = answer_letter(answer, options)
     if letter is None:
-        writer.skip(record_id, NOT_AN_OPTION)
+        writer.skip(record_id, answer_problem(answer, options))
         return None
-    source_path = str(item.get("image_path", ""))
+    source_path = str(item.get("image_path") or "")
+    if not source_path.strip():
+        writer.skip(record_id, f"no image named: image_path is {short(item.get('image_path'))}")
+        return None
     # Keep the source's folders (file names repeat across class folders); drop the common "Images/".
     image = image_path_in(source_path.removeprefix("Images/"))
-    if os.path.isfile(os.path.join(root, source_path)):  # a missing image is reported by the writer
-        with open(os.path.join(root, source_path), "rb") as f:
-            save_image(writer.out_dir, image, f.read())
+    data = files.read(source_path)
+    if data is not None:  # a missing image is reported by the writer
+        save_image(writer.out_dir, image, data)
     return Record(id=record_id, image=image, question=str(item.get("question") or "").strip(), options=options,
                   answer=letter, source=f"omnimedvqa/{name}")
+
+
+class OmniMedVQAFiles:
+    """OmniMedVQA's files by their path inside the OmniMedVQA folder ("QA_information/...", "Images/..."),
+    read from that folder or, as the PathMMU preparer reads images.zip, from OmniMedVQA.zip in place."""
+
+    def __init__(self, root: str):
+        self.root, self.zip, self.prefix = root, None, ""
+        if os.path.isdir(root):
+            check_root_folder(root)
+        elif zipfile.is_zipfile(root):
+            self.zip = zipfile.ZipFile(root)
+            self.names = set(self.zip.namelist())
+            self.prefix = zip_prefix(root, self.names)
+        else:
+            raise SystemExit(f"error: {root} is neither a folder nor a readable zip archive (a download cut short?); "
+                             f"expected the OmniMedVQA folder (holding QA_information/ and Images/) or OmniMedVQA.zip"
+                             f"\n\n{HOW_TO_GET}")
+
+    def where(self, path: str) -> str:
+        """How a message names the file: its path on disk, or zip:member."""
+        return f"{self.root}:{self.prefix}{path}" if self.zip else os.path.join(self.root, path)
+
+    def exists(self, path: str) -> bool:
+        return self.prefix + path in self.names if self.zip else os.path.isfile(os.path.join(self.root, path))
+
+    def read(self, path: str) -> bytes | None:
+        if not self.exists(path):
+            return None
+        if self.zip:
+            return self.zip.read(self.prefix + path)
+        with open(os.path.join(self.root, path), "rb") as f:
+            return f.read()
+
+
+def check_root_folder(root: str):
+    """Stop when --root is not the folder that holds QA_information/, saying where that folder was found
+    when --root is one level above it (the folder unzip made it in) or below it (QA_information/, Images/)."""
+    if os.path.isdir(os.path.join(root, "QA_information")):
+        return
+    for name in sorted(os.listdir(root)):  # usually OmniMedVQA/, the folder unzip made
+        below = os.path.normpath(os.path.join(root, name))
+        if os.path.isdir(os.path.join(below, "QA_information")):
+            raise SystemExit(f"error: no QA_information/ in {root}, but its subfolder {name}/ holds it (one level "
+                             f"down): pass --root {below}")
+    parent = os.path.dirname(os.path.abspath(root))
+    for above in (parent, os.path.dirname(parent)):
+        if os.path.isdir(os.path.join(above, "QA_information")):
+            raise SystemExit(f"error: no QA_information/ in {root}; it is inside the OmniMedVQA folder {above}, "
+                             f"which holds QA_information/ (one level up or two): pass --root {above}")
+    raise SystemExit(f"error: no QA_information/ in {root}, nor in the folders just above or below it; expected "
+                     f"the OmniMedVQA folder (holding QA_information/ and Images/)\n\n{HOW_TO_GET}")
+
+
+def zip_prefix(path: str, names: set) -> str:
+    """What comes before QA_information/ in the zip's member names ("OmniMedVQA/" when it unzips into a
+    folder of that name): member paths are that prefix + the path inside the OmniMedVQA folder."""
+    for name in sorted(names):
+        if f"{QA_DIR}/" in name and not name.startswith("__MACOSX"):
+            return name[:name.index(QA_DIR)]
+    raise SystemExit(f"error: {path} holds no {QA_DIR}/ folder; expected OmniMedVQA.zip\n\n{HOW_TO_GET}")
 
 
 if __name__ == "__main__":

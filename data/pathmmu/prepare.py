@@ -15,13 +15,17 @@ val, test, test_tiny. An item (the official loader opens <root>/images/<img>):
     {"No": 1, "img": "9e48...19b.jpg", "question": "...", "options": ["A) Bi-lobed nuclei", "B) ..."],
      "answer": "A) Bi-lobed nuclei", "explanation": "..."}
 
-As the paper does, we keep PubMed and EduContent (5,385 questions, their images all in images.zip), pool
-their splits, and deal them by seed into sft 3,000 / rl 1,000 / test the rest (1,385). --images may be
-images.zip, read in place, or the folder it extracts to. report.json lists what was left out and why.
+As the paper does, we keep PubMed and EduContent (5,385 questions, their images all in images.zip) and pool
+their splits. PathMMU often asks several questions about one image, and some images exist under two file
+names with identical bytes, so we deal whole images, grouped by a hash of their bytes, by seed into sft
+3,000 / rl 1,000 / test the rest (1,385), as close to those sizes as the images allow: no image is in two
+splits. `--split-by question` deals single questions instead, as earlier versions did (for comparison: an
+image's questions then land in training and in test). --images may be images.zip, read in place, or the
+folder it extracts to. report.json lists what was left out and why, the sizes reached, the number of
+images, how many file names were merged with an identical image, and how many images are in two splits.
 """
 
 import argparse
-import json
 import os
 import posixpath
 import random
@@ -32,12 +36,15 @@ from collections import Counter
 
 # Run as `python data/pathmmu/prepare.py` only this folder is on sys.path; add the repo root for mcq and data.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-from data.common import NOT_AN_OPTION, answer_letter, image_path_in, require, save_image, write_report  # noqa: E402
-from mcq import Record, SplitWriter  # noqa: E402
+from data.common import (answer_letter, answer_problem, file_hash, image_path_in, read_json, require,  # noqa: E402
+                         save_image, shape_error, short, write_report)
+from mcq import Record, SplitWriter, check_record  # noqa: E402
 
 PAPER_SUBSETS = ["PubMed", "EduContent"]
+SPLITS = ["sft", "rl", "test"]
 PAPER_SFT, PAPER_RL, PAPER_TOTAL = 3000, 1000, 5385
 TRAIN_SHARE = (PAPER_SFT + PAPER_RL) / PAPER_TOTAL  # 74.3% trains, 25.7% (1,385) is kept for test
+DATA_SHAPE = '{subset: {split: [item]}}, an item {"No": 1, "img": ..., "question": ..., "options": [...], ...}'
 OPTION_PREFIX = re.compile(r"^\s*[A-Z]\)\s*")  # "B) Skeletal muscle" -> "Skeletal muscle"
 HOW_TO_GET = """PathMMU is gated on Hugging Face: accept its licence at https://huggingface.co/datasets/jamessyx/PathMMU,
 download the two files data.json and images.zip, for example
@@ -49,21 +56,37 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     require(args.data_json, "PathMMU data.json", HOW_TO_GET)
     require(args.images, "PathMMU images (images.zip or its extracted folder)", HOW_TO_GET)
-    with open(args.data_json) as f:
-        data = json.load(f)
+    data = read_json(args.data_json, f"PathMMU's data.json, {DATA_SHAPE}")
+    check_shape(data, args.data_json)
+    unknown = [subset for subset in args.subsets if subset not in data]
+    if unknown:
+        raise SystemExit(f"error: {args.data_json} has no subset {', '.join(map(repr, unknown))}; its subsets "
+                         f"are {', '.join(data)} (choose with --subsets)")
     images = ImageStore(args.images)
 
     filtered = Counter()
     items = pooled_items(data, args.subsets, filtered)
-    random.Random(args.seed).shuffle(items)
+    # Not one image found means a wrong --images, not broken items: stop before the old splits are replaced.
+    if items and not any(images.has(item.get("img")) for item in items):
+        raise SystemExit(f"error: none of the images named in {args.data_json} ({len(items)} questions) is in "
+                         f"{args.images}; expected PathMMU's images.zip or the folder it extracts to")
+    rng = random.Random(args.seed)
+    rng.shuffle(items)
     sizes = split_sizes(len(items), args.sft_size, args.rl_size)
 
     writer = SplitWriter(args.out)
-    for item in items:
-        record = to_record(item, images, writer)
-        if record is not None:
-            writer.add(next_split(writer, sizes), record)
-    return write_report(writer, filtered, seed=args.seed, subsets=args.subsets, planned_sizes=sizes)
+    records = valid_records(items, images, writer)
+    # image path -> hash of its bytes: two file names with one hash are one image, dealt as one
+    image_of = {path: file_hash(os.path.join(writer.out_dir, path)) for path in {r.image for r in records}}
+    if args.split_by == "question":
+        dealt = deal_questions(records, sizes)
+    else:
+        dealt = deal_images(image_groups(records, image_of), sizes, rng)
+    for split in SPLITS:
+        for record in dealt[split]:
+            writer.add(split, record)
+    return write_report(writer, filtered, SPLITS, seed=args.seed, subsets=args.subsets, split_by=args.split_by,
+                        planned_sizes=sizes, **image_counts(dealt, image_of))
 
 
 def parse_args(argv):
@@ -75,7 +98,25 @@ def parse_args(argv):
     p.add_argument("--sft-size", type=int, default=PAPER_SFT)
     p.add_argument("--rl-size", type=int, default=PAPER_RL)
     p.add_argument("--subsets", nargs="+", default=PAPER_SUBSETS)
+    p.add_argument("--split-by", choices=["image", "question"], default="image",
+                   help="deal whole images (default: no image in two splits) or single questions (the old deal)")
     return p.parse_args(argv)
+
+
+def check_shape(data, path: str):
+    """Stop, naming the key, when data.json is not {subset: {split: [item]}} with items JSON objects: a
+    wrong file (another dataset's JSON) would otherwise end in a traceback deep in the preparation."""
+    if not isinstance(data, dict):
+        raise shape_error(path, "the top level", data, DATA_SHAPE)
+    for subset, splits in data.items():
+        if not isinstance(splits, dict):
+            raise shape_error(path, subset, splits, "{split: [item]}")
+        for split, entries in splits.items():
+            if not isinstance(entries, list):
+                raise shape_error(path, f"{subset}/{split}", entries, "a list of items")
+            for position, item in enumerate(entries):
+                if not isinstance(item, dict):
+                    raise shape_error(path, f"{subset}/{split}[{position}]", item, "an item object")
 
 
 def image_name(img) -> str:
@@ -114,22 +155,85 @@ def split_sizes(total: int, sft_size: int, rl_size: int) -> dict:
     return {"sft": sft, "rl": rl, "test": total - sft - rl}
 
 
-def next_split(writer: SplitWriter, sizes: dict) -> str:
-    """The first split not yet full. A broken record is skipped before it takes a slot, so what broken
-    records cost comes out of test, which is 'the rest' anyway."""
+def valid_records(items: list[dict], images: "ImageStore", writer: SplitWriter) -> list[Record]:
+    """The items as Records, in the seed's order, with their images copied into the prepared folder. Broken
+    ones are skipped here, with the reason, before any is dealt, so that they take no slot in a split: what
+    they cost comes out of test, which is 'the rest' anyway. Of two items with one id the first is kept."""
+    records, seen = [], set()
+    for item in items:
+        record = to_record(item, images, writer)
+        if record is None:
+            continue
+        reason = check_record(record, writer.out_dir, seen)
+        if reason:
+            writer.skip(record.id, reason)
+            continue
+        seen.add(record.id)
+        records.append(record)
+    return records
+
+
+def deal_questions(records: list[Record], sizes: dict) -> dict:
+    """The old deal, kept for comparison (--split-by question): the first sizes['sft'] records to sft, the
+    next sizes['rl'] to rl, the rest to test, whatever image each shows."""
+    sft_end = sizes["sft"]
+    rl_end = sft_end + sizes["rl"]
+    return {"sft": records[:sft_end], "rl": records[sft_end:rl_end], "test": records[rl_end:]}
+
+
+def image_groups(records: list[Record], image_of: dict) -> list[list[Record]]:
+    """The records grouped by the content hash of their image (image_of: image path -> hash): all questions
+    about one image, under any of its file names, form one group."""
+    groups = {}
+    for record in records:
+        groups.setdefault(image_of[record.image], []).append(record)
+    return list(groups.values())
+
+
+def deal_images(groups: list[list[Record]], sizes: dict, rng: random.Random) -> dict:
+    """Whole images, in the seed's order, each into the first of sft and rl that still has room for all its
+    questions, else into test. Images with one or two questions fill the last slots, so sft and rl come out
+    at, or a few questions under, their planned sizes."""
+    groups = list(groups)
+    rng.shuffle(groups)  # first-appearance order would put images with many questions first
+    dealt = {split: [] for split in SPLITS}
+    for group in groups:
+        dealt[split_with_room(dealt, sizes, len(group))] += group
+    return dealt
+
+
+def split_with_room(dealt: dict, sizes: dict, n: int) -> str:
     for split in ("sft", "rl"):
-        if len(writer.splits.get(split, [])) < sizes[split]:
+        if len(dealt[split]) + n <= sizes[split]:
             return split
     return "test"
 
 
+def image_counts(dealt: dict, image_of: dict) -> dict:
+    """For the report: images (by content), file names merged with an identical image under another name,
+    and images with questions in more than one split: 0 when dealt by image, the leak when dealt by question."""
+    splits_of = {}
+    for split, records in dealt.items():
+        for record in records:
+            splits_of.setdefault(image_of[record.image], set()).add(split)
+    counts = {"images": len(splits_of), "images_merged_by_content": len(image_of) - len(splits_of),
+              "images_in_several_splits": sum(len(splits) > 1 for splits in splits_of.values())}
+    print(f"{counts['images']} images ({counts['images_merged_by_content']} file names merged with an identical "
+          f"image), {counts['images_in_several_splits']} of them in more than one split")
+    return counts
+
+
 def to_record(item: dict, images: "ImageStore", writer: SplitWriter) -> Record | None:
-    """The item as a Record with its image copied into the prepared folder; None when its answer is not
-    one of its options. The writer checks everything else (question, options, image) when it is added."""
+    """The item as a Record with its image copied into the prepared folder; None (skipped, quoting the answer)
+    when its answer is not one of its options. valid_records checks the rest (question, options, image)."""
     options = [OPTION_PREFIX.sub("", str(o)).strip() for o in item.get("options") or []]
-    letter = answer_letter(OPTION_PREFIX.sub("", str(item.get("answer", ""))), options)
+    answer = OPTION_PREFIX.sub("", str(item.get("answer", "")))
+    letter = answer_letter(answer, options)
     if letter is None:
-        writer.skip(item["id"], NOT_AN_OPTION)
+        writer.skip(item["id"], answer_problem(answer, options))
+        return None
+    if not image_name(item.get("img")):
+        writer.skip(item["id"], f"no image named: img is {short(item.get('img'))}")
         return None
     image = image_path_in(image_name(item.get("img")))
     data = images.read(item.get("img"))
@@ -151,7 +255,11 @@ class ImageStore:
             self.zip = zipfile.ZipFile(path)
             self.paths = {posixpath.basename(n): n for n in self.zip.namelist() if not n.endswith("/")}
         else:
-            raise SystemExit(f"error: {path} is neither a folder nor a zip archive (expected PathMMU's images.zip)")
+            raise SystemExit(f"error: {path} is neither a folder nor a readable zip archive (a download cut short?); "
+                             f"expected PathMMU's images.zip or the folder it extracts to")
+
+    def has(self, img) -> bool:
+        return image_name(img) in self.paths
 
     def read(self, img) -> bytes | None:
         found = self.paths.get(image_name(img))

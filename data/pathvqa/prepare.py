@@ -11,8 +11,11 @@ Prepare, from the repo root:
 
 Each parquet row has image ({"bytes": <jpeg>, "path": ...}), question and answer; the test split is 6,719
 rows in data/test-0000?-of-0000?-<hash>.parquet shards. Questions answered "yes" or "no" (any case) become
-two-option items, options ["yes", "no"]; open questions are counted in report.json under "filtered", apart
+two-option items, options ["yes", "no"]; open questions are counted in the report under "filtered", apart
 from broken rows under "skipped". Images are written once each as PNG, named by a hash of their bytes.
+
+One run prepares one split, the dataset's own (nothing is dealt here), into <split>.jsonl with its report
+report-<split>.json, so test and train prepared into one folder keep a report each.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import os
 import sys
 from collections import Counter
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -56,7 +60,8 @@ def main(argv=None) -> dict:
             writer.add(args.split, Record(id=record_id, image=image, question=str(row["question"] or "").strip(),
                                           options=list(OPTIONS), answer="AB"[OPTIONS.index(answer)],
                                           source=f"pathvqa/{args.split}"))
-    return write_report(writer, filtered, split=args.split, parquet_files=[os.path.basename(f) for f in files])
+    return write_report(writer, filtered, [args.split], report_name=f"report-{args.split}.json", split=args.split,
+                        parquet_files=[os.path.basename(f) for f in files])
 
 
 def parse_args(argv):
@@ -69,23 +74,43 @@ def parse_args(argv):
 
 def parquet_files(path: str, split: str) -> list[str]:
     """The file given, or the folder's <split>-*.parquet shards in name order, so row numbers (and so ids)
-    are the same on every run."""
+    are the same on every run. Each file is opened here, so a wrong one stops the run before any work."""
     require(path, "PathVQA parquet file or folder", HOW_TO_GET)
     if not os.path.isdir(path):
-        return [path]
-    files = sorted(glob.glob(os.path.join(path, "**", f"{split}-*.parquet"), recursive=True))
+        files = [path]
+    else:
+        files = sorted(glob.glob(os.path.join(path, "**", f"{split}-*.parquet"), recursive=True))
     if not files:
-        raise SystemExit(f"error: no {split}-*.parquet file under {path}\n\n{HOW_TO_GET}")
+        raise SystemExit(f"error: no {split}-*.parquet file under {path}; {splits_found(path)}\n\n{HOW_TO_GET}")
+    for file in files:
+        check_parquet(file)
     return files
+
+
+def splits_found(folder: str) -> str:
+    """Which splits the folder does hold, from the shard names <split>-00000-of-00002-<hash>.parquet."""
+    names = glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True)
+    splits = sorted({os.path.basename(name).split("-")[0] for name in names})
+    if not splits:
+        return "it holds no .parquet file at all"
+    return f"the splits there are: {', '.join(splits)} (choose one with --split)"
+
+
+def check_parquet(path: str):
+    """Stop, naming the file, when it is not a parquet file or lacks PathVQA's columns."""
+    try:
+        names = pq.ParquetFile(path).schema_arrow.names
+    except (pa.ArrowException, OSError) as e:  # not parquet at all, or unreadable
+        raise SystemExit(f"error: {path} is not a readable parquet file ({e}); expected a PathVQA shard such as "
+                         f"test-00000-of-00002-<hash>.parquet") from None
+    if not set(COLUMNS) <= set(names):
+        raise SystemExit(f"error: {path} has columns {names}, expected {COLUMNS}")
 
 
 def read_rows(files: list[str]):
     for path in files:
-        parquet = pq.ParquetFile(path)
-        if not set(COLUMNS) <= set(parquet.schema_arrow.names):
-            raise SystemExit(f"error: {path} has columns {parquet.schema_arrow.names}, expected {COLUMNS}")
         # Batches keep memory flat: the test split's images are a few hundred MB.
-        for batch in parquet.iter_batches(batch_size=256, columns=COLUMNS):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=COLUMNS):
             yield from batch.to_pylist()
 
 
@@ -103,7 +128,8 @@ def png_image(image: dict | None, record_id: str, writer: SplitWriter, written: 
                 png = io.BytesIO()
                 im.convert("RGB").save(png, format="PNG")  # RGB: a CMYK JPEG cannot be saved as PNG
         except Exception as e:  # any decoder error means the image is unusable
-            writer.skip(record_id, f"image unreadable: parquet row {record_id} ({type(e).__name__})")
+            writer.skip(record_id, f"image unreadable: parquet row {record_id}, {len(data)} bytes starting "
+                                   f"{data[:16]!r} ({type(e).__name__})")
             return None
         save_image(writer.out_dir, path, png.getvalue())
         written.add(path)
