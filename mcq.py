@@ -68,11 +68,21 @@ ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 # "C", "C)", "(C)", "C.", "C:", optionally followed by text:  "C) option text"
 LETTER_RE = re.compile(r"^\(?\s*([A-Za-z])\s*(?:\)|\.|:|$)\s*(.*)$", re.DOTALL)
 
+# A policy optimised against this parser will find any loophole, so the text after the letter must commit to
+# that one option ("A) brown, B) blue, C) mixed" and "A) not brown" once both earned A).
+# A letter marker: "(B)", "B)", "B." or "B:" in either case, or a bare capital "B". A bare lower-case letter
+# is not one: "a" is the article in "C) a mixed stain".
+MARKER_RE = re.compile(r"(?<![\w'’])(?:\(\s*([A-Za-z])\s*\)|([A-Za-z])\s*\)|([A-Za-z])[.:](?!\w)"
+                       r"|([A-Z])(?![\w'’]))")
+NEGATION_RE = re.compile(r"\b(?:not|no|neither|nor|none|never|except|excluding|excluded|rather than|instead of|"
+                         r"other than|ruled out|unlikely|incorrect|wrong)\b|\b\w+n['’]t\b")
+
 
 def is_well_formed(completion: str) -> bool:
-    """Exactly `<think>…</think><answer>…</answer>` and nothing else (whitespace between allowed)."""
+    """Exactly `<think>…</think><answer>…</answer>` and nothing else (whitespace between allowed), each
+    block holding more than whitespace: a blank `<think> </think>` would earn the format reward for nothing."""
     m = FORMAT_RE.match(completion)
-    if not m:
+    if not m or not m["think"].strip() or not m["answer"].strip():
         return False
     return all(completion.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>"))
 
@@ -83,7 +93,9 @@ def _norm(text: str) -> str:
 
 def parse_answer(completion: str, options: list[str]) -> str | None:
     """The letter chosen in the completion's <answer> block, or None when there is none or it is
-    ambiguous. Never raises. Accepts 'C) text', 'C', '(C)', 'c.', or the option text alone."""
+    ambiguous. Never raises. Accepts 'C) text', 'C', '(C)', 'c.', 'C:', the letter with a paraphrase of
+    its own option, or the option text alone. None when the text after the letter names another option
+    (by its letter or its text) or negates the option ('not', 'neither … nor', 'rather than', …)."""
     if not isinstance(completion, str) or not options:
         return None
     blocks = ANSWER_RE.findall(completion)
@@ -96,17 +108,42 @@ def parse_answer(completion: str, options: list[str]) -> str | None:
 def _parse_block(block: str, options: list[str]) -> str | None:
     text = block.strip()
     valid = LETTERS[: len(options)]
-    normed = [_norm(o) for o in options]
     m = LETTER_RE.match(text)
     if m and m.group(1).upper() in valid:
-        letter, rest = m.group(1).upper(), _norm(m.group(2))
-        if not rest or rest == normed[valid.index(letter)]:
-            return letter
-        if rest in normed:  # "C) <text of option A>": letter and text disagree
-            return None
-        return letter  # the letter with a paraphrase of its option
-    matches = [i for i, o in enumerate(normed) if o == _norm(text)]
+        letter = m.group(1).upper()
+        return letter if _commits_to(valid.index(letter), m.group(2), options) else None
+    matches = [i for i, o in enumerate(options) if _norm(o) == _norm(text)]
     return valid[matches[0]] if len(matches) == 1 else None
+
+
+def _commits_to(chosen: int, said: str, options: list[str]) -> bool:
+    """Whether `said`, the text after the letter of option `chosen`, is nothing, that option's text, or a
+    paraphrase of it (7B models shorten long options) that names no other option and does not negate it.
+    The option's own words never count against it, up to as often as its text has them: "No evidence of
+    malignancy", "Hepatitis B" (but not "Hepatitis B or B"), "colon carcinoma" beside an option "carcinoma"."""
+    own = options[chosen]
+    if not _norm(said) or _norm(said) == _norm(own):
+        return True
+    others = [i for i in range(len(options)) if i != chosen]
+    if (Counter(_markers(said)) - Counter(_markers(own))).keys() & {LETTERS[i] for i in others}:
+        return False  # "A) brown, B) blue"
+    if any(_contains(said, options[i]) and not _contains(own, options[i]) for i in others):
+        return False  # "A) blue" (letter and text disagree), "A) brown or blue"
+    return not Counter(_negations(said)) - Counter(_negations(own))  # "A) not brown", "A) brown is not it"
+
+
+def _markers(text: str) -> list[str]:
+    return ["".join(m.groups("")).upper() for m in MARKER_RE.finditer(text)]
+
+
+def _negations(text: str) -> list[str]:
+    return NEGATION_RE.findall(_norm(text).replace("’", "'"))
+
+
+def _contains(text: str, option: str) -> bool:
+    """`option` in `text` as whole words, after normalisation: "adenocarcinoma" does not contain "carcinoma"."""
+    option = _norm(option)
+    return bool(option) and re.search(rf"(?<!\w){re.escape(option)}(?!\w)", _norm(text)) is not None
 
 
 # ----------------------------------------------------------------------------------------------
