@@ -138,7 +138,8 @@ def save_config(cfg, output_dir: str, name: str = "config.yaml"):
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
 
-__all__ = ["ConfigError", "ModelConfig", "JudgeConfig", "EvalConfig", "SFTConfig", "GRPOConfig", "load_config", "parse_args", "save_config"]
+__all__ = ["ConfigError", "ModelConfig", "JudgeConfig", "EvalConfig", "SFTConfig", "GRPOConfig", "load_config", "parse_args",
+           "save_config", "InputError", "MissingInput", "BadInput", "check_inputs", "check_split"]
 
 
 @dataclass
@@ -202,6 +203,9 @@ class SFTConfig(TrainConfig):
     def validate(self):
         if self.finetune not in ("lora", "full"):
             raise ConfigError(f"finetune must be lora or full, got '{self.finetune}'")
+        if self.finetune == "full" and self.init_adapter is not None:  # load_model would ignore it
+            raise ConfigError("init_adapter continues a LoRA run (finetune=lora); to go on from a finetune=full "
+                              "model, set model= to its directory")
         if self.finetune == "full" and self.quantization != "none":
             raise ConfigError("finetune=full trains the weights themselves: use quantization=none")
 
@@ -263,3 +267,93 @@ class GRPOConfig(JudgeConfig, TrainConfig):
                              ("scale_rewards", ("group", "batch", "none"))]:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs a config names, checked before any model loads: a missing split found after a 16 GB download
+# (or minutes of loading) is a run lost. The model name itself is checked by model.check_model.
+
+class InputError(Exception):
+    """A file, directory, model or variable the config names is missing or unusable. Its message names
+    the key and the path; the scripts print it alone (a traceback would only bury it)."""
+
+
+class MissingInput(InputError, FileNotFoundError):
+    pass
+
+
+class BadInput(InputError, ValueError):
+    pass
+
+
+def check_inputs(cfg):
+    """Everything a script's config points at: output_dir can be made, every split parses and every record
+    (image included) is usable, adapter directories hold an adapter, judge=api has its key."""
+    check_output_dir(cfg.output_dir)
+    if isinstance(cfg, EvalConfig):
+        for spec in cfg.sets:  # a malformed spec is eval.load_sets' to name
+            name, sep, path = spec.partition("=")
+            if sep and path.strip():
+                check_split(f"sets ({name.strip()})", path.strip())
+        check_adapter("adapter", cfg.adapter)
+    else:
+        check_split("data", cfg.data)
+        if cfg.eval_data and (isinstance(cfg, SFTConfig) or cfg.eval_every):  # GRPO reads it only to evaluate
+            check_split("eval_data", cfg.eval_data)
+        # train_grpo.py takes a finetune=full SFT model as its base (the demo's path)
+        check_adapter("init_adapter", cfg.init_adapter, full_model_ok=isinstance(cfg, GRPOConfig))
+    if getattr(cfg, "judge", "none") == "api" and not os.environ.get(cfg.judge_api_key_env):
+        raise BadInput(f"judge=api reads its key from the environment variable {cfg.judge_api_key_env}, which is not "
+                       f"set: export {cfg.judge_api_key_env}=... (or judge=self | rule)")
+
+
+def check_output_dir(path: str):
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing and not os.path.isdir(existing):
+        raise BadInput(f"key 'output_dir': {existing} is a file, so output_dir={path} cannot be a directory")
+
+
+def check_split(key: str, path: str):
+    """A prepared JSONL split as a training or test set: each record as the data preparers leave it
+    (mcq.check_record: unique id, a question, >= 2 options, the answer among them, an image that opens)."""
+    from mcq import check_record, load_split
+
+    try:
+        records = load_split(path)
+    except FileNotFoundError as e:
+        raise MissingInput(f"key '{key}': {e}") from None
+    except UnicodeDecodeError as e:  # a ValueError whose own message does not name the file
+        raise BadInput(f"key '{key}': {path} is not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}): "
+                       "save it as UTF-8") from None
+    except ValueError as e:
+        raise BadInput(f"key '{key}': {e}") from None
+    root = os.path.dirname(os.path.abspath(path))
+    missing = [r for r in records if not os.path.isfile(os.path.join(root, r.image))]
+    if missing:
+        example = os.path.join(root, missing[0].image)
+        raise MissingInput(f"key '{key}': {path}: {len(missing)} images missing, e.g. {example} (record "
+                           f"'{missing[0].id}'); re-run the data preparation")
+    seen, bad = set(), []
+    for r in records:
+        reason = check_record(r, root, seen)
+        seen.add(r.id)
+        if reason:
+            bad.append(f"'{r.id}': {reason}")
+    if bad:
+        raise BadInput(f"key '{key}': {path}: {len(bad)} of {len(records)} records cannot be used ({'; '.join(bad[:3])}"
+                       f"{' ...' if len(bad) > 3 else ''}); the data preparers drop such records (and list them in "
+                       "report.json): re-run the preparation or fix the file")
+
+
+def check_adapter(key: str, path: str | None, full_model_ok: bool = False):
+    if path is None or os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return
+    if os.path.isfile(os.path.join(path, "config.json")):
+        if full_model_ok:
+            return
+        raise MissingInput(f"key '{key}': {path} holds a whole model, not a LoRA adapter: give it as model={path}")
+    what = "does not exist" if not os.path.exists(path) else "has no adapter_config.json"
+    raise MissingInput(f"key '{key}': {path} {what} (give the output_dir of a finished train_sft.py / "
+                       "train_grpo.py run)")

@@ -28,7 +28,7 @@ import torch
 import yaml
 from PIL import Image
 
-from config import EvalConfig, parse_args, save_config
+from config import EvalConfig, InputError, check_inputs, parse_args, save_config
 from mcq import Record, image_path, is_well_formed, load_split, option_lines, parse_answer, prompt_messages
 from model import completion_mask, encode_prompts, generate, load_model, stop_token_ids
 from report import read_jsonl, wilson_interval
@@ -325,8 +325,10 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
     Pass model and processor to evaluate a model already in memory (cfg.adapter is then a label)."""
     predictions_path = os.path.join(cfg.output_dir, "predictions.jsonl")
     judge = make_eval_judge(cfg)  # judge=self: None until the model is loaded
-    check_resumable(cfg, cfg.output_dir)
     try:
+        if model is None:  # before loading one; with a model in memory, cfg.adapter is only a label
+            check_inputs(cfg)
+        check_resumable(cfg, cfg.output_dir)
         records_by_set = load_sets(cfg.sets, cfg.limit)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -378,5 +380,12 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
     return metrics
 
 
+def main(argv=None):
+    return run(parse_args(EvalConfig, argv))
+
+
 if __name__ == "__main__":
-    run(parse_args(EvalConfig))
+    try:
+        main()
+    except InputError as e:  # the model name (model.check_model) or the judge's key refused mid-run (judges.py)
+        sys.exit(f"error: {e}")

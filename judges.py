@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
 import mcq
+from config import InputError
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ def _as_score(value) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # APIJudge: any OpenAI-compatible chat completions endpoint
 
+class JudgeRefused(InputError, RuntimeError):
+    """The API refused the key, the model or the URL: the scripts stop with this message, no traceback."""
+
+
 class APIJudge:
     # 408/409/429 and 5xx are worth another try; other 4xx would fail the same way again
     RETRY_STATUS = {408, 409, 429}
@@ -172,7 +177,7 @@ class APIJudge:
                                                                max_tokens=self.max_tokens)
             except openai.APIStatusError as e:
                 if e.status_code in self.FATAL_STATUS:
-                    raise RuntimeError(f"judge API at {self.base_url} answered HTTP {e.status_code} "
+                    raise JudgeRefused(f"judge API at {self.base_url} answered HTTP {e.status_code} "
                                        f"({type(e).__name__}) for model {self.model!r}: check the URL, the model "
                                        f"name and the key in ${self.api_key_env}") from None
                 if e.status_code in self.RETRY_STATUS or e.status_code >= 500:

@@ -25,6 +25,8 @@ from transformers import (
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from config import MissingInput
+
 # On CPUs with AVX512-BF16, importing bitsandbytes (peft does) tries to fetch an inference kernel from the
 # Hugging Face hub with the `kernels` package and warns when it cannot. We never run that kernel (see
 # keep_one_4bit_layout), and nothing may be downloaded at run time, so the warning only misleads.
@@ -186,6 +188,42 @@ def load_processor(path: str, min_pixels: int, max_pixels: int) -> ImageOnlyQwen
 CPU_AUTO_MAX_PARAMS = 1e9
 
 
+def check_model(name: str):
+    """Stop with one message, before any weights load, when `model` names nothing loadable: a directory
+    without config.json, or a hub id that is misspelt, gated, or neither in the hub cache nor reachable.
+    Fetches config.json alone (a few KB); huggingface_hub's own errors are by type, each with its remedy."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        RemoteEntryNotFoundError, RepositoryNotFoundError)
+
+    if os.path.isfile(os.path.join(name, "config.json")):
+        return
+    if os.path.isdir(name):
+        raise MissingInput(f"model {name}: the directory has no config.json (a LoRA adapter directory goes in "
+                           "adapter= or init_adapter=, with its base model in model=)")
+    local = f"model {name}: no such local directory, and"
+    try:
+        hf_hub_download(name, "config.json")
+    except HFValidationError:
+        raise MissingInput(f"{local} not a hub id (org/name) either") from None
+    except GatedRepoError:  # before RepositoryNotFoundError: it is one
+        raise MissingInput(f"model {name} is gated on the Hugging Face hub: accept its terms at {constants.ENDPOINT}/"
+                           f"{name}, then log in with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise MissingInput(f"{local} no such model on the Hugging Face hub: check the spelling (a private model "
+                           "needs `hf auth login`)") from None
+    except RemoteEntryNotFoundError:
+        raise MissingInput(f"model {name}: the hub repository has no config.json: not a transformers model") from None
+    except LocalEntryNotFoundError:
+        why = ("all that HF_HUB_OFFLINE=1 allows" if constants.HF_HUB_OFFLINE
+               else f"and {constants.ENDPOINT} cannot be reached")
+        raise MissingInput(f"{local} not in the hub cache ({constants.HF_HUB_CACHE}), {why}: download it once with "
+                           f"network (`hf download {name}`), or set model= to a local directory") from None
+    except HfHubHTTPError as e:  # e.g. 401 for a token the hub refuses
+        raise MissingInput(f"model {name}: the hub answered HTTP {e.response.status_code}: check your token "
+                           "(`hf auth login`)") from None
+
+
 def estimate_params(path: str) -> float:
     """Rough parameter count of a Qwen2.5-VL config (text layers, embeddings, vision tower), without
     loading any weights: enough to tell a 7B from a test model."""
@@ -243,6 +281,7 @@ def load_model(cfg, adapter: str | None = None, trainable: bool = True, lora: bo
     `trainable`. lora=False: the plain model with every language-model weight trainable (full
     fine-tuning). The vision tower stays frozen unless `train_vision`."""
     path = resolve_model_path(cfg.model, cfg.seed if cfg.model in TINY_SIZES else 0)
+    check_model(path)
     device = pick_device(cfg.device, path)
     dtype = pick_dtype(cfg.dtype, device)
     if device.type == "cuda":
@@ -365,7 +404,7 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float = 0.0, 
         max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1, temperature=temperature if sample else 1.0,
         top_p=top_p if sample else 1.0, top_k=0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
         repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
-        min_length=0, min_new_tokens=0, bad_words_ids=None, begin_suppress_tokens=None,
+        min_new_tokens=0, bad_words_ids=None, begin_suppress_tokens=None,  # min_new_tokens overrides min_length
         suppress_tokens=special_token_ids(tokenizer), eos_token_id=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **extra)
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import checkpoint as ckpt
-from config import GRPOConfig, parse_args, save_config
+from config import GRPOConfig, InputError, check_inputs, parse_args, save_config
 from eval import evaluate, load_sets
 from grpo import equal_reward_groups, group_advantages, grpo_loss
 from judges import judge_from_config
@@ -202,6 +202,7 @@ def logprobs_no_grad(model, rows: Rows, micro_batch: int, cfg) -> torch.Tensor:
 
 def main(argv=None):
     cfg = parse_args(GRPOConfig, argv)
+    check_inputs(cfg)  # splits, images, init_adapter, judge key, output_dir: named now, not after the model loads
     ckpt.seed_everything(cfg.seed)
     if cfg.init_adapter and is_full_model(cfg.init_adapter):
         # finetune=full SFT wrote a whole model: it becomes the base, the policy a new LoRA on it, and
@@ -217,7 +218,7 @@ def main(argv=None):
         model.set_adapter("default")
     device = next(model.parameters()).device
     tok = processor.tokenizer
-    train = load_examples(cfg.data, processor, cfg.max_prompt_len, with_target=False)
+    train = load_examples(cfg.data, processor, cfg.max_prompt_len, with_target=False, max_len_key="max_prompt_len")
     heldout = load_sets([f"heldout={cfg.eval_data}"], cfg.eval_items) if cfg.eval_data and cfg.eval_every else {}
     judge = judge_from_config(cfg, model, processor)  # None for judge=none
     n_trainable, n_total = count_params(model)
@@ -383,4 +384,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:  # a missing or unusable input: the message names it, a traceback would bury it
+        sys.exit(f"error: {e}")

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from config import SFTConfig, parse_args, save_config
+from config import BadInput, InputError, SFTConfig, check_inputs, parse_args, save_config
 from mcq import Record, image_path, load_split, prompt_messages, target_text
 from model import (completion_logprobs, count_params, encode_completions, encode_prompts, image_features, load_model,
                    unwrap)
@@ -41,21 +41,20 @@ def example_length(processor, record: Record, split_path: str, with_target: bool
     return n_prompt + len(processor.tokenizer(target_text(record))["input_ids"]) + 1
 
 
-def load_examples(path: str, processor, max_len: int, with_target: bool = True) -> list[Record]:
+def load_examples(path: str, processor, max_len: int, with_target: bool = True, max_len_key: str = "max_len"
+                  ) -> list[Record]:
+    """The split's records (config.check_split has checked them and their images) without those longer
+    than max_len tokens: dropped, counted and named on stdout, never cut."""
     records = load_split(path)
-    missing = [r for r in records if not os.path.isfile(image_path(path, r))]
-    if missing:
-        raise FileNotFoundError(f"{path}: {len(missing)} images missing, e.g. {image_path(path, missing[0])} "
-                                f"(record {missing[0].id}); re-run the data preparation")
     kept, dropped = [], []
     for r in records:
         (kept if example_length(processor, r, path, with_target) <= max_len else dropped).append(r)
     if dropped:
-        print(f"{path}: dropped {len(dropped)} examples longer than max_len={max_len} tokens "
-              f"(truncating would cut image tokens): {', '.join(r.id for r in dropped[:10])}"
+        print(f"{path}: dropped {len(dropped)} examples longer than {max_len_key}={max_len} tokens (image tokens "
+              f"included; truncating would cut them): {', '.join(r.id for r in dropped[:10])}"
               + (" ..." if len(dropped) > 10 else ""))
     if not kept:
-        raise ValueError(f"{path}: no examples left (all longer than max_len={max_len})")
+        raise BadInput(f"{path}: no examples left (all {len(records)} longer than {max_len_key}={max_len})")
     return kept
 
 
@@ -163,6 +162,7 @@ def heldout_loss(model, records, split_path, processor, device, batch_size) -> f
 
 def main(argv=None):
     cfg = parse_args(SFTConfig, argv)
+    check_inputs(cfg)  # splits, images, init_adapter, output_dir: named now, not after the model has loaded
     ckpt.seed_everything(cfg.seed)
     save_config(cfg, cfg.output_dir)
 
@@ -251,4 +251,7 @@ def export_merged(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:  # a missing or unusable input: the message names it, a traceback would bury it
+        sys.exit(f"error: {e}")

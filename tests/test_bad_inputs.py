@@ -1,0 +1,369 @@
+"""Bad inputs, each tried for real. What the user sees is a clear error naming the input, or a skip that is
+counted where the user looks: never a traceback, never a silent drop. The README's table is this module's
+output, with the messages the cases actually produced:
+
+    python tests/test_bad_inputs.py --table
+
+A script case runs the script's command line: its `__main__` block (runpy) in this process, as
+`python train_sft.py ...` runs it, output captured. A real subprocess per case would cost ~5 s of imports
+each on a small CPU; the cases marked `subprocess` run as one (the issue's own example, and the hub cases,
+which need another environment). The data and config cases use the paper's 7B configs: the model cannot be
+fetched here (HF_HUB_OFFLINE=1), so each one also shows its input is checked before the model loads.
+Judge cases score a completion with the API judge against test_rewards.py's loopback chat server.
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import runpy
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import HUB_CACHE, ROOT  # sets HF_HUB_OFFLINE=1 and a hub cache of the tests' own
+from test_rewards import API_KEY, API_KEY_ENV, RECORD, WELL_FORMED, ChatHandler, api_judge, running_server
+
+SFT = ["configs/sft.yaml", "eval_data=none"]
+GRPO = ["configs/grpo.yaml", "init_adapter=none", "reference=base"]
+EVAL = ["configs/eval.yaml"]
+TINY_GRPO = ["configs/demo_grpo.yaml", "model=tiny", "init_adapter=none", "reference=base", "eval_every=0",
+             "max_steps=0"]
+
+
+@dataclass
+class Case:
+    input: str  # the bad input, as the table names it
+    expect: str  # regex: the line of output the user reads
+    outcome: str = "error"  # error (exit 1) | skip (exit 0, counted) | counted (judge counters) | parsed
+    script: str | None = None
+    args: list[str] = field(default_factory=list)  # {ws}: this run's workspace, {out}: a fresh output_dir
+    subprocess: bool = False
+    env: dict = field(default_factory=dict)  # for a subprocess; {hub}: the loopback hub's URL
+    judge: dict | None = None  # judge cases: api_judge settings, `mode` of the chat server, `handler`
+
+
+JUDGE_COUNTED = "counted: judge/* in train_grpo's metrics.jsonl, eval.py's metrics.json"
+
+CASES = [
+    # data: a prepared split given to a script (the preparers' own cases are in test_data_real.py)
+    Case("data file missing (configs/grpo.yaml before the PathMMU data is prepared)",
+         r"^error: key 'data': data file not found: <tmp>/pathmmu/prepared/rl\.jsonl", script="train_grpo.py",
+         args=["configs/grpo.yaml", "data={ws}/pathmmu/prepared/rl.jsonl", "output_dir={out}"], subprocess=True),
+    Case("image of a record missing", r"^error: key 'data': .*1 images missing, e\.g\. <tmp>/missing_image/images/"
+         r"r1\.png \(record 'r1'\)", script="train_sft.py", args=[*SFT, "data={ws}/missing_image/split.jsonl"]),
+    Case("image of a record corrupt (a truncated PNG)", r"^error: key 'data': .*1 of 4 records cannot be used \('r1': "
+         r"image unreadable: images/r1\.png", script="train_grpo.py",
+         args=[*GRPO, "data={ws}/corrupt_image/split.jsonl"]),
+    Case("answer not among the options", r"'r1': answer 'D' is not among the options", script="train_sft.py",
+         args=[*SFT, "data={ws}/answer_not_an_option/split.jsonl"]),
+    Case("fewer than 2 options", r"'r1': fewer than two options", script="train_grpo.py",
+         args=[*GRPO, "data={ws}/one_option/split.jsonl"]),
+    Case("empty question", r"'r1': empty question", script="train_sft.py",
+         args=[*SFT, "data={ws}/empty_question/split.jsonl"]),
+    Case("duplicate id", r"'r0': duplicate id", script="train_grpo.py",
+         args=[*GRPO, "data={ws}/duplicate_id/split.jsonl"]),
+    Case("duplicate id in a test set (would merge two predictions)", r"^error: key 'sets \(t\)': .*'r0': duplicate id",
+         script="eval.py", args=[*EVAL, "sets=[t={ws}/duplicate_id/split.jsonl]"]),
+    Case("split file not UTF-8 (Latin-1)", r"^error: key 'data': <tmp>/latin1/split\.jsonl is not UTF-8 text",
+         script="train_sft.py", args=[*SFT, "data={ws}/latin1/split.jsonl"]),
+    # config
+    Case("misspelt key on the command line", r"^config error: command line: unknown config key 'grop_size' "
+         r"\(did you mean 'group_size'\?\)", script="train_grpo.py", args=[*GRPO, "grop_size=4"]),
+    Case("misspelt key in the YAML", r"^config error: <tmp>/misspelt\.yaml: unknown config key 'max_step' "
+         r"\(did you mean 'max_steps'\?\)", script="train_sft.py", args=["{ws}/misspelt.yaml"]),
+    Case("value of the wrong type", r"^config error: command line: key 'max_steps' must be an int, got 'ten'",
+         script="train_sft.py", args=[*SFT, "max_steps=ten"]),
+    Case("YAML file missing", r"^config error: config file not found: configs/sft_typo\.yaml", script="train_sft.py",
+         args=["configs/sft_typo.yaml"]),
+    Case("adapter directory missing", r"^error: key 'adapter': <tmp>/runs/nowhere does not exist", script="eval.py",
+         args=[*EVAL, "sets=[t={ws}/good/split.jsonl]", "adapter={ws}/runs/nowhere"]),
+    Case("adapter directory without an adapter (a run that never finished)", r"^error: key 'init_adapter': "
+         r"<tmp>/empty_dir has no adapter_config\.json", script="train_grpo.py",
+         args=["configs/grpo.yaml", "data={ws}/good/split.jsonl", "init_adapter={ws}/empty_dir"]),
+    Case("a whole model given as the adapter", r"^error: key 'adapter': <tmp>/whole_model holds a whole model, not a "
+         r"LoRA adapter: give it as model=", script="eval.py",
+         args=[*EVAL, "sets=[t={ws}/good/split.jsonl]", "adapter={ws}/whole_model"]),
+    Case("model directory missing", r"^error: model <tmp>/models/nowhere: no such local directory, and not a hub id",
+         script="train_sft.py", args=[*SFT, "data={ws}/good/split.jsonl", "model={ws}/models/nowhere"]),
+    Case("model directory without config.json", r"^error: model <tmp>/empty_dir: the directory has no config\.json",
+         script="eval.py", args=[*EVAL, "sets=[t={ws}/good/split.jsonl]", "model={ws}/empty_dir"]),
+    Case("output_dir is a file", r"^error: key 'output_dir': <tmp>/a_file\.txt is a file", script="train_sft.py",
+         args=[*SFT, "data={ws}/good/split.jsonl", "output_dir={ws}/a_file.txt"]),
+    # prompt length
+    Case("a prompt longer than max_prompt_len (image tokens included)", r"^<tmp>/long_prompt/split\.jsonl: dropped 1 "
+         r"examples longer than max_prompt_len=400 tokens \(image tokens included", outcome="skip",
+         script="train_grpo.py", args=[*TINY_GRPO, "data={ws}/long_prompt/split.jsonl", "max_prompt_len=400"]),
+    Case("every prompt longer than max_prompt_len", r"^error: <tmp>/long_prompt/split\.jsonl: no examples left \(all 4 "
+         r"longer than max_prompt_len=20\)", script="train_grpo.py",
+         args=[*TINY_GRPO, "data={ws}/long_prompt/split.jsonl", "max_prompt_len=20"]),
+    # model name
+    Case("hub model not in the cache, HF_HUB_OFFLINE=1", r"^error: model Qwen/Qwen2\.5-VL-7B-Instruct: no such local "
+         r"directory, and not in the hub cache \(<hub-cache>\), all that HF_HUB_OFFLINE=1 allows: download it once "
+         r"with network", script="train_sft.py", args=[*SFT, "data={ws}/good/split.jsonl"]),
+    Case("hub model gated (the hub answers 401 GatedRepo)", r"^error: model pathvlm-test/gated-model is gated on the "
+         r"Hugging Face hub: accept its terms at <loopback>/pathvlm-test/gated-model, then log in with `hf auth login`",
+         script="train_sft.py", args=[*SFT, "data={ws}/good/split.jsonl", "model=pathvlm-test/gated-model"],
+         subprocess=True, env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "{hub}"}),
+    Case("hub model misspelt (the hub answers 404 RepoNotFound)", r"^error: model Qwen/Qwen2\.5-VL-7B-Instuct: no such "
+         r"local directory, and no such model on the Hugging Face hub: check the spelling", script="eval.py",
+         args=[*EVAL, "sets=[t={ws}/good/split.jsonl]", "model=Qwen/Qwen2.5-VL-7B-Instuct"],
+         subprocess=True, env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "{hub}"}),
+    # judge
+    Case("judge API key variable not set", r"^error: judge=api reads its key from the environment variable "
+         r"PATHVLM_UNSET_KEY, which is not set", script="train_grpo.py",
+         args=[*GRPO, "data={ws}/good/split.jsonl", "judge=api", "judge_api_key_env=PATHVLM_UNSET_KEY"]),
+    Case("judge reply is not JSON (garbage)", r"^reward 0\.5; judge/fallbacks=1$", outcome="counted",
+         judge={"mode": "garbage"}),
+    Case("judge reply is JSON inside a markdown code fence", r"^reward 0\.7; nothing counted$", outcome="parsed",
+         judge={"mode": "good", "handler": "fenced"}),
+    Case("judge API answers 429, then 200", r"^reward 0\.7; judge/retries=1$", outcome="counted",
+         judge={"mode": "429_then_ok"}),
+    Case("judge API answers 500 every time", r"^reward 0\.5; judge/retries=2, judge/failures=1, judge/fallbacks=1$",
+         outcome="counted", judge={"mode": "500"}),
+    Case("judge API times out", r"^reward 0\.5; judge/retries=1, judge/failures=1, judge/fallbacks=1$",
+         outcome="counted", judge={"mode": "slow", "timeout": 0.3, "max_retries": 1}),
+    Case("judge API connection refused", r"^reward 0\.5; judge/retries=1, judge/failures=1, judge/fallbacks=1$",
+         outcome="counted", judge={"mode": "refused", "max_retries": 1}),
+    Case("judge API refuses the key (401)", r"^error: judge API at <loopback>/v1 answered HTTP 401 "
+         r"\(AuthenticationError\) for model 'judge-test': check the URL, the model name and the key",
+         judge={"mode": "401"}),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# The workspace: a valid prepared split, one broken copy per data case, and the other bad paths
+
+def write_split(directory: str, records: list[dict], encoding: str = "utf-8"):
+    os.makedirs(os.path.join(directory, "images"), exist_ok=True)
+    for r in records:
+        image = Image.new("RGB", (112, 112), (150, 90, 40))  # DAB brown
+        image.paste((60, 70, 160), (0, 0, 56, 112))  # hematoxylin blue on the left half
+        image.save(os.path.join(directory, r["image"]))
+    with open(os.path.join(directory, "split.jsonl"), "w", encoding=encoding) as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def make_workspace(ws: str):
+    def records(**changes_to_r1):
+        out = [dict(id=f"r{i}", image=f"images/r{i}.png", question="Which stain dominates this patch?",
+                    options=["brown", "blue", "mixed"], answer="A", explanation="The patch is mostly brown.")
+               for i in range(4)]
+        out[1].update(changes_to_r1)
+        return out
+
+    write_split(f"{ws}/good", records())
+    write_split(f"{ws}/missing_image", records())
+    os.remove(f"{ws}/missing_image/images/r1.png")
+    write_split(f"{ws}/corrupt_image", records())
+    png = Path(f"{ws}/corrupt_image/images/r1.png")
+    png.write_bytes(png.read_bytes()[:60])  # cut inside its pixel data, as an interrupted copy leaves it
+    write_split(f"{ws}/answer_not_an_option", records(answer="D"))
+    write_split(f"{ws}/one_option", records(options=["brown"]))
+    write_split(f"{ws}/empty_question", records(question=" "))
+    write_split(f"{ws}/duplicate_id", records(id="r0"))
+    write_split(f"{ws}/latin1", records(question="Which stain dominates this café-au-lait patch?"), encoding="latin-1")
+    write_split(f"{ws}/long_prompt", records(question="Which stain dominates this patch? " * 60))
+    os.makedirs(f"{ws}/empty_dir")
+    os.makedirs(f"{ws}/whole_model")
+    Path(f"{ws}/whole_model/config.json").write_text("{}")
+    Path(f"{ws}/a_file.txt").write_text("not a directory\n")
+    Path(f"{ws}/misspelt.yaml").write_text("max_step: 10\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a case
+
+@dataclass
+class Result:
+    rc: int | None = None
+    output: str = ""
+    traceback: str | None = None  # an exception that reached the top: what the user would see as a traceback
+
+
+class HubHandler(BaseHTTPRequestHandler):
+    """The Hugging Face hub's answers for a gated repository and for one that does not exist: the status and
+    X-Error-Code header from which huggingface_hub raises GatedRepoError / RepositoryNotFoundError."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        gated = "gated" in self.path
+        self.send_response(401 if gated else 404)
+        self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
+        self.send_header("X-Error-Message", "Access to this model is restricted" if gated else "Repository not found")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+
+class FencedReplyHandler(ChatHandler):
+    """test_rewards' chat server, its reply wrapped in a ```json fence as chat models often write it."""
+
+    def send_json(self, status: int, obj: dict):
+        if status == 200:
+            message = obj["choices"][0]["message"]
+            message["content"] = f"Here are the scores:\n```json\n{message['content']}\n```"
+        super().send_json(status, obj)
+
+
+def run_script(script: str, argv: list[str]) -> Result:
+    """`python script argv...` in this process: its __main__ block, stdout and stderr captured, and an
+    uncaught SystemExit read as the interpreter reads it (a string is printed, exit status 1)."""
+    out, saved_argv = io.StringIO(), sys.argv
+    sys.argv = [script, *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        return Result(0, out.getvalue())
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            return Result(1, out.getvalue() + e.code + "\n")
+        return Result(e.code or 0, out.getvalue())
+    finally:
+        sys.argv = saved_argv
+
+
+def run_judge(settings: dict, ws: str) -> Result:
+    """The process reward of one well-formed, right completion, as train_grpo scores it -> the reward and the
+    judge's counters that moved. An InputError is printed as the scripts print it."""
+    from config import InputError
+    from rewards import process_reward
+
+    settings = dict(settings)
+    mode, handler = settings.pop("mode"), settings.pop("handler", None)
+    with running_server(FencedReplyHandler if handler == "fenced" else ChatHandler) as server:
+        server.state.mode = mode
+        if mode == "refused":  # a port nothing listens on
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                settings["base_url"] = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+        judge = api_judge(server, Path(ws), use_cache=False, **settings)
+        try:
+            [reward] = process_reward([WELL_FORMED], [RECORD], judge=judge, image_paths=[f"{ws}/good/images/r0.png"])
+        except InputError as e:
+            return Result(1, f"error: {e}\n")
+    counted = [f"judge/{k}={v}" for k, v in judge.stats.as_dict().items() if k in ("retries", "failures", "fallbacks")
+               and v]
+    return Result(0, f"reward {reward:g}; {', '.join(counted) or 'nothing counted'}\n")
+
+
+def fill(text: str, ws: str, case_index: int, hub: str = "") -> str:
+    return text.format(ws=ws, out=f"{ws}/out/{case_index}", hub=hub)
+
+
+def script_args(case: Case, ws: str, case_index: int) -> list[str]:
+    """The case's arguments, filled in, with output_dir in the workspace unless the case names one: a
+    run that got as far as saving its config must never write into the repository's runs/."""
+    args = [fill(a, ws, case_index) for a in case.args]
+    return args if any(a.startswith("output_dir=") for a in args) else [*args, f"output_dir={ws}/out/{case_index}"]
+
+
+def run_cases(ws: str) -> dict[str, Result]:
+    """Every case -> its Result. Subprocess cases start first and run while the others run here."""
+    make_workspace(ws)
+    results, started, cwd = {}, {}, os.getcwd()
+    os.chdir(ROOT)  # the scripts' config paths are relative to the repository
+    os.environ[API_KEY_ENV] = API_KEY
+    try:
+        with running_server(HubHandler) as hub:
+            hub_url = f"http://127.0.0.1:{hub.server_address[1]}"
+            for i, case in enumerate(CASES):
+                if case.subprocess:
+                    env = {**os.environ, **{k: fill(v, ws, i, hub_url) for k, v in case.env.items()}}
+                    started[case.input] = subprocess.Popen(
+                        [sys.executable, case.script, *script_args(case, ws, i)], cwd=ROOT, env=env,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i, case in enumerate(CASES):
+                if case.subprocess:
+                    continue
+                try:
+                    if case.judge is not None:
+                        results[case.input] = run_judge(case.judge, ws)
+                    else:
+                        results[case.input] = run_script(case.script, script_args(case, ws, i))
+                except Exception:
+                    results[case.input] = Result(traceback=traceback.format_exc())
+            for name, proc in started.items():
+                output, _ = proc.communicate(timeout=300)
+                results[name] = Result(proc.returncode, output)
+    finally:
+        os.chdir(cwd)
+        os.environ.pop(API_KEY_ENV, None)
+    for result in results.values():  # what is machine-specific, as the README shows it
+        for path, placeholder in [(os.path.realpath(ws), "<tmp>"), (ws, "<tmp>"), (HUB_CACHE, "<hub-cache>")]:
+            result.output = result.output.replace(path, placeholder)
+        result.output = re.sub(r"http://127\.0\.0\.1:\d+", "<loopback>", result.output)
+    return results
+
+
+def message_line(case: Case, result: Result) -> str | None:
+    """The line of the output the case expects (the table's 'what the user sees'), or None."""
+    return next((line for line in result.output.splitlines() if re.search(case.expect, line)), None)
+
+
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_cases(str(tmp_path_factory.mktemp("bad-inputs")))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.input for c in CASES])
+def test_bad_input(case, results):
+    result = results[case.input]
+    assert result.traceback is None, result.traceback
+    assert "Traceback" not in result.output, result.output
+    assert message_line(case, result) is not None, f"no line matches /{case.expect}/ in:\n{result.output}"
+    assert (result.rc != 0) == (case.outcome == "error"), f"exit status {result.rc}:\n{result.output}"
+
+
+WHERE = {"error": "error, exit 1", "skip": "counted skip (stdout, before step 1), exit 0",
+         "counted": JUDGE_COUNTED, "parsed": "parsed as a reply"}
+
+
+def table(results: dict[str, Result]) -> str:
+    rows = ["| bad input | command | what the user sees | outcome |", "|---|---|---|---|"]
+    tally = {"error": 0, "skip": 0, "counted": 0, "parsed": 0, "traceback": 0, "unexpected": 0}
+    for i, case in enumerate(CASES):
+        result = results[case.input]
+        line = message_line(case, result)
+        if result.traceback is not None or "Traceback" in result.output:
+            tally["traceback"] += 1
+        elif line is None or (result.rc != 0) != (case.outcome == "error"):
+            tally["unexpected"] += 1
+        else:
+            tally[case.outcome] += 1
+        command = "(judge: process reward)" if case.script is None else f"`{case.script} {' '.join(case.args)}`"
+        command = command.replace("{ws}", "<tmp>").replace("{out}", "<tmp>/out")
+        seen = line if line is not None else (result.traceback or result.output).strip().splitlines()[-1]
+        cells = [case.input, command, f"`` {seen} ``", WHERE[case.outcome]]  # `` : the messages quote commands in `
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    rows.append("")
+    rows.append(f"{len(CASES)} inputs tried: {tally['error']} clear errors, {tally['skip']} counted skips, "
+                f"{tally['counted']} counted judge failures or retries, {tally['parsed']} parsed; "
+                f"{tally['traceback']} tracebacks, {tally['unexpected']} other outcomes.")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--table"]:
+        sys.exit("usage: python tests/test_bad_inputs.py --table")
+    workspace = tempfile.mkdtemp(prefix="pathvlm-bad-inputs-")
+    os.environ["PATHVLM_CACHE"] = os.path.join(workspace, "cache")  # the tiny model, as conftest does for pytest
+    try:
+        print(table(run_cases(workspace)))
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
