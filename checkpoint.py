@@ -61,8 +61,14 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, ext
         json.dump({"step": step, **extra}, f)
     if save_model is not None:
         save_model(os.path.join(tmp, "model"))
-    shutil.rmtree(final, ignore_errors=True)
+    previous = os.path.join(root, f".old-step_{step:07d}")
+    if os.path.isdir(final):
+        # this step saved before (a finished run run again saves its last step again): moved aside whole,
+        # not deleted in place, or a kill -9 midway leaves a half-deleted step_N that resume=auto picks
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(final, previous)
     os.replace(tmp, final)
+    shutil.rmtree(previous, ignore_errors=True)
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
