@@ -291,7 +291,7 @@ def check_inputs(cfg):
     (image included) is usable, adapter directories hold an adapter, judge=api has its key."""
     check_output_dir(cfg.output_dir)
     if isinstance(cfg, EvalConfig):
-        for spec in cfg.sets:  # a malformed spec is eval.load_sets' to name
+        for spec in cfg.sets:  # a malformed spec is evaluation.load_sets' to name
             name, sep, path = spec.partition("=")
             if sep and path.strip():
                 check_split(f"sets ({name.strip()})", path.strip())

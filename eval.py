@@ -24,113 +24,15 @@ import re
 import sys
 import time
 
-import torch
 import yaml
-from PIL import Image
 
 from config import EvalConfig, InputError, check_inputs, parse_args, save_config
-from mcq import Record, image_path, is_well_formed, load_split, option_lines, parse_answer, prompt_messages
-from model import completion_mask, encode_prompts, generate, load_model, stop_token_ids
-from report import read_jsonl, wilson_interval
+from evaluation import evaluate, load_sets, read_predictions
+from mcq import Record, option_lines, parse_answer
+from model import load_model
 
 # config keys that change what the model answers: predictions made under other values are not resumed
 PREDICTION_KEYS = ("model", "adapter", "seed", "dtype", "quantization", "min_pixels", "max_pixels", "max_new_tokens")
-
-
-def load_sets(specs: list[str], limit: int = 0) -> dict[str, list[Record]]:
-    """["name=path.jsonl", ...] -> {name: records}, the first `limit` of each if limit > 0. Image
-    paths become absolute and are checked here, not hours into the run."""
-    if not specs:
-        raise ValueError("no test sets: give sets=[name=path.jsonl, ...]")
-    sets = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"test set must be given as name=path.jsonl, got '{spec}'")
-        if name.strip() in sets:
-            raise ValueError(f"test set '{name.strip()}' is given twice")
-        records = load_split(path.strip())  # its errors name the file (and line)
-        records = records[:limit] if limit > 0 else records
-        for r in records:
-            r.image = image_path(path.strip(), r)
-            if not os.path.isfile(r.image):
-                raise FileNotFoundError(f"{path.strip()}: image of '{r.id}' not found: {r.image}")
-        sets[name.strip()] = records
-    return sets
-
-
-def score(completion: str, record: Record) -> dict:
-    """An empty or unparseable completion is a wrong answer (parsed None), never an error."""
-    parsed = parse_answer(completion, record.options)
-    return {"parsed": parsed, "correct": parsed is not None and parsed == record.answer}
-
-
-def read_predictions(path: str) -> list[dict]:
-    """Predictions written so far. A last line cut by a kill is first cut from the file, so that item
-    is generated again and the next append starts on a line of its own."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)
-    return read_jsonl(path)
-
-
-def set_metrics(predictions: list[dict]) -> dict:
-    n = len(predictions)
-    correct = sum(bool(p["correct"]) for p in predictions)
-    ci_low, ci_high = wilson_interval(correct, n)
-    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "ci_low": ci_low, "ci_high": ci_high,
-            "format_rate": sum(is_well_formed(p["completion"]) for p in predictions) / n if n else 0.0,
-            "unparseable": sum(p["parsed"] is None for p in predictions),
-            "mean_completion_tokens": sum(p["completion_tokens"] for p in predictions) / n if n else 0.0}
-
-
-@torch.no_grad()
-def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_size: int = 8,
-             max_new_tokens: int = 256, predictions_path: str | None = None, log=print) -> dict[str, dict]:
-    """Greedy answers to every record -> {set name: metrics}; each set's "generated" counts the items
-    answered in this call. Record images must be openable paths (load_sets makes them absolute).
-    With predictions_path, each prediction is appended there as it comes and (set, id) pairs
-    already there are not generated again; the metrics cover all of `records_by_set`."""
-    done = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)} if predictions_path else {}
-    if predictions_path:
-        os.makedirs(os.path.dirname(os.path.abspath(predictions_path)), exist_ok=True)
-    out = open(predictions_path, "a") if predictions_path else None
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    stop_ids = stop_token_ids(processor.tokenizer)
-    results = {}
-    try:
-        for name, records in records_by_set.items():
-            todo = [r for r in records if (name, r.id) not in done]
-            start = time.time()
-            for i in range(0, len(todo), batch_size):
-                batch = todo[i:i + batch_size]
-                images = [Image.open(r.image).convert("RGB") for r in batch]
-                inputs = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
-                ids, texts = generate(model, processor, inputs, max_new_tokens, temperature=0.0)  # (B, T)
-                lengths = completion_mask(ids, stop_ids).sum(1).tolist()  # tokens up to and including EOS
-                for record, text, length in zip(batch, texts, lengths):
-                    pred = {"id": record.id, "set": name, "completion": text, **score(text, record),
-                            "gold": record.answer, "completion_tokens": length}
-                    done[(name, record.id)] = pred
-                    if out:
-                        out.write(json.dumps(pred, ensure_ascii=False) + "\n")
-                        out.flush()
-                if (i // batch_size) % 10 == 0 or i + len(batch) == len(todo):
-                    log(f"  {name}: {i + len(batch)}/{len(todo)} generated, {time.time() - start:.1f}s")
-            seconds = time.time() - start
-            results[name] = set_metrics([done[(name, r.id)] for r in records])
-            results[name]["items_per_s"] = round(len(todo) / seconds, 3) if todo else None
-            results[name]["generated"] = len(todo)
-    finally:
-        if out:
-            out.close()
-        model.train(was_training)
-    return results
 
 
 def format_table(sets: dict[str, dict]) -> str:

@@ -8,7 +8,6 @@ so quantisation, LoRA and generation are exercised exactly as on the real model.
 import contextlib
 import logging
 import os
-import re
 
 import torch
 import torch.utils.checkpoint

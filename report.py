@@ -16,6 +16,8 @@ import os
 import sys
 from typing import NamedTuple
 
+from evaluation import read_jsonl
+
 # ----------------------------------------------------------------------------------------------
 # The paper's numbers (accuracy, %)
 
@@ -45,20 +47,6 @@ def paper_rows() -> dict[str, dict[str, float]]:
 
 # ----------------------------------------------------------------------------------------------
 # Statistics
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a proportion: centre (p + z²/2n)/(1 + z²/n),
-    half-width z·sqrt(p(1-p)/n + z²/4n²)/(1 + z²/n). Unlike p ± z·sqrt(p(1-p)/n) it stays inside
-    [0, 1] and is not zero-width at 0/n or n/n. n = 0 -> (0, 1): nothing is known."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # at 0/n and n/n the bound is exactly 0 or 1; floating point would give 1e-17 or 0.9999999999999999
-    return (0.0 if correct == 0 else centre - half), (1.0 if correct == n else centre + half)
-
 
 def binomial_two_sided_p(k: int, n: int) -> float:
     """Exact two-sided p of k successes in n fair coin flips: 2·P(X <= min(k, n-k)), capped at 1.
@@ -96,24 +84,6 @@ def mcnemar(a_correct: list[bool], b_correct: list[bool]) -> McNemar:
 
 # ----------------------------------------------------------------------------------------------
 # Reading runs
-
-def read_jsonl(path: str) -> list[dict]:
-    """One JSON object per line. A last line that does not parse was cut by a killed writer and is
-    ignored; a bad line anywhere else is an error naming the file and line."""
-    with open(path) as f:
-        lines = f.read().split("\n")
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines):  # no newline after it: cut mid-write
-                continue
-            raise ValueError(f"{path}:{n}: not valid JSON") from None
-    return rows
-
 
 def load_run(run_dir: str) -> dict:
     """-> {"name", "metrics", "correct": {(set, id): bool}} from an eval.py output_dir."""

@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import checkpoint as ckpt
 from config import GRPOConfig, InputError, check_inputs, parse_args, save_config
-from eval import evaluate, load_sets
+from evaluation import evaluate, load_sets
 from grpo import equal_reward_groups, group_advantages, grpo_loss
 from judges import judge_from_config
 from mcq import image_path, is_well_formed, parse_answer, prompt_messages
@@ -36,7 +36,7 @@ from model import (completion_logprobs, completion_mask, count_params, encode_pr
                    generation_config, image_features, load_model, repeat_prompts, shared_prompt_logprobs,
                    special_token_ids, stop_token_ids, unwrap)
 from rewards import score_completions
-from train_sft import DataOrder, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
+from training import DataOrder, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
 
 
 def is_full_model(path: str) -> bool:

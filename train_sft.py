@@ -9,7 +9,6 @@ Reads top to bottom: config -> data (over-long examples dropped and named) -> mo
 The loss is on the assistant's tokens only: prompt, image and padding tokens never enter it.
 """
 
-import math
 import os
 import sys
 import time
@@ -19,44 +18,15 @@ from PIL import Image
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from config import BadInput, InputError, SFTConfig, check_inputs, parse_args, save_config
-from mcq import Record, image_path, load_split, prompt_messages, target_text
+from config import InputError, SFTConfig, check_inputs, parse_args, save_config
+from mcq import Record, image_path, prompt_messages, target_text
 from model import (completion_logprobs, count_params, encode_completions, encode_prompts, image_features, load_model,
                    unwrap)
+from training import DataOrder, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
-
-def example_length(processor, record: Record, split_path: str, with_target: bool = True) -> int:
-    """Prompt tokens (image tokens included) [+ target tokens + EOS], without building pixel tensors."""
-    with Image.open(image_path(split_path, record)) as im:
-        width, height = im.size
-    n_patches = processor.image_processor.get_number_of_image_patches(height, width, {})
-    n_image_tokens = n_patches // processor.image_processor.merge_size ** 2
-    prompt = processor.apply_chat_template(prompt_messages(record), tokenize=False, add_generation_prompt=True)
-    n_prompt = len(processor.tokenizer(prompt)["input_ids"]) - 1 + n_image_tokens  # one <|image_pad|> expands
-    if not with_target:
-        return n_prompt
-    return n_prompt + len(processor.tokenizer(target_text(record))["input_ids"]) + 1
-
-
-def load_examples(path: str, processor, max_len: int, with_target: bool = True, max_len_key: str = "max_len"
-                  ) -> list[Record]:
-    """The split's records (config.check_split has checked them and their images) without those longer
-    than max_len tokens: dropped, counted and named on stdout, never cut."""
-    records = load_split(path)
-    kept, dropped = [], []
-    for r in records:
-        (kept if example_length(processor, r, path, with_target) <= max_len else dropped).append(r)
-    if dropped:
-        print(f"{path}: dropped {len(dropped)} examples longer than {max_len_key}={max_len} tokens (image tokens "
-              f"included; truncating would cut them): {', '.join(r.id for r in dropped[:10])}"
-              + (" ..." if len(dropped) > 10 else ""))
-    if not kept:
-        raise BadInput(f"{path}: no examples left (all {len(records)} longer than {max_len_key}={max_len})")
-    return kept
-
 
 def batch_tensors(records: list[Record], split_path: str, processor, device):
     """-> prompt inputs (left-padded), completion ids and mask (right-padded). The loss mask is the
@@ -65,76 +35,6 @@ def batch_tensors(records: list[Record], split_path: str, processor, device):
     prompt = encode_prompts(processor, [prompt_messages(r) for r in records], images, device)
     completion_ids, completion_mask = encode_completions(processor.tokenizer, [target_text(r) for r in records], device)
     return prompt, completion_ids, completion_mask
-
-
-class DataOrder:
-    """Shuffled epochs from (seed, epoch): the position (epoch, cursor) is all that resume needs."""
-
-    def __init__(self, n: int, seed: int, epoch: int = 0, cursor: int = 0):
-        self.n, self.seed, self.epoch, self.cursor = n, seed, epoch, cursor
-        self.perm = self._perm()
-
-    def _perm(self):
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch)).tolist()
-
-    def next(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.cursor == self.n:
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self.perm = self._perm()
-            out.append(self.perm[self.cursor])
-            self.cursor += 1
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimisation pieces shared with train_grpo.py
-
-def make_optimizer(cfg, params):
-    params = [p for p in params if p.requires_grad]
-    kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    import bitsandbytes as bnb  # 8-bit optimizer states: ~75% less optimizer memory, for GPUs
-
-    if cfg.optimizer == "adamw_8bit":
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    if cfg.optimizer == "paged_adamw_8bit":
-        return bnb.optim.PagedAdamW8bit(params, **kwargs)
-    sys.exit(f"config error: optimizer must be adamw, adamw_8bit or paged_adamw_8bit, got '{cfg.optimizer}'")
-
-
-def make_scheduler(cfg, optimizer):
-    def factor(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def save_trained(model, processor, out_dir: str, **save_kwargs):
-    """A PEFT adapter directory (PeftModel.from_pretrained(base, out_dir) loads it), or the whole
-    model for finetune=full; the tokenizer and image processor beside it either way."""
-    model.save_pretrained(out_dir, **save_kwargs)
-    processor.tokenizer.save_pretrained(out_dir)
-    processor.image_processor.save_pretrained(out_dir)
-
-
-def open_tensorboard(cfg):
-    if not cfg.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # optional: metrics.jsonl holds everything anyway
-        sys.exit("tensorboard=true needs `pip install tensorboard`; or plot metrics.jsonl with report.py curves")
-    return SummaryWriter(os.path.join(cfg.output_dir, "tb"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ def step_end_callback():
 # Reading and printing
 
 def read_metrics(output_dir: str) -> list[dict]:
-    from report import read_jsonl
+    from evaluation import read_jsonl
 
     return read_jsonl(os.path.join(output_dir, "metrics.jsonl"))
 

@@ -110,7 +110,7 @@ def write_synthetic_data(out_dir: str, model_dir: str, image_px: int, prompt_tok
     """A JSONL of identical records: one random image and a stain question padded with on-topic
     words to ~prompt_tokens (image tokens included). Returns (path, prompt tokens per record)."""
     from mcq import TRAINING_WORDS, Record
-    from train_sft import example_length
+    from training import example_length
 
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     pixels = np.random.default_rng(0).integers(0, 256, (image_px, image_px, 3), dtype=np.uint8)

@@ -11,9 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+import evaluation
 import report
 from config import EvalConfig, parse_args
-from eval import evaluate, load_sets, read_predictions, run, score, set_metrics
+from eval import run
+from evaluation import evaluate, load_sets, read_predictions, score, set_metrics
 from mcq import Record
 from model import load_model
 
@@ -26,17 +28,17 @@ OPTIONS = ["brown", "blue", "mixed"]
 def test_wilson_hand_values():
     # 8/10, z = 1.96: z² = 3.8416, 1 + z²/n = 1.38416, centre = (0.8 + 0.19208)/1.38416 = 0.71674,
     # half = 1.96·sqrt(0.016 + 0.009604)/1.38416 = 0.22658  ->  (0.4902, 0.9433)
-    assert report.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert evaluation.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
     # 0/10: centre = half = 0.19208/1.38416 = 0.13877  ->  (0, 0.2775); 10/10 is its mirror image
-    assert report.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert report.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
-    assert report.wilson_interval(0, 0) == (0.0, 1.0)
+    assert evaluation.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert evaluation.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert evaluation.wilson_interval(0, 0) == (0.0, 1.0)
 
 
 @given(st.integers(1, 400), st.data())
 def test_wilson_contains_the_estimate(n, data):
     k = data.draw(st.integers(0, n))
-    low, high = report.wilson_interval(k, n)
+    low, high = evaluation.wilson_interval(k, n)
     assert 0.0 <= low <= k / n <= high <= 1.0
     assert report.binomial_two_sided_p(k, n) == report.binomial_two_sided_p(n - k, n)
 
@@ -249,7 +251,7 @@ def test_mcnemar_table_pairs_by_set_and_id(tmp_path):
         with open(tmp_path / name / "predictions.jsonl", "w") as f:
             f.write("".join(json.dumps(p) + "\n" for p in preds) + '{"id": "q1')
         n, k = len(right), sum(right)
-        lo, hi = report.wilson_interval(k, n)
+        lo, hi = evaluation.wilson_interval(k, n)
         sets = {"pathmmu": {"n": n, "correct": k, "accuracy": k / n, "ci_low": lo, "ci_high": hi}}
         with open(tmp_path / name / "metrics.json", "w") as f:
             json.dump({"run": name, "accuracy": k / n, "sets": sets}, f)

@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 import report
-from eval import REASONING_KEYS, REASONING_RUBRIC, load_sets, reasoning_request, run, score
+from eval import REASONING_KEYS, REASONING_RUBRIC, reasoning_request, run
+from evaluation import load_sets, score
 from judges import make_judge, parse_scores, rule_reasoning_scores
 from mcq import Record
 from test_eval import data, eval_cfg, one_thread, read_lines, tiny  # noqa: F401  (fixtures)

@@ -17,6 +17,7 @@ from config import ModelConfig, SFTConfig
 from mcq import load_split, target_text
 from model import load_model
 import train_sft
+import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,9 +166,9 @@ def test_bad_inputs_name_the_path(demo_data, tmp_path):
 def test_overlong_examples_are_dropped_and_named(demo_data, capsys):
     cfg = SFTConfig(model="tiny")
     _, processor = load_model(cfg)
-    kept = train_sft.load_examples(f"{demo_data}/sft.jsonl", processor, max_len=10_000)
+    kept = training.load_examples(f"{demo_data}/sft.jsonl", processor, max_len=10_000)
     with pytest.raises(ValueError, match="no examples left"):
-        train_sft.load_examples(f"{demo_data}/sft.jsonl", processor, max_len=20)
+        training.load_examples(f"{demo_data}/sft.jsonl", processor, max_len=20)
     assert "dropped 48 examples longer than max_len=20" in capsys.readouterr().out and len(kept) == 48
 
 

@@ -1,0 +1,156 @@
+"""Greedy answers to multiple-choice test sets and their metrics: what eval.py reports, and what
+train_grpo.py's held-out curve measures. Reading runs' JSONL files and the Wilson interval, which
+report.py uses too. Nothing here imports torch until a model is asked for answers.
+"""
+
+import json
+import math
+import os
+import time
+
+from PIL import Image
+
+from mcq import Record, image_path, is_well_formed, load_split, parse_answer, prompt_messages
+
+
+def load_sets(specs: list[str], limit: int = 0) -> dict[str, list[Record]]:
+    """["name=path.jsonl", ...] -> {name: records}, the first `limit` of each if limit > 0. Image
+    paths become absolute and are checked here, not hours into the run."""
+    if not specs:
+        raise ValueError("no test sets: give sets=[name=path.jsonl, ...]")
+    sets = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"test set must be given as name=path.jsonl, got '{spec}'")
+        if name.strip() in sets:
+            raise ValueError(f"test set '{name.strip()}' is given twice")
+        records = load_split(path.strip())  # its errors name the file (and line)
+        records = records[:limit] if limit > 0 else records
+        for r in records:
+            r.image = image_path(path.strip(), r)
+            if not os.path.isfile(r.image):
+                raise FileNotFoundError(f"{path.strip()}: image of '{r.id}' not found: {r.image}")
+        sets[name.strip()] = records
+    return sets
+
+
+def score(completion: str, record: Record) -> dict:
+    """An empty or unparseable completion is a wrong answer (parsed None), never an error."""
+    parsed = parse_answer(completion, record.options)
+    return {"parsed": parsed, "correct": parsed is not None and parsed == record.answer}
+
+
+def read_predictions(path: str) -> list[dict]:
+    """Predictions written so far. A last line cut by a kill is first cut from the file, so that item
+    is generated again and the next append starts on a line of its own."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+    return read_jsonl(path)
+
+
+def set_metrics(predictions: list[dict]) -> dict:
+    n = len(predictions)
+    correct = sum(bool(p["correct"]) for p in predictions)
+    ci_low, ci_high = wilson_interval(correct, n)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "ci_low": ci_low, "ci_high": ci_high,
+            "format_rate": sum(is_well_formed(p["completion"]) for p in predictions) / n if n else 0.0,
+            "unparseable": sum(p["parsed"] is None for p in predictions),
+            "mean_completion_tokens": sum(p["completion_tokens"] for p in predictions) / n if n else 0.0}
+
+
+def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_size: int = 8,
+             max_new_tokens: int = 256, predictions_path: str | None = None, log=print,
+             procs=None) -> dict[str, dict]:
+    """Greedy answers to every record -> {set name: metrics}; each set's "generated" counts the items
+    answered in this call. Record images must be openable paths (load_sets makes them absolute).
+    With predictions_path, each prediction is appended there as it comes and (set, id) pairs
+    already there are not generated again; the metrics cover all of `records_by_set`.
+    Several processes (procs): each answers its share of every round of batch_size x N items; the
+    main process writes the round's predictions in the order one process would have."""
+    import torch
+
+    from model import completion_mask, encode_prompts, generate, stop_token_ids
+    from training import Processes
+
+    procs = procs or Processes()
+    done = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)} if predictions_path else {}
+    if predictions_path and procs.main:
+        os.makedirs(os.path.dirname(os.path.abspath(predictions_path)), exist_ok=True)
+    out = open(predictions_path, "a") if predictions_path and procs.main else None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stop_ids = stop_token_ids(processor.tokenizer)
+    results = {}
+    try:
+        for name, records in records_by_set.items():
+            todo = [r for r in records if (name, r.id) not in done]
+            start = time.time()
+            step = batch_size * procs.world_size  # items per round, all processes together
+            for i in range(0, len(todo), step):
+                batch = todo[i:i + step][procs.rank::procs.world_size]  # this process's share of the round
+                preds = []
+                if batch:
+                    images = [Image.open(r.image).convert("RGB") for r in batch]
+                    inputs = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
+                    with torch.no_grad():
+                        ids, texts = generate(model, processor, inputs, max_new_tokens, temperature=0.0)  # (B, T)
+                    lengths = completion_mask(ids, stop_ids).sum(1).tolist()  # tokens up to and including EOS
+                    preds = [{"id": record.id, "set": name, "completion": text, **score(text, record),
+                              "gold": record.answer, "completion_tokens": length}
+                             for record, text, length in zip(batch, texts, lengths)]
+                shares = procs.gather(preds)
+                for k in range(len(todo[i:i + step])):  # back in the order of todo
+                    pred = shares[k % procs.world_size][k // procs.world_size]
+                    done[(name, pred["id"])] = pred
+                    if out:
+                        out.write(json.dumps(pred, ensure_ascii=False) + "\n")
+                        out.flush()
+                if (i // step) % 10 == 0 or i + step >= len(todo):
+                    log(f"  {name}: {min(i + step, len(todo))}/{len(todo)} generated, {time.time() - start:.1f}s")
+            seconds = time.time() - start
+            results[name] = set_metrics([done[(name, r.id)] for r in records])
+            results[name]["items_per_s"] = round(len(todo) / seconds, 3) if todo else None
+            results[name]["generated"] = len(todo)
+    finally:
+        if out:
+            out.close()
+        model.train(was_training)
+    return results
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion: centre (p + z²/2n)/(1 + z²/n),
+    half-width z·sqrt(p(1-p)/n + z²/4n²)/(1 + z²/n). Unlike p ± z·sqrt(p(1-p)/n) it stays inside
+    [0, 1] and is not zero-width at 0/n or n/n. n = 0 -> (0, 1): nothing is known."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # at 0/n and n/n the bound is exactly 0 or 1; floating point would give 1e-17 or 0.9999999999999999
+    return (0.0 if correct == 0 else centre - half), (1.0 if correct == n else centre + half)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """One JSON object per line. A last line that does not parse was cut by a killed writer and is
+    ignored; a bad line anywhere else is an error naming the file and line."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):  # no newline after it: cut mid-write
+                continue
+            raise ValueError(f"{path}:{n}: not valid JSON") from None
+    return rows
