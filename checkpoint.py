@@ -17,6 +17,8 @@ import threading
 import numpy as np
 import torch
 
+from config import BadInput
+
 CKPT_DIR = "checkpoints"
 
 
@@ -45,18 +47,23 @@ def trainable_state(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def step_dir(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, CKPT_DIR, f"step_{step:07d}")
+
+
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, extra: dict, keep: int = 2,
-                    save_model=None) -> str:
+                    save_model=None, rng_states: list[dict] | None = None) -> str:
     """extra: JSON-able loop state (data position, counters). save_model(dir) optionally writes a
-    loadable adapter/model beside the state, so a checkpoint can also be evaluated directly."""
+    loadable adapter/model beside the state, so a checkpoint can also be evaluated directly.
+    rng_states: every process's RNG state, in rank order (default: this process's alone)."""
     root = os.path.join(output_dir, CKPT_DIR)
-    final = os.path.join(root, f"step_{step:07d}")
+    final = step_dir(output_dir, step)
     tmp = os.path.join(root, f".tmp-step_{step:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": rng_state()}, os.path.join(tmp, "state.pt"))
+                "rng": rng_states or [rng_state()]}, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "loop.json"), "w") as f:
         json.dump({"step": step, **extra}, f)
     if save_model is not None:
@@ -94,8 +101,15 @@ def find_resume(output_dir: str, resume: str) -> str | None:
     return resume
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: str, model, optimizer, scheduler, rank: int = 0, world_size: int = 1) -> dict:
+    """Weights, optimizer, scheduler and this process's RNG state (rank of world_size) -> the loop state."""
     state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    rng_states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older: one dict
+    if len(rng_states) != world_size:
+        # weights, optimizer and data position would carry over; each process's sampling stream would not,
+        # so the run would no longer be the one that was checkpointed
+        raise BadInput(f"checkpoint {path} was written by {len(rng_states)} process(es), this run has {world_size}: "
+                         f"resume with {len(rng_states)} (or start a new output_dir with init_adapter=<its model/>)")
     params = dict(model.named_parameters())
     missing = [n for n in state["model"] if n not in params]
     if missing:
@@ -106,7 +120,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    set_rng_state(rng_states[rank])
     with open(os.path.join(path, "loop.json")) as f:
         return json.load(f)
 

@@ -30,6 +30,7 @@ from config import EvalConfig, InputError, check_inputs, parse_args, save_config
 from evaluation import evaluate, load_sets, read_predictions
 from mcq import Record, option_lines, parse_answer
 from model import load_model
+from training import Processes
 
 # config keys that change what the model answers: predictions made under other values are not resumed
 PREDICTION_KEYS = ("model", "adapter", "seed", "dtype", "quantization", "min_pixels", "max_pixels", "max_new_tokens")
@@ -224,7 +225,10 @@ def format_reasoning_table(sets: dict[str, dict]) -> str:
 
 def run(cfg: EvalConfig, model=None, processor=None) -> dict:
     """The whole evaluation of the docstring at the top -> the metrics written to metrics.json.
-    Pass model and processor to evaluate a model already in memory (cfg.adapter is then a label)."""
+    Pass model and processor to evaluate a model already in memory (cfg.adapter is then a label).
+    Under torchrun / accelerate launch, each process answers its share of the items; the main process
+    writes predictions.jsonl in the one-process order, judges, and writes metrics.json."""
+    procs = Processes()
     predictions_path = os.path.join(cfg.output_dir, "predictions.jsonl")
     judge = make_eval_judge(cfg)  # judge=self: None until the model is loaded
     try:
@@ -234,11 +238,12 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
         records_by_set = load_sets(cfg.sets, cfg.limit)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    save_config(cfg, cfg.output_dir)
-    print(f"model {cfg.model}, adapter {cfg.adapter or 'none (base model)'}; "
-          + ", ".join(f"{name} {len(r)}" for name, r in records_by_set.items()))
+    if procs.main:
+        save_config(cfg, cfg.output_dir)
+        print(f"model {cfg.model}, adapter {cfg.adapter or 'none (base model)'}; "
+              + ", ".join(f"{name} {len(r)}" for name, r in records_by_set.items()))
     trained_on = trained_quantization(cfg.adapter)
-    if trained_on not in (None, cfg.quantization):
+    if trained_on not in (None, cfg.quantization) and procs.main:
         # a QLoRA adapter learnt to correct the 4-bit weights' rounding too: on another base it is not
         # quite the model that was trained (usually close, sometimes a point or two of accuracy apart)
         print(f"note: {cfg.adapter} was trained on a quantization={trained_on} base; this evaluation uses "
@@ -253,13 +258,16 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
 
     # 2. greedy answers, set by set, appended to predictions.jsonl as they come
     with base_only:
-        sets = evaluate(model, processor, records_by_set, cfg.batch_size, cfg.max_new_tokens, predictions_path)
+        sets = evaluate(model, processor, records_by_set, cfg.batch_size, cfg.max_new_tokens, predictions_path,
+                        log=print if procs.main else lambda _: None, procs=procs)
     metrics = {"run": cfg.run_name or os.path.basename(os.path.normpath(cfg.output_dir)), "model": cfg.model,
                "adapter": cfg.adapter, "accuracy": next(iter(sets.values()))["accuracy"], "sets": sets}
 
     # 3. reasoning quality (judge=api | self | rule). Accuracy is the paper's table; this grades *how*
     #    the model reasons: REASONING_RUBRIC's six criteria, and rewards.py's process rubric, which GRPO
     #    trains on (so a rise there alone may be the policy learning its reward, not better reasoning).
+    if not procs.main:  # the rest is the main process's: judging, metrics.json, the table
+        return metrics
     judge = make_eval_judge(cfg, model, processor) if cfg.judge == "self" else judge
     if judge is not None:
         api = {"model": cfg.judge_model, "base_url": cfg.judge_base_url} if cfg.judge == "api" else {}

@@ -237,8 +237,8 @@ def estimate_params(path: str) -> float:
 def pick_device(name: str = "auto", model_path: str | None = None) -> torch.device:
     if name != "auto":
         return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+    if torch.cuda.is_available():  # under torchrun / accelerate launch, this process's own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if model_path is not None and estimate_params(model_path) > CPU_AUTO_MAX_PARAMS:
         raise SystemExit(f"{model_path}: ~{estimate_params(model_path) / 1e9:.0f}B parameters and no CUDA GPU is "
                          "visible to torch (torch.cuda.is_available() is False; check the driver, CUDA_VISIBLE_DEVICES "

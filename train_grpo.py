@@ -36,7 +36,7 @@ from model import (completion_logprobs, completion_mask, count_params, encode_pr
                    generation_config, image_features, load_model, repeat_prompts, shared_prompt_logprobs,
                    special_token_ids, stop_token_ids, unwrap)
 from rewards import score_completions
-from training import DataOrder, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
+from training import DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
 
 
 def is_full_model(path: str) -> bool:
@@ -203,28 +203,34 @@ def logprobs_no_grad(model, rows: Rows, micro_batch: int, cfg) -> torch.Tensor:
 def main(argv=None):
     cfg = parse_args(GRPOConfig, argv)
     check_inputs(cfg)  # splits, images, init_adapter, judge key, output_dir: named now, not after the model loads
-    ckpt.seed_everything(cfg.seed)
+    procs = Processes()  # one, or N under torchrun / accelerate launch: each samples num_prompts prompts a step
+    # each process its own sampling stream (else N processes would draw the same random numbers)
+    ckpt.seed_everything(cfg.seed + 1000 * procs.rank)
     if cfg.init_adapter and is_full_model(cfg.init_adapter):
         # finetune=full SFT wrote a whole model: it becomes the base, the policy a new LoRA on it, and
         # the SFT reference is that base with the adapter disabled
         print(f"init_adapter {cfg.init_adapter} is a full model: using it as the base with a new LoRA")
         cfg.model, cfg.init_adapter = cfg.init_adapter, None
         cfg.reference = "base" if cfg.reference == "sft" else cfg.reference
-    save_config(cfg, cfg.output_dir)
+    if procs.main:
+        save_config(cfg, cfg.output_dir)
 
     model, processor = load_model(cfg, adapter=cfg.init_adapter)
     if cfg.reference == "sft" and cfg.kl_coef != 0:
         model.load_adapter(cfg.init_adapter, adapter_name="reference", is_trainable=False)
         model.set_adapter("default")
+    procs.same_start([p for p in model.parameters() if p.requires_grad])
     device = next(model.parameters()).device
     tok = processor.tokenizer
     train = load_examples(cfg.data, processor, cfg.max_prompt_len, with_target=False, max_len_key="max_prompt_len")
     heldout = load_sets([f"heldout={cfg.eval_data}"], cfg.eval_items) if cfg.eval_data and cfg.eval_every else {}
     judge = judge_from_config(cfg, model, processor)  # None for judge=none
     n_trainable, n_total = count_params(model)
-    print(f"policy: LoRA on {cfg.model}, {n_trainable:,} trainable of {n_total:,} parameters; reference: "
-          f"{cfg.reference if cfg.kl_coef else 'none (kl_coef=0)'}; {len(train)} prompts; B={cfg.num_prompts} "
-          f"G={cfg.group_size}; rewards {cfg.rewards}")
+    if procs.main:
+        print(f"policy: LoRA on {cfg.model}, {n_trainable:,} trainable of {n_total:,} parameters; reference: "
+              f"{cfg.reference if cfg.kl_coef else 'none (kl_coef=0)'}; {len(train)} prompts; B={cfg.num_prompts} "
+              f"per process x {procs.world_size} process(es), G={cfg.group_size}: "
+              f"{cfg.num_prompts * procs.world_size * cfg.group_size} completions a step; rewards {cfg.rewards}")
 
     optimizer = make_optimizer(cfg, model.parameters())
     scheduler = make_scheduler(cfg, optimizer)
@@ -233,30 +239,38 @@ def main(argv=None):
     samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
     resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
     if resume_from:
-        loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, procs.rank, procs.world_size)
         step, order, counters = loop["step"], DataOrder(len(train), cfg.seed, **loop["data"]), loop["counters"]
-        ckpt.truncate_metrics(metrics_path, step)
-        ckpt.truncate_metrics(samples_path, step)
-        print(f"resumed from {resume_from} at step {step}")
-    log, tb = ckpt.MetricsLog(metrics_path), open_tensorboard(cfg)
-    samples = open(samples_path, "a")
+        if procs.main:
+            ckpt.truncate_metrics(metrics_path, step)
+            ckpt.truncate_metrics(samples_path, step)
+            print(f"resumed from {resume_from} at step {step}")
+    procs.barrier()  # the files are truncated before anyone appends
+    # the main process writes the logs; the others send it their part of each step
+    log, tb = (ckpt.MetricsLog(metrics_path), open_tensorboard(cfg)) if procs.main else (None, None)
+    samples = open(samples_path, "a") if procs.main else None
     G = cfg.group_size
     micro_batch = max(G, cfg.micro_batch_size // G * G)  # whole groups, so a prompt is run once per pass
     # Unsloth swaps in its own gradient checkpointing, untested with the shared-prompt cache: full rows there
     share_in_policy_pass = not (cfg.backend == "unsloth" and cfg.gradient_checkpointing)
 
     def save(at_step):
-        return ckpt.save_checkpoint(cfg.output_dir, at_step, model, optimizer, scheduler,
-                                    {"data": order.state(), "counters": counters}, keep=cfg.keep_checkpoints,
-                                    save_model=lambda d: model.save_pretrained(d, selected_adapters=["default"]))
+        rng_states = procs.gather(ckpt.rng_state())  # every process's, so that each resumes its own stream
+        if procs.main:
+            ckpt.save_checkpoint(cfg.output_dir, at_step, model, optimizer, scheduler,
+                                 {"data": order.state(), "counters": counters}, keep=cfg.keep_checkpoints,
+                                 save_model=lambda d: model.save_pretrained(d, selected_adapters=["default"]),
+                                 rng_states=rng_states)
+        procs.barrier()
+        return ckpt.step_dir(cfg.output_dir, at_step)
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", dynamic_ncols=True, disable=not procs.main)
     stop = ckpt.StopAfterStep()  # Ctrl-C / SIGTERM: finish the step, save, exit (resume is then exact)
     try:
         while step < cfg.max_steps:
             t_start = time.perf_counter()
             # 1. sample G completions per prompt --------------------------------------------------
-            batch = [train[i] for i in order.next(cfg.num_prompts)]
+            batch = [train[i] for i in procs.my_part(order.next(cfg.num_prompts * procs.world_size))]
             images = [Image.open(image_path(cfg.data, r)).convert("RGB") for r in batch]
             prompt = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
             features = image_features(model, prompt)  # vision tower once per step, shared by every pass
@@ -269,7 +283,8 @@ def main(argv=None):
                                        image_paths=[image_path(cfg.data, r) for r in records],
                                        require_format=cfg.accuracy_requires_format)
             rewards = torch.tensor(scores["total"], dtype=torch.float32, device=device)  # (N,)
-            advantages = group_advantages(rewards, G, cfg.scale_rewards)  # (N,)
+            # over every process's rewards: scale_rewards=batch divides by the std of the whole step's
+            advantages = procs.my_part(group_advantages(procs.cat(rewards), G, cfg.scale_rewards))  # (N,)
             equal = equal_reward_groups(rewards, G)  # (B,)
             keep = torch.ones_like(rewards, dtype=torch.bool)
             if cfg.skip_equal_groups:
@@ -290,12 +305,14 @@ def main(argv=None):
             t_scored = time.perf_counter()
 
             # 4. μ policy updates ----------------------------------------------------------------
-            # grpo_loss divides by the step's sequences and tokens, not the micro-batch's: micro-batches
-            # of any sizes then add up to the loss of one pass over the whole step
-            n_rows, n_tokens = ids.shape[0], loss_mask.sum().clamp(min=1)
+            # grpo_loss divides by the step's sequences and tokens, all processes' together, not the
+            # micro-batch's: micro-batches of any sizes, on any number of processes, add up to the loss
+            # of one pass over the whole step (bnpo: this process's tokens, its mean over processes)
+            n_rows, all_tokens = ids.shape[0] * procs.world_size, max(procs.sum(loss_mask.sum()), 1.0)
+            n_tokens = all_tokens if cfg.loss_type != "bnpo" else max(float(loss_mask.sum()), 1.0) * procs.world_size
             loss_total, kl_sum, clip_sum, finite = 0.0, 0.0, 0.0, bool(torch.isfinite(rewards).all())
             for _ in range(cfg.num_iterations):
-                for i in range(0, n_rows, micro_batch):
+                for i in range(0, ids.shape[0], micro_batch):  # this process's rows
                     if not finite:
                         break
                     sl = slice(i, i + micro_batch)
@@ -308,10 +325,12 @@ def main(argv=None):
                     finite = bool(torch.isfinite(loss))
                     if finite:
                         loss.backward()
-                        share = float(loss_mask[sl].sum() / n_tokens)  # of the step's tokens: weighs its stats
+                        share = float(loss_mask[sl].sum()) / all_tokens  # of the step's tokens: weighs its stats
                         loss_total, kl_sum = loss_total + loss.item(), kl_sum + stats["kl"] * share
                         clip_sum += stats["clip_frac"] * share
+                finite = procs.all(finite)  # every process takes the same branch
                 if finite:
+                    procs.sum_gradients([p for p in model.parameters() if p.requires_grad])
                     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                                cfg.grad_clip)
                     finite = bool(torch.isfinite(grad_norm))
@@ -335,39 +354,48 @@ def main(argv=None):
                 counters["bad_steps"] = 0
             t_end = time.perf_counter()
 
-            # 5. log ----------------------------------------------------------------------------
-            lengths = mask.sum(1).float()
-            correct = [parse_answer(t, r.options) == r.answer for t, r in zip(texts, records)]
-            row = {"step": step, "loss": loss_total / cfg.num_iterations, "lr": scheduler.get_last_lr()[0],
-                   **{f"reward/{k}": sum(v) / len(v) for k, v in scores.items()},
+            # 5. log: every process's completions, merged in rank order; the main process writes ------
+            merged = procs.merge({"texts": texts, "records": records, "scores": scores,
+                                  "lengths": mask.sum(1).tolist(), "truncated": truncated.tolist(),
+                                  "equal": int(equal.sum()), "loss": loss_total, "kl": kl_sum, "clip": clip_sum,
+                                  "judge": judge.stats.as_dict() if judge else {},
+                                  "tokens": int(rows.prompt["attention_mask"].sum() + mask.sum())})
+            lengths = torch.tensor(merged["lengths"], dtype=torch.float32)
+            correct = [parse_answer(t, r.options) == r.answer for t, r in zip(merged["texts"], merged["records"])]
+            row = {"step": step, "loss": merged["loss"] / cfg.num_iterations, "lr": scheduler.get_last_lr()[0],
+                   **{f"reward/{k}": sum(v) / len(v) for k, v in merged["scores"].items()},
                    "accuracy": sum(correct) / len(correct),
-                   "format_rate": sum(map(is_well_formed, texts)) / len(texts),
-                   "kl": kl_sum / cfg.num_iterations, "clip_frac": clip_sum / cfg.num_iterations,
+                   "format_rate": sum(map(is_well_formed, merged["texts"])) / len(correct),
+                   "kl": merged["kl"] / cfg.num_iterations, "clip_frac": merged["clip"] / cfg.num_iterations,
                    "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
-                   "truncated_frac": truncated.float().mean().item(), "equal_reward_groups": int(equal.sum()),
+                   "truncated_frac": sum(merged["truncated"]) / len(correct), "equal_reward_groups": merged["equal"],
                    "gen_tokens_per_s": lengths.sum().item() / (t_generated - t_start),
-                   "train_tokens_per_s": cfg.num_iterations * (rows.prompt["attention_mask"].sum() + mask.sum()).item()
-                   / (t_end - t_scored), "step_s": t_end - t_start, "gen_s": t_generated - t_start,
+                   "train_tokens_per_s": cfg.num_iterations * merged["tokens"] / (t_end - t_scored),
+                   "step_s": t_end - t_start, "gen_s": t_generated - t_start,
                    "score_logprob_s": t_scored - t_generated, "train_s": t_end - t_scored,
-                   "peak_mem_gib": peak_memory_gib(device), "skipped_steps": counters["skipped_steps"]}
-            if judge is not None:
-                row.update({f"judge/{k}": v for k, v in judge.stats.as_dict().items()})
+                   "peak_mem_gib": peak_memory_gib(device),  # the main process's
+                   "skipped_steps": counters["skipped_steps"], **{f"judge/{k}": v for k, v in merged["judge"].items()}}
             if heldout and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 # greedy answers on the held-out split: no sampling, so the RNG stream (and resume) is untouched
-                held = evaluate(model, processor, heldout, cfg.micro_batch_size, cfg.max_new_tokens, log=lambda _: None)
+                held = evaluate(model, processor, heldout, cfg.micro_batch_size, cfg.max_new_tokens, log=lambda _: None,
+                                procs=procs)
                 row.update(eval_accuracy=held["heldout"]["accuracy"], eval_format_rate=held["heldout"]["format_rate"])
-            log.write(row)
-            if tb:
-                for k, v in row.items():
-                    tb.add_scalar(k, v, step)
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                for t, r, rew in list(zip(texts, records, scores["total"]))[:G * 2]:
-                    samples.write(json.dumps({"step": step, "id": r.id, "gold": r.answer, "reward": rew,
-                                              "completion": t}) + "\n")
-                samples.flush()
+            if procs.main:
+                log.write(row)
+                if tb:
+                    for k, v in row.items():
+                        tb.add_scalar(k, v, step)
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    shown = zip(merged["texts"], merged["records"], merged["scores"]["total"])
+                    for t, r, rew in list(shown)[:G * 2]:
+                        samples.write(json.dumps({"step": step, "id": r.id, "gold": r.answer, "reward": rew,
+                                                  "completion": t}) + "\n")
+                    samples.flush()
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward/total']:.2f}", acc=f"{row['accuracy']:.2f}",
                             fmt=f"{row['format_rate']:.2f}", kl=f"{row['kl']:.3f}", len=f"{row['completion_len_mean']:.0f}")
+            if procs.any(stop.requested is not None) and stop.requested is None:
+                stop.requested = "a signal to another process"  # all processes stop after the same step
             stop.exit_if_requested(step, cfg.max_steps, save)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step)
@@ -376,11 +404,12 @@ def main(argv=None):
     finally:
         stop.restore()
     bar.close()
-    log.close()
-    samples.close()
     save(step)
-    save_trained(model, processor, cfg.output_dir, selected_adapters=["default"])  # the policy, not the reference
-    print(f"saved the policy adapter to {cfg.output_dir}")
+    if procs.main:
+        log.close()
+        samples.close()
+        save_trained(model, processor, cfg.output_dir, selected_adapters=["default"])  # the policy, not the reference
+        print(f"saved the policy adapter to {cfg.output_dir}")
 
 
 if __name__ == "__main__":

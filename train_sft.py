@@ -22,7 +22,7 @@ from config import InputError, SFTConfig, check_inputs, parse_args, save_config
 from mcq import Record, image_path, prompt_messages, target_text
 from model import (completion_logprobs, count_params, encode_completions, encode_prompts, image_features, load_model,
                    unwrap)
-from training import DataOrder, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
+from training import DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,41 +39,50 @@ def batch_tensors(records: list[Record], split_path: str, processor, device):
 
 # ----------------------------------------------------------------------------------------------
 
-def sft_loss(model, prompt, completion_ids, completion_mask, train_vision: bool = False):
-    """Mean negative log-likelihood over the assistant's tokens of the micro-batch. A frozen vision
+def sft_loss(model, prompt, completion_ids, completion_mask, train_vision: bool = False, num_tokens=None):
+    """Negative log-likelihood summed over the assistant's tokens, divided by num_tokens: those of the
+    micro-batch (its token mean) or, with several processes, of all processes' micro-batches. A frozen vision
     tower runs without grad: with gradient checkpointing, the hook that makes the inputs require
     grad (for the adapters) would otherwise carry the backward pass through every vision block."""
     features = None if train_vision else image_features(model, prompt)
     logp = completion_logprobs(model, prompt, completion_ids, completion_mask, features)  # (B, T)
-    return -(logp * completion_mask).sum() / completion_mask.sum()
+    return -(logp * completion_mask).sum() / (completion_mask.sum() if num_tokens is None else num_tokens)
 
 
 @torch.no_grad()
-def heldout_loss(model, records, split_path, processor, device, batch_size) -> float:
+def heldout_loss(model, records, split_path, processor, device, batch_size, procs) -> float:
+    """Token mean of the NLL on the held-out records, each process taking every N-th record."""
     model.eval()
     total, tokens = 0.0, 0
-    for i in range(0, len(records), batch_size):
-        prompt, ids, mask = batch_tensors(records[i:i + batch_size], split_path, processor, device)
+    mine = records[procs.rank::procs.world_size]
+    for i in range(0, len(mine), batch_size):
+        prompt, ids, mask = batch_tensors(mine[i:i + batch_size], split_path, processor, device)
         total += -(completion_logprobs(model, prompt, ids, mask) * mask).sum().item()
         tokens += mask.sum().item()
     model.train()
-    return total / tokens
+    return procs.sum(total) / procs.sum(tokens)
 
 
 def main(argv=None):
     cfg = parse_args(SFTConfig, argv)
     check_inputs(cfg)  # splits, images, init_adapter, output_dir: named now, not after the model has loaded
-    ckpt.seed_everything(cfg.seed)
-    save_config(cfg, cfg.output_dir)
+    procs = Processes()  # one, or N under torchrun / accelerate launch: each takes batch_size examples a micro-step
+    ckpt.seed_everything(cfg.seed + 1000 * procs.rank)
+    if procs.main:
+        save_config(cfg, cfg.output_dir)
 
     model, processor = load_model(cfg, adapter=cfg.init_adapter, lora=cfg.finetune == "lora",
                                   train_vision=cfg.train_vision)
+    procs.same_start([p for p in model.parameters() if p.requires_grad])
     device = next(model.parameters()).device
     train = load_examples(cfg.data, processor, cfg.max_len)
     heldout = load_examples(cfg.eval_data, processor, cfg.max_len)[:cfg.eval_items] if cfg.eval_data else []
     n_trainable, n_total = count_params(model)
-    print(f"model {cfg.model} ({cfg.finetune}): {n_trainable:,} trainable of {n_total:,} parameters; "
-          f"{len(train)} training examples on {device}")
+    if procs.main:
+        print(f"model {cfg.model} ({cfg.finetune}): {n_trainable:,} trainable of {n_total:,} parameters; "
+              f"{len(train)} training examples on {device}; effective batch "
+              f"{cfg.batch_size * cfg.grad_accum * procs.world_size} = batch_size {cfg.batch_size} x grad_accum "
+              f"{cfg.grad_accum} x {procs.world_size} process(es)")
 
     optimizer = make_optimizer(cfg, model.parameters())
     scheduler = make_scheduler(cfg, optimizer)
@@ -81,29 +90,37 @@ def main(argv=None):
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
     if resume_from:
-        loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, procs.rank, procs.world_size)
         step, order = loop["step"], DataOrder(len(train), cfg.seed, **loop["data"])
-        ckpt.truncate_metrics(metrics_path, step)
-        print(f"resumed from {resume_from} at step {step}")
-    log, tb = ckpt.MetricsLog(metrics_path), open_tensorboard(cfg)
+        if procs.main:
+            ckpt.truncate_metrics(metrics_path, step)
+            print(f"resumed from {resume_from} at step {step}")
+    procs.barrier()  # metrics.jsonl is truncated before anyone appends
+    log, tb = (ckpt.MetricsLog(metrics_path), open_tensorboard(cfg)) if procs.main else (None, None)
 
     def save(at_step):
-        return ckpt.save_checkpoint(cfg.output_dir, at_step, model, optimizer, scheduler, {"data": order.state()},
-                                    keep=cfg.keep_checkpoints)
+        rng_states = procs.gather(ckpt.rng_state())  # every process's, so that each resumes its own stream
+        if procs.main:
+            ckpt.save_checkpoint(cfg.output_dir, at_step, model, optimizer, scheduler, {"data": order.state()},
+                                 keep=cfg.keep_checkpoints, rng_states=rng_states)
+        procs.barrier()
+        return ckpt.step_dir(cfg.output_dir, at_step)
 
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True, disable=not procs.main)
     stop = ckpt.StopAfterStep()  # Ctrl-C / SIGTERM: finish the step, save, exit (resume is then exact)
     try:
         while step < cfg.max_steps:
             t0, loss_sum, n_tokens = time.perf_counter(), 0.0, 0
             for _ in range(cfg.grad_accum):
-                batch = [train[i] for i in order.next(cfg.batch_size)]
+                batch = [train[i] for i in procs.my_part(order.next(cfg.batch_size * procs.world_size))]
                 prompt, ids, mask = batch_tensors(batch, cfg.data, processor, device)
-                loss = sft_loss(model, prompt, ids, mask, cfg.train_vision)
+                # the token mean over every process's micro-batch, so N processes equal one with N x batch_size
+                loss = sft_loss(model, prompt, ids, mask, cfg.train_vision, num_tokens=procs.sum(mask.sum()))
                 (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
-                n_tokens += int(prompt["attention_mask"].sum() + mask.sum())
+                loss_sum += procs.sum(loss.item()) / cfg.grad_accum
+                n_tokens += int(procs.sum(prompt["attention_mask"].sum() + mask.sum()))
+            procs.sum_gradients([p for p in model.parameters() if p.requires_grad])
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        cfg.grad_clip)
             optimizer.step()
@@ -114,13 +131,16 @@ def main(argv=None):
             row = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "tokens_per_s": n_tokens / (time.perf_counter() - t0), "epoch": order.epoch}
             if heldout and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                row["eval_loss"] = heldout_loss(model, heldout, cfg.eval_data, processor, device, cfg.batch_size)
-            log.write(row)
-            if tb:
-                for k, v in row.items():
-                    tb.add_scalar(k, v, step)
+                row["eval_loss"] = heldout_loss(model, heldout, cfg.eval_data, processor, device, cfg.batch_size, procs)
+            if procs.main:
+                log.write(row)
+                if tb:
+                    for k, v in row.items():
+                        tb.add_scalar(k, v, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if procs.any(stop.requested is not None) and stop.requested is None:
+                stop.requested = "a signal to another process"  # all processes stop after the same step
             stop.exit_if_requested(step, cfg.max_steps, save)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step)
@@ -129,13 +149,13 @@ def main(argv=None):
     finally:
         stop.restore()
     bar.close()
-    log.close()
-
     save(step)
-    save_trained(model, processor, cfg.output_dir)
-    if cfg.merge_export and cfg.finetune == "lora":
-        export_merged(cfg)
-    print(f"saved {'adapter' if cfg.finetune == 'lora' else 'model'} to {cfg.output_dir}")
+    if procs.main:
+        log.close()
+        save_trained(model, processor, cfg.output_dir)
+        if cfg.merge_export and cfg.finetune == "lora":
+            export_merged(cfg)
+        print(f"saved {'adapter' if cfg.finetune == 'lora' else 'model'} to {cfg.output_dir}")
 
 
 def export_merged(cfg):

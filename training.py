@@ -167,6 +167,9 @@ class Processes:
         """True only if it is True in every process (e.g. "this step's loss is finite")."""
         return self.sum(not flag) == 0
 
+    def any(self, flag: bool) -> bool:
+        return self.sum(flag) > 0
+
     def cat(self, tensor: torch.Tensor) -> torch.Tensor:
         """Equal-sized tensors of every process, concatenated in rank order along dim 0."""
         if self.world_size == 1:
@@ -182,6 +185,32 @@ class Processes:
         out = [None] * self.world_size
         self.dist.all_gather_object(out, obj)
         return out
+
+    def merge(self, part: dict) -> dict:
+        """Every process's part of a step's record, merged in rank order: lists concatenated, numbers
+        summed, dicts merged key by key. With one process: `part` itself."""
+        parts = self.gather(part)
+        if len(parts) == 1:
+            return part
+        return {k: self._merge([p[k] for p in parts]) for k in part}
+
+    def _merge(self, values: list):
+        if isinstance(values[0], dict):
+            return {k: self._merge([v[k] for v in values]) for k in values[0]}
+        if isinstance(values[0], list):
+            return [x for v in values for x in v]
+        return sum(values)
+
+    def same_start(self, params: list[torch.Tensor]):
+        """Every process takes the main process's values of these (a new LoRA's random init), as DDP
+        does when it wraps a model: each process seeds its own random stream, so their inits differ."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for p in params:
+                data = p.data.to(self.device)
+                self.dist.broadcast(data, src=0)
+                p.data.copy_(data)
 
     def sum_gradients(self, params: list[torch.Tensor]):
         """Each gradient summed over the processes, in one flat all-reduce. The loops divide every

@@ -1,0 +1,68 @@
+"""A child process for tests/test_distributed.py: runs train_sft / train_grpo / eval main() once or
+several times in one process (alone, or as one of torchrun's), with what the tests arrange.
+
+    python tests/dist_child.py grpo key=value ... [-- sft key=value ... [-- eval key=value ...]]
+
+Arranged for GRPO (the loop itself is not changed): a `length` reward that varies within every group;
+with SAMPLE_EACH_PROMPT=1, each prompt's group sampled from its own seed (the call and the prompt's
+image), so that a prompt gives the same completions whichever process, and beside whichever other
+prompts, samples it (a fresh run only: the call count restarts on resume); with KILL_RANK=r, process
+r kills itself (SIGKILL) as it starts sampling its second step.
+"""
+
+import os
+import signal
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import eval as eval_script  # noqa: E402
+import rewards  # noqa: E402
+import train_grpo  # noqa: E402
+import train_sft  # noqa: E402
+from config import InputError  # noqa: E402
+from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
+
+rewards.REWARDS["length"] = lambda completions, records, **_: [len(c) / 50 for c in completions]
+sample_groups = train_grpo.sample_groups
+calls = {"n": 0}
+
+
+def sample_each_prompt_alone(model, processor, prompt, features, cfg):
+    calls["n"] += 1
+    if os.environ.get("KILL_RANK") == os.environ.get("RANK", "0") and calls["n"] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if not os.environ.get("SAMPLE_EACH_PROMPT"):
+        return sample_groups(model, processor, prompt, features, cfg)
+    pieces = []
+    for b in range(prompt["input_ids"].shape[0]):
+        one = {k: v[b:b + 1] for k, v in prompt.items() if k != "pixel_values"}
+        image = features["image"].pooler_output[b]
+        torch.manual_seed(calls["n"] * 1_000_003 + int(image.abs().sum().item() * 1000))
+        pieces.append(sample_groups(model, processor, one,
+                                    {"image": BaseModelOutputWithPooling(pooler_output=[image])}, cfg))
+    width = max(p[0].shape[1] for p in pieces)
+    pad = processor.tokenizer.pad_token_id
+    ids = torch.cat([torch.nn.functional.pad(p[0], (0, width - p[0].shape[1]), value=pad) for p in pieces])
+    mask = torch.cat([torch.nn.functional.pad(p[1], (0, width - p[1].shape[1])) for p in pieces])
+    return ids, mask, [t for p in pieces for t in p[2]], torch.cat([p[3] for p in pieces])
+
+
+train_grpo.sample_groups = sample_each_prompt_alone
+MAINS = {"grpo": train_grpo.main, "sft": train_sft.main, "eval": eval_script.main}
+
+if __name__ == "__main__":
+    runs, current = [], []
+    for arg in sys.argv[1:] + ["--"]:
+        if arg == "--":
+            runs.append(current)
+            current = []
+        else:
+            current.append(arg)
+    for script, *args in runs:
+        try:
+            MAINS[script](args)
+        except InputError as e:  # as the scripts' own __main__ blocks do
+            sys.exit(f"error: {e}")
