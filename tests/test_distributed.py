@@ -143,3 +143,30 @@ def test_a_killed_process_takes_the_run_down_with_a_message(demo_data, tmp_path)
                      "max_steps=50", f"output_dir={tmp_path}/g"], processes=2, env={"KILL_RANK": "1"}, timeout=300)
     assert result.returncode != 0 and time.monotonic() - start < 120
     assert "SIGKILL" in result.stderr and "local_rank: 1" in result.stderr  # torchrun names the process and why
+
+
+CACHE_WRITER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+os.environ["CACHE_TEST_KEY"] = "k"
+from judges import APIJudge
+judge = APIJudge("m", api_key_env="CACHE_TEST_KEY", cache_dir={cache!r})
+for i in range(300):
+    key = f"shared-{{i % 20}}"  # every process writes the same 20 keys, over and over
+    judge._cache_put(key, json.dumps({{"writer": os.getpid(), "i": i, "pad": "x" * 2000}}))
+    assert judge._cache_get(key) is not None
+"""
+
+
+def test_judge_cache_stays_whole_with_several_writers(tmp_path):
+    """Processes of one run judge their own completions into one on-disk cache: two writers racing on
+    the same keys never leave a half-written entry for a reader (each writes a temporary file of its
+    own and renames it)."""
+    script = CACHE_WRITER.format(root=ROOT, cache=str(tmp_path / "cache"))
+    writers = [subprocess.Popen([sys.executable, "-c", script], env=ENV) for _ in range(2)]
+    assert all(w.wait(timeout=120) == 0 for w in writers)
+    entries = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "cache") for f in files]
+    assert len(entries) == 20  # no temporary file left behind
+    for path in entries:
+        with open(path) as f:
+            assert json.loads(json.load(f)["reply"])["pad"] == "x" * 2000
