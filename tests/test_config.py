@@ -68,3 +68,21 @@ def test_every_shipped_config_loads():
         name = path.split("/")[-1]
         cls = next(c for k, c in scripts.items() if k in name)
         load_config(cls, path)
+
+
+def test_the_papers_rows_are_configs_that_chain():
+    """α -> β -> R1, α -> γ, δ and ε from the base: each config loads, and each starts from the output
+    of the row the paper builds it on."""
+    from config import GRPOConfig, SFTConfig, load_config
+
+    rows = {"α": (SFTConfig, "sft"), "β": (GRPOConfig, "grpo"), "γ": (SFTConfig, "sft_more"),
+            "δ": (SFTConfig, "sft_rl_items"), "ε": (GRPOConfig, "grpo_from_base"), "R1": (GRPOConfig, "grpo_process")}
+    cfg = {row: load_config(cls, f"configs/{name}.yaml") for row, (cls, name) in rows.items()}
+    for row, (_, name) in rows.items():
+        first_line = open(f"configs/{name}.yaml").readline()
+        assert f"Row {row}" in first_line or (row == "R1" and "PathVLM-R1" in first_line), name
+    assert cfg["β"].init_adapter == cfg["γ"].init_adapter == cfg["α"].output_dir
+    assert cfg["R1"].init_adapter == cfg["β"].output_dir
+    assert cfg["δ"].init_adapter is None and cfg["ε"].init_adapter is None and cfg["ε"].reference == "base"
+    assert cfg["γ"].data == cfg["δ"].data == cfg["β"].data != cfg["α"].data  # the RL items
+    assert cfg["β"].group_size == 4 and cfg["β"].max_new_tokens == cfg["β"].max_prompt_len == 1024  # the paper's
