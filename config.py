@@ -138,8 +138,8 @@ def save_config(cfg, output_dir: str, name: str = "config.yaml"):
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
 
-__all__ = ["ConfigError", "ModelConfig", "JudgeConfig", "EvalConfig", "SFTConfig", "GRPOConfig", "load_config", "parse_args",
-           "save_config", "InputError", "MissingInput", "BadInput", "check_inputs", "check_split"]
+__all__ = ["ConfigError", "ModelConfig", "JudgeConfig", "EvalConfig", "SFTConfig", "GRPOConfig", "load_config",
+           "parse_args", "save_config", "InputError", "MissingInput", "BadInput", "check_inputs", "check_split"]
 
 
 @dataclass
@@ -230,6 +230,10 @@ class GRPOConfig(JudgeConfig, TrainConfig):
     # objective (grpo.py)
     scale_rewards: str = "group"  # group | batch | none
     skip_equal_groups: bool = False  # drop groups whose rewards are all equal (their advantage is 0)
+    # DAPO's dynamic sampling: draw more prompts until num_prompts groups have rewards that differ, at most
+    # max_sampling_rounds draws a step (then the step goes on with what it has, and logs groups_short)
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
     loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
     clip_eps: float = 0.2  # ε
     clip_eps_high: float | None = None  # ε_high (DAPO's clip-higher); none = ε
@@ -253,6 +257,8 @@ class GRPOConfig(JudgeConfig, TrainConfig):
             raise ConfigError(f"lora_dropout must be 0 in GRPO, got {self.lora_dropout}: the policy pass (train "
                               "mode) and the sampling, old and reference passes (eval mode) must be one network, or "
                               "dropout noise alone gives KL > 0 and ratios != 1")
+        if self.max_sampling_rounds < 1:
+            raise ConfigError(f"max_sampling_rounds must be at least 1, got {self.max_sampling_rounds}")
         if self.merge_for_sampling not in (True, False, "auto"):
             raise ConfigError(f"merge_for_sampling must be true, false or auto, got {self.merge_for_sampling!r}")
         if self.reference not in ("sft", "base", "none"):

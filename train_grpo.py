@@ -116,6 +116,56 @@ def sample_groups(model, processor, prompt, features, cfg):
     return ids, mask, texts, truncated
 
 
+def sample_and_score(batch, model, processor, cfg, judge) -> dict:
+    """B records -> their prompts, image features, B*G sampled completions and every reward of them."""
+    device = next(model.parameters()).device
+    images = [Image.open(image_path(cfg.data, r)).convert("RGB") for r in batch]
+    prompt = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
+    features = image_features(model, prompt)  # vision tower once per step, shared by every pass
+    ids, mask, texts, truncated = sample_groups(model, processor, prompt, features, cfg)
+    records = [r for r in batch for _ in range(cfg.group_size)]  # (N,) the record of each completion
+    scores = score_completions(cfg.rewards, texts, records, judge=judge,
+                               image_paths=[image_path(cfg.data, r) for r in records],
+                               require_format=cfg.accuracy_requires_format)
+    return dict(batch=batch, prompt=prompt, features=features, ids=ids, mask=mask, texts=texts,
+                truncated=truncated, records=records, scores=scores)
+
+
+def informative_groups(sampled: dict, sample_more, cfg, procs, processor) -> tuple[dict, torch.Tensor, dict]:
+    """DAPO's dynamic sampling: groups whose rewards are all equal have advantage 0 and teach nothing, so
+    they are dropped and more prompts are drawn (sample_more()) until num_prompts groups differ, or
+    max_sampling_rounds is reached; then the step goes on with what it has, filled up with dropped groups
+    that get no loss (every process keeps num_prompts groups). -> (the step's groups, a (B,) bool: filler,
+    counts for the log)."""
+    G, kept, spare, rounds = cfg.group_size, [], [], 0
+    while True:
+        rounds += 1
+        rewards = torch.tensor(sampled["scores"]["total"]).view(-1, G)  # (B, G)
+        for b, equal in enumerate((rewards == rewards[:, :1]).all(1).tolist()):
+            (spare if equal else kept).append((sampled, b))
+        # every process draws as long as any still needs groups: the data order is one for all of them
+        if not procs.any(len(kept) < cfg.num_prompts) or rounds == cfg.max_sampling_rounds:
+            break
+        sampled = sample_more()
+    drawn, dropped = rounds * cfg.num_prompts, len(spare)  # dropped: every equal-reward group drawn
+    chosen = (kept + spare)[:cfg.num_prompts]
+    filler = torch.tensor([i >= len(kept) for i in range(len(chosen))])
+    batch = [s["batch"][b] for s, b in chosen]
+    rows = [(s, b * G + g) for s, b in chosen for g in range(G)]
+    device = sampled["ids"].device
+    width = max(s["ids"].shape[1] for s, _ in rows)  # completions right-padded to the longest
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
+    images = [Image.open(image_path(cfg.data, r)).convert("RGB") for r in batch]
+    prompt = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)  # one left-padding
+    groups = dict(batch=batch, prompt=prompt,
+                  ids=torch.cat([pad(s["ids"][i:i + 1], processor.tokenizer.pad_token_id) for s, i in rows]),
+                  mask=torch.cat([pad(s["mask"][i:i + 1], 0) for s, i in rows]),
+                  texts=[s["texts"][i] for s, i in rows], truncated=torch.stack([s["truncated"][i] for s, i in rows]),
+                  records=[s["records"][i] for s, i in rows],
+                  scores={k: [s["scores"][k][i] for s, i in rows] for k in sampled["scores"]})
+    return groups, filler, {"groups_drawn": drawn, "groups_dropped": dropped, "groups_short": int(filler.sum())}
+
+
 class Rows:
     """The N = B*G sequences of a step, prompt + completion, with what every forward pass over them
     shares: the vision features and the M-RoPE position ids, both computed once per step, and the
@@ -269,26 +319,27 @@ def main(argv=None):
     try:
         while step < cfg.max_steps:
             t_start = time.perf_counter()
-            # 1. sample G completions per prompt --------------------------------------------------
-            batch = [train[i] for i in procs.my_part(order.next(cfg.num_prompts * procs.world_size))]
-            images = [Image.open(image_path(cfg.data, r)).convert("RGB") for r in batch]
-            prompt = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
-            features = image_features(model, prompt)  # vision tower once per step, shared by every pass
-            ids, mask, texts, truncated = sample_groups(model, processor, prompt, features, cfg)
-            t_generated = time.perf_counter()
+            # 1. sample G completions per prompt and score them (rewards.py) -----------------------
+            def draw_and_sample():
+                batch = [train[i] for i in procs.my_part(order.next(cfg.num_prompts * procs.world_size))]
+                return sample_and_score(batch, model, processor, cfg, judge)
 
-            # 2. rewards and advantages --------------------------------------------------------------
-            records = [r for r in batch for _ in range(G)]  # (N,) the record of each completion
-            scores = score_completions(cfg.rewards, texts, records, judge=judge,
-                                       image_paths=[image_path(cfg.data, r) for r in records],
-                                       require_format=cfg.accuracy_requires_format)
+            sampled, filler, sampling = draw_and_sample(), torch.zeros(cfg.num_prompts, dtype=torch.bool), {}
+            if cfg.dynamic_sampling:  # DAPO: drop groups whose rewards are all equal, draw more prompts
+                sampled, filler, sampling = informative_groups(sampled, draw_and_sample, cfg, procs, processor)
+                sampled["features"] = image_features(model, sampled["prompt"])
+            prompt, features, ids, mask = (sampled[k] for k in ("prompt", "features", "ids", "mask"))
+            texts, truncated, records, scores = (sampled[k] for k in ("texts", "truncated", "records", "scores"))
+            t_generated = time.perf_counter()  # sampling and rewards
+
+            # 2. advantages --------------------------------------------------------------------------
             rewards = torch.tensor(scores["total"], dtype=torch.float32, device=device)  # (N,)
             # over every process's rewards: scale_rewards=batch divides by the std of the whole step's
             advantages = procs.my_part(group_advantages(procs.cat(rewards), G, cfg.scale_rewards))  # (N,)
             equal = equal_reward_groups(rewards, G)  # (B,)
-            keep = torch.ones_like(rewards, dtype=torch.bool)
+            keep = ~filler.to(device).repeat_interleave(G)  # (N,): dynamic sampling's filler groups get no loss
             if cfg.skip_equal_groups:
-                keep = ~equal.repeat_interleave(G)
+                keep &= ~equal.repeat_interleave(G)
             loss_mask = mask * keep[:, None]
             if cfg.mask_truncated:
                 loss_mask = loss_mask * (~truncated)[:, None]
@@ -359,7 +410,7 @@ def main(argv=None):
                                   "lengths": mask.sum(1).tolist(), "truncated": truncated.tolist(),
                                   "equal": int(equal.sum()), "loss": loss_total, "kl": kl_sum, "clip": clip_sum,
                                   "judge": judge.stats.as_dict() if judge else {},
-                                  "tokens": int(rows.prompt["attention_mask"].sum() + mask.sum())})
+                                  "tokens": int(rows.prompt["attention_mask"].sum() + mask.sum()), **sampling})
             lengths = torch.tensor(merged["lengths"], dtype=torch.float32)
             correct = [parse_answer(t, r.options) == r.answer for t, r in zip(merged["texts"], merged["records"])]
             row = {"step": step, "loss": merged["loss"] / cfg.num_iterations, "lr": scheduler.get_last_lr()[0],
@@ -374,7 +425,8 @@ def main(argv=None):
                    "step_s": t_end - t_start, "gen_s": t_generated - t_start,
                    "score_logprob_s": t_scored - t_generated, "train_s": t_end - t_scored,
                    "peak_mem_gib": peak_memory_gib(device),  # the main process's
-                   "skipped_steps": counters["skipped_steps"], **{f"judge/{k}": v for k, v in merged["judge"].items()}}
+                   "skipped_steps": counters["skipped_steps"], **{f"judge/{k}": v for k, v in merged["judge"].items()},
+                   **{k: merged[k] for k in sampling}}
             if heldout and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 # greedy answers on the held-out split: no sampling, so the RNG stream (and resume) is untouched
                 held = evaluate(model, processor, heldout, cfg.micro_batch_size, cfg.max_new_tokens, log=lambda _: None,

@@ -406,3 +406,71 @@ def test_16_bit_models_run_their_lora_layers_under_autocast(demo_data, tmp_path,
     rows = grpo(demo_data, str(tmp_path / "g"), "init_adapter=null", "reference=base", "rewards={length: 1.0}",
                 "dtype=bf16", "max_steps=1", "merge_for_sampling=false")
     assert dtypes == {torch.bfloat16} and rows[0]["skipped_steps"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective's switches, through the real loop: each test fails if its switch is ignored
+
+def test_num_iterations_2_updates_against_the_frozen_old_policy(demo_data, tmp_path, length_reward):
+    """μ = 1: ratio 1, so without a KL term the surrogate sums to 0 over each group. μ = 2: the second
+    update sees π_θ moved away from π_old (ratio != 1), and its loss no longer does."""
+    common = ["init_adapter=null", "reference=none", "kl_coef=0", "rewards={length: 1.0}", "temperature=2.0",
+              "max_steps=1", "lr=1e-2", "lr_schedule=constant"]
+    one = grpo(demo_data, str(tmp_path / "mu1"), *common, "num_iterations=1")
+    two = grpo(demo_data, str(tmp_path / "mu2"), *common, "num_iterations=2")
+    assert abs(one[0]["loss"]) < 1e-6 and abs(two[0]["loss"]) > 1e-4
+
+
+def test_loss_types_give_different_losses_on_the_same_samples(demo_data, sft_dir, tmp_path, length_reward):
+    """The same samples (same seed), a KL term that is not 0 (SFT policy, base reference): grpo, bnpo,
+    dr_grpo divide it differently, so each gives its own loss."""
+    losses = {kind: grpo(demo_data, str(tmp_path / kind), f"init_adapter={sft_dir}", "reference=base", "kl_coef=0.5",
+                         "rewards={length: 1.0}", "max_steps=1", f"loss_type={kind}")[0]["loss"]
+              for kind in ("grpo", "bnpo", "dr_grpo")}
+    assert len({round(v, 6) for v in losses.values()}) == 3, losses
+
+
+def test_mask_truncated_and_skip_equal_groups_take_rows_out_of_the_loss(demo_data, sft_dir, tmp_path):
+    """Format + accuracy on an untrained policy: every reward 0, every group equal. 4 new tokens: most
+    completions truncated. Only the KL term is left (SFT policy, base reference). skip_equal_groups
+    removes every row from the loss (the adapter does not move); mask_truncated the truncated ones."""
+    common = [f"init_adapter={sft_dir}", "reference=base", "kl_coef=0.5", "rewards={format: 1.0, accuracy: 1.0}",
+              "max_steps=1", "max_new_tokens=4", "lr=1e-2"]
+    plain = grpo(demo_data, str(tmp_path / "plain"), *common)[0]
+    assert plain["truncated_frac"] > 0.5 and plain["equal_reward_groups"] == 2 and plain["loss"] > 0
+    skipped = str(tmp_path / "skip")
+    assert grpo(demo_data, skipped, *common, "skip_equal_groups=true")[0]["loss"] == 0.0
+    before, after = adapter_weights(sft_dir), adapter_weights(skipped)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    masked = grpo(demo_data, str(tmp_path / "mask"), *common, "mask_truncated=true")[0]
+    assert masked["truncated_frac"] == plain["truncated_frac"]  # the same samples
+    assert masked["loss"] != plain["loss"] and (masked["loss"] == 0.0) == (plain["truncated_frac"] == 1.0)
+
+
+def test_dynamic_sampling_draws_until_groups_differ_and_resumes_exactly(demo_data, tmp_path, length_reward):
+    """All-equal rewards (format + accuracy on an untrained policy): every group is dropped, each step
+    draws max_sampling_rounds rounds, goes on with filler groups, and says so. A length reward: no group
+    is dropped. The data order moves by the rounds drawn, and resume is exact."""
+    from training import DataOrder
+
+    common = ["init_adapter=null", "reference=base", "dynamic_sampling=true", "max_sampling_rounds=3",
+              "num_prompts=2", "max_steps=2", "sample_every=1"]
+    out = str(tmp_path / "equal")
+    rows = grpo(demo_data, out, *common, "rewards={format: 1.0, accuracy: 1.0}")
+    assert [(r["groups_drawn"], r["groups_dropped"], r["groups_short"]) for r in rows] == [(6, 6, 2)] * 2
+    assert rows[0]["loss"] == 0.0  # filler groups carry no loss
+    order = DataOrder(24, 0)
+    first_rounds, second_step = order.next(6), order.next(2)  # step 1 drew 3 rounds of 2
+    from mcq import load_split
+    ids = [r.id for r in load_split(f"{demo_data}/rl.jsonl")]
+    step2 = [json.loads(line)["id"] for line in open(os.path.join(out, "samples.jsonl")) if '"step": 2' in line]
+    assert set(step2) <= {ids[i] for i in first_rounds + second_step} and set(step2) & {ids[i] for i in second_step}
+    varied = grpo(demo_data, str(tmp_path / "varied"), *common, "rewards={length: 1.0}", "temperature=2.0")
+    assert [(r["groups_drawn"], r["groups_dropped"], r["groups_short"]) for r in varied] == [(2, 0, 0)] * 2
+    full = grpo(demo_data, str(tmp_path / "full"), *common, "rewards={format: 1.0, length: 1.0}", "max_steps=4",
+                "save_every=2")
+    part = str(tmp_path / "part")
+    grpo(demo_data, part, *common, "rewards={format: 1.0, length: 1.0}", "max_steps=2", "save_every=2")
+    resumed = grpo(demo_data, part, *common, "rewards={format: 1.0, length: 1.0}", "max_steps=4", "save_every=2")
+    for key in ["loss", "reward/total", "groups_drawn", "completion_len_mean"]:
+        assert [r[key] for r in resumed] == [r[key] for r in full], key
