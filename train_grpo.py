@@ -5,13 +5,18 @@
     python train_grpo.py configs/demo_grpo.yaml init_adapter=runs/demo/sft output_dir=runs/demo/grpo
 
 One step, top to bottom:
-  1. sample G completions for each of B prompts (no grad)
-  2. score them (rewards.py) and normalise within each group (grpo.group_advantages)
+  1. sample G completions for each of B prompts (no grad) and score them (rewards.py); with
+     dynamic_sampling, draw more prompts until B groups have rewards that differ
+  2. normalise the rewards within each group (grpo.group_advantages)
   3. old and reference log-probs (no grad)
   4. μ updates of grpo.grpo_loss over micro-batches, then one optimizer step
   5. log, write samples, checkpoint
 The policy is a LoRA adapter; the reference is a second, frozen adapter on the same base (or the base
 itself with adapters disabled), so it costs no second copy of the model.
+
+    torchrun --nproc_per_node 4 train_grpo.py configs/grpo.yaml    # data parallel: README, More than one GPU
+Several processes show up as `procs.` calls: each process's slice of the step's prompts, the step's
+counts and rewards over all processes, gradients summed before clipping, one log written by the main one.
 """
 
 import contextlib
