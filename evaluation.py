@@ -1,12 +1,13 @@
 """Greedy answers to multiple-choice test sets and their metrics: what eval.py reports, and what
-train_grpo.py's held-out curve measures. Reading runs' JSONL files and the Wilson interval, which
-report.py uses too. Nothing here imports torch until a model is asked for answers.
+train_grpo.py's held-out curve measures; reading runs' JSONL files; the statistics report.py and
+ablate.py use (Wilson interval, McNemar's test). Nothing here imports torch until a model is asked for answers.
 """
 
 import json
 import math
 import os
 import time
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -154,3 +155,40 @@ def read_jsonl(path: str) -> list[dict]:
                 continue
             raise ValueError(f"{path}:{n}: not valid JSON") from None
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics of paired answers (report.py, ablate.py)
+
+def binomial_two_sided_p(k: int, n: int) -> float:
+    """Exact two-sided p of k successes in n fair coin flips: 2·P(X <= min(k, n-k)), capped at 1.
+    Integer arithmetic, so n in the thousands neither underflows nor overflows."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def chi2_sf_1df(x: float) -> float:
+    """P(X > x) for X ~ chi²(1): X = Z², so P(|Z| > sqrt(x)) = erfc(sqrt(x/2))."""
+    return math.erfc(math.sqrt(max(x, 0.0) / 2))
+
+
+class McNemar(NamedTuple):
+    b: int  # A right, B wrong
+    c: int  # A wrong, B right
+    p_exact: float  # exact binomial test on the discordant pairs
+    p_chi2: float  # chi² with continuity correction, (|b - c| - 1)² / (b + c)
+
+
+def mcnemar(a_correct: list[bool], b_correct: list[bool]) -> McNemar:
+    """McNemar's test on paired items (the same questions answered by two models). Only the
+    discordant pairs count: under H0 each is equally likely to favour A or B."""
+    if len(a_correct) != len(b_correct):
+        raise ValueError(f"paired lists differ in length: {len(a_correct)} vs {len(b_correct)}")
+    b = sum(1 for x, y in zip(a_correct, b_correct) if x and not y)
+    c = sum(1 for x, y in zip(a_correct, b_correct) if y and not x)
+    # as R's mcnemar.test and statsmodels: the correction is not clipped at 0, so b = c gives p < 1
+    # for small b; the exact p is the one to trust there
+    p_chi2 = 1.0 if b + c == 0 else chi2_sf_1df((abs(b - c) - 1) ** 2 / (b + c))
+    return McNemar(b, c, binomial_two_sided_p(b, b + c), p_chi2)

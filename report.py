@@ -14,9 +14,8 @@ import json
 import math
 import os
 import sys
-from typing import NamedTuple
 
-from evaluation import read_jsonl
+from evaluation import mcnemar, read_jsonl
 
 # ----------------------------------------------------------------------------------------------
 # The paper's numbers (accuracy, %)
@@ -56,43 +55,6 @@ PAPER_COLUMNS = {"pathmmu": "PathMMU", "chest_ct": "Chest CT Scan", "isic2020": 
 def paper_rows() -> dict[str, dict[str, float]]:
     """Table V and Table IV as one set of rows: {row label: {paper column: accuracy %}}."""
     return PAPER
-
-
-# ----------------------------------------------------------------------------------------------
-# Statistics
-
-def binomial_two_sided_p(k: int, n: int) -> float:
-    """Exact two-sided p of k successes in n fair coin flips: 2·P(X <= min(k, n-k)), capped at 1.
-    Integer arithmetic, so n in the thousands neither underflows nor overflows."""
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1))
-    return min(1.0, 2 * tail / 2 ** n)
-
-
-def chi2_sf_1df(x: float) -> float:
-    """P(X > x) for X ~ chi²(1): X = Z², so P(|Z| > sqrt(x)) = erfc(sqrt(x/2))."""
-    return math.erfc(math.sqrt(max(x, 0.0) / 2))
-
-
-class McNemar(NamedTuple):
-    b: int  # A right, B wrong
-    c: int  # A wrong, B right
-    p_exact: float  # exact binomial test on the discordant pairs
-    p_chi2: float  # chi² with continuity correction, (|b - c| - 1)² / (b + c)
-
-
-def mcnemar(a_correct: list[bool], b_correct: list[bool]) -> McNemar:
-    """McNemar's test on paired items (the same questions answered by two models). Only the
-    discordant pairs count: under H0 each is equally likely to favour A or B."""
-    if len(a_correct) != len(b_correct):
-        raise ValueError(f"paired lists differ in length: {len(a_correct)} vs {len(b_correct)}")
-    b = sum(1 for x, y in zip(a_correct, b_correct) if x and not y)
-    c = sum(1 for x, y in zip(a_correct, b_correct) if y and not x)
-    # as R's mcnemar.test and statsmodels: the correction is not clipped at 0, so b = c gives p < 1
-    # for small b; the exact p is the one to trust there
-    p_chi2 = 1.0 if b + c == 0 else chi2_sf_1df((abs(b - c) - 1) ** 2 / (b + c))
-    return McNemar(b, c, binomial_two_sided_p(b, b + c), p_chi2)
 
 
 # ----------------------------------------------------------------------------------------------

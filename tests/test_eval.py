@@ -40,7 +40,7 @@ def test_wilson_contains_the_estimate(n, data):
     k = data.draw(st.integers(0, n))
     low, high = evaluation.wilson_interval(k, n)
     assert 0.0 <= low <= k / n <= high <= 1.0
-    assert report.binomial_two_sided_p(k, n) == report.binomial_two_sided_p(n - k, n)
+    assert evaluation.binomial_two_sided_p(k, n) == evaluation.binomial_two_sided_p(n - k, n)
 
 
 def test_mcnemar_textbook():
@@ -49,21 +49,21 @@ def test_mcnemar_textbook():
     # chi²(1) = Z², z = sqrt(20.672) = 4.5467, two-sided normal tail 2·Q(4.5467) = 5.45e-6
     a = [True] * 101 + [True] * 121 + [False] * 59 + [False] * 33
     b = [True] * 101 + [False] * 121 + [True] * 59 + [False] * 33
-    t = report.mcnemar(a, b)
+    t = evaluation.mcnemar(a, b)
     assert (t.b, t.c) == (121, 59)
     assert t.p_chi2 == pytest.approx(5.45e-6, rel=2e-3)
     assert 1e-6 < t.p_exact < 1e-5  # exact and asymptotic agree in order at n = 180
     # small case by hand: b = 1, c = 9, n = 10. Exact: 2·(C(10,0) + C(10,1))/2^10 = 22/1024;
     # chi² = (8 - 1)²/10 = 4.9, between the table's 3.841 (p .05) and 5.024 (p .025): p = 0.0269
-    t = report.mcnemar([True] + [False] * 9 + [True] * 5, [False] + [True] * 9 + [True] * 5)
+    t = evaluation.mcnemar([True] + [False] * 9 + [True] * 5, [False] + [True] * 9 + [True] * 5)
     assert (t.b, t.c) == (1, 9)
     assert t.p_exact == 22 / 1024
     assert t.p_chi2 == pytest.approx(0.0269, abs=1e-4)
-    assert report.chi2_sf_1df(3.841459) == pytest.approx(0.05, abs=1e-6)
-    assert report.chi2_sf_1df(6.634897) == pytest.approx(0.01, abs=1e-6)
-    assert report.mcnemar([True, False], [True, False]) == (0, 0, 1.0, 1.0)
+    assert evaluation.chi2_sf_1df(3.841459) == pytest.approx(0.05, abs=1e-6)
+    assert evaluation.chi2_sf_1df(6.634897) == pytest.approx(0.01, abs=1e-6)
+    assert evaluation.mcnemar([True, False], [True, False]) == (0, 0, 1.0, 1.0)
     # thousands of discordant pairs: no under/overflow, exact ≈ normal approximation
-    big = report.mcnemar([True] * 600 + [False] * 620, [False] * 600 + [True] * 620)
+    big = evaluation.mcnemar([True] * 600 + [False] * 620, [False] * 600 + [True] * 620)
     assert big.p_exact == pytest.approx(big.p_chi2, rel=1e-3)
 
 

@@ -1,0 +1,159 @@
+"""Ablations on the demo: named variants x seeds, one table (accuracy mean ± sd, per seed, format rate,
+completion length, CPU minutes, McNemar against the baseline on the pooled test items).
+
+    python ablate.py configs/ablations/demo.yaml                      # seeds 0 1 2
+    python ablate.py configs/ablations/demo.yaml --seeds 0 --out runs/ablate-quick
+
+The YAML's `variants` maps a name to overrides of configs/demo_grpo.yaml, as `key=value` would give them.
+Two keys are the runner's own:
+    stage: grpo (default) | sft   sft: train_sft.py with configs/demo_sft.yaml and these overrides instead
+    start: sft (default) | base   from the seed's demo SFT model, or from the base (the random-init tiny-small)
+The first variant is the baseline the others are tested against. `defaults` (optional) holds overrides for
+every run of a script: {sft: {...}, grpo: {...}, eval: {...}}, e.g. fewer steps for a quick look.
+
+Per seed, the demo SFT model is trained once (configs/demo_sft.yaml, seed=s) and shared by every variant
+that starts from it. Each stage is the script itself, run as its own process; a variant whose evaluation
+exists (<out>/<variant>/seed<s>/eval/metrics.json) is not run again, so an interrupted ablation goes on
+where it stopped. Writes <out>/ablation.md and <out>/ablation.png and prints the table.
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+
+import yaml
+
+from evaluation import mcnemar, read_jsonl
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_")
+
+
+def run(script: str, config: str, overrides: dict) -> float:
+    """python <script> <config> key=value ... in its own process -> the CPU minutes it used."""
+    args = [f"{k}={'null' if v is None else json.dumps(v) if isinstance(v, (dict, list)) else v}"
+            for k, v in overrides.items()]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"$ python {script} {config} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, script, config, *args], check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / 60
+
+
+def run_variant(name: str, spec: dict, seed: int, out: str, defaults: dict) -> dict:
+    """Train and evaluate one variant for one seed (unless its evaluation exists) -> its summary."""
+    spec = dict(spec)
+    stage, start = spec.pop("stage", "grpo"), spec.pop("start", "sft")
+    root = os.path.join(out, slug(name), f"seed{seed}")
+    train_dir, eval_dir = os.path.join(root, "train"), os.path.join(root, "eval")
+    sft_dir = os.path.join(out, "_sft", f"seed{seed}")
+    base_model = defaults.get("sft", {}).get("model", "tiny-small")  # configs/demo_sft.yaml's
+    minutes = 0.0
+    if not os.path.isfile(os.path.join(eval_dir, "metrics.json")):
+        if start == "sft" and not os.path.isfile(os.path.join(sft_dir, "config.json")):
+            run("train_sft.py", "configs/demo_sft.yaml",  # shared by the variants: not counted in theirs
+                {**defaults.get("sft", {}), "seed": seed, "output_dir": sft_dir})
+        start_model = sft_dir if start == "sft" else base_model
+        if stage == "sft":  # the demo SFT trains the whole language model: its output is a model
+            minutes += run("train_sft.py", "configs/demo_sft.yaml", {**defaults.get("sft", {}), **spec, "seed": seed,
+                                                                     "model": start_model, "output_dir": train_dir})
+            evaluated = {"model": train_dir}
+        else:
+            start_keys = ({"init_adapter": sft_dir} if start == "sft"
+                          else {"model": base_model, "init_adapter": None, "reference": "base"})
+            minutes += run("train_grpo.py", "configs/demo_grpo.yaml", {**defaults.get("grpo", {}), **start_keys,
+                                                                       **spec, "seed": seed, "output_dir": train_dir})
+            evaluated = {"model": start_model, "adapter": train_dir}
+        minutes += run("eval.py", "configs/demo_eval.yaml", {**defaults.get("eval", {}), **evaluated, "seed": seed,
+                                                             "output_dir": eval_dir})
+        with open(os.path.join(root, "cpu_minutes.json"), "w") as f:
+            json.dump({"cpu_minutes": minutes}, f)
+    with open(os.path.join(eval_dir, "metrics.json")) as f:
+        metrics = json.load(f)["sets"]["demo"]
+    with open(os.path.join(root, "cpu_minutes.json")) as f:
+        minutes = json.load(f)["cpu_minutes"]
+    correct = {(seed, p["id"]): bool(p["correct"]) for p in read_jsonl(os.path.join(eval_dir, "predictions.jsonl"))}
+    return {"accuracy": 100 * metrics["accuracy"], "format_rate": metrics["format_rate"],
+            "length": metrics["mean_completion_tokens"], "cpu_minutes": minutes, "correct": correct}
+
+
+def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
+    baseline = next(iter(results))
+    base_correct = {k: v for r in results[baseline] for k, v in r["correct"].items()}
+    lines = ["| variant | accuracy % (mean ± sd) | per seed " + " / ".join(map(str, seeds)) + " | format | tokens | "
+             "CPU min | vs baseline: b / c, McNemar p |", "|---|---|---|---|---|---|---|"]
+    for name, runs in results.items():
+        acc = [r["accuracy"] for r in runs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        correct = {k: v for r in runs for k, v in r["correct"].items()}
+        keys = sorted(k for k in correct if k in base_correct)
+        if name == baseline:
+            test = "-"
+        else:  # b: items the baseline got right and this variant wrong; c: the other way round
+            t = mcnemar([base_correct[k] for k in keys], [correct[k] for k in keys])
+            test = f"{t.b} / {t.c}, p = {t.p_exact:.2g}"
+        lines.append(f"| {name} | {statistics.mean(acc):.1f} ± {sd:.1f} | {' / '.join(f'{a:.1f}' for a in acc)} | "
+                     f"{statistics.mean(r['format_rate'] for r in runs):.2f} | "
+                     f"{statistics.mean(r['length'] for r in runs):.1f} | "
+                     f"{statistics.mean(r['cpu_minutes'] for r in runs):.1f} | {test} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, list[dict]], path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    for i, name in enumerate(names):
+        acc = [r["accuracy"] for r in results[name]]
+        ax.bar(i, statistics.mean(acc), color="#9bb7d4")
+        ax.scatter([i] * len(acc), acc, color="black", s=12, zorder=3)  # one dot per seed
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("demo test accuracy (%)")
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("variants", help="YAML file: variants (name -> overrides) and optional defaults")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="runs/ablate")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.variants):
+        sys.exit(f"error: {args.variants} not found (e.g. configs/ablations/demo.yaml)")
+    with open(args.variants) as f:
+        spec = yaml.safe_load(f) or {}
+    if not isinstance(spec.get("variants"), dict) or not spec["variants"]:
+        sys.exit(f"error: {args.variants}: expected `variants:`, a mapping of name -> {{key: value}} overrides")
+
+    results = {}
+    try:
+        for name, overrides in spec["variants"].items():
+            results[name] = [run_variant(name, overrides or {}, seed, args.out, spec.get("defaults", {}))
+                             for seed in args.seeds]
+    except subprocess.CalledProcessError as e:  # the script has printed why; finished variants are kept
+        sys.exit(f"error: `{' '.join(e.cmd[1:3])} ...` failed (exit {e.returncode}); run the same command again "
+                 "to go on from the variants already finished")
+    markdown = table(results, args.seeds)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "ablation.md"), "w") as f:
+        f.write(f"Ablations of {args.variants}, seeds {' '.join(map(str, args.seeds))}\n\n{markdown}\n\n"
+                "![accuracy](ablation.png)\n")
+    plot(results, os.path.join(args.out, "ablation.png"))
+    print(markdown)
+    print(f"wrote {args.out}/ablation.md and ablation.png")
+
+
+if __name__ == "__main__":
+    main()
