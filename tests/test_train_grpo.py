@@ -474,3 +474,14 @@ def test_dynamic_sampling_draws_until_groups_differ_and_resumes_exactly(demo_dat
     resumed = grpo(demo_data, part, *common, "rewards={format: 1.0, length: 1.0}", "max_steps=4", "save_every=2")
     for key in ["loss", "reward/total", "groups_drawn", "completion_len_mean"]:
         assert [r[key] for r in resumed] == [r[key] for r in full], key
+
+
+def test_merge_for_sampling_auto_is_on_for_cpu_only():
+    """auto: a GPU run keeps its memory (the exact restore copies every adapted layer); a 4-bit base never merges."""
+    from config import GRPOConfig
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert train_grpo.merge_while_sampling(GRPOConfig(reference="base"), cpu)
+    assert not train_grpo.merge_while_sampling(GRPOConfig(reference="base"), gpu)
+    assert train_grpo.merge_while_sampling(GRPOConfig(reference="base", merge_for_sampling=True), gpu)
+    assert not train_grpo.merge_while_sampling(GRPOConfig(reference="base", quantization="4bit"), cpu)
