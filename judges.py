@@ -128,7 +128,7 @@ class APIJudge:
         self.max_concurrency, self.max_retries, self.retry_base_delay = max_concurrency, max_retries, retry_base_delay
         self.max_tokens = max_tokens
         if use_cache and cache_dir is None:
-            from model import cache_dir as model_cache_dir
+            from tiny import cache_dir as model_cache_dir
             cache_dir = os.path.join(model_cache_dir(), "judge")
         self.cache_dir = cache_dir if use_cache else None
         # max_retries=0: our loop owns retries, so it can count them and back off across threads

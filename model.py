@@ -1,8 +1,9 @@
-"""Qwen2.5-VL: load it (hub id, local directory or the embedded `tiny`), its processor, LoRA, generation.
+"""Qwen2.5-VL: load it (hub id, local directory or the embedded `tiny`), its processor, LoRA, inputs, generation.
 
-The 7B and the tiny model go through the same code: `tiny` is built from a config in this file,
-saved once to a cache directory, and from then on loaded with `from_pretrained` like any checkpoint,
-so quantisation, LoRA and generation are exercised exactly as on the real model.
+The 7B and the tiny model go through the same code: `tiny` is built from a config (tiny.py), saved
+once to a cache directory, and from then on loaded with `from_pretrained` like any checkpoint, so
+quantisation, LoRA and generation are exercised exactly as on the real model. The training loops'
+own machinery (a group's sampling with one prefill, chunked log-probs) is in rollout.py.
 """
 
 import contextlib
@@ -10,21 +11,18 @@ import logging
 import os
 
 import torch
-import torch.utils.checkpoint
 from transformers import (
     AutoConfig,
     AutoTokenizer,
     BitsAndBytesConfig,
     GenerationConfig,
-    Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
-    Qwen2TokenizerFast,
 )
-from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from config import MissingInput
+from tiny import CHAT_TEMPLATE, TINY_SIZES, resolve_model_path
 
 # On CPUs with AVX512-BF16, importing bitsandbytes (peft does) tries to fetch an inference kernel from the
 # Hugging Face hub with the `kernels` package and warns when it cannot. We never run that kernel (see
@@ -34,128 +32,6 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # LoRA goes on the language model only: the vision blocks reuse the names q_proj/.../down_proj,
 # so we match on the module path, not on the name alone.
 LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]
-
-# The Qwen2.5-VL chat format, for the tiny tokenizer (real checkpoints bring their own template):
-# <|im_start|>system\n...<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>text<|im_end|>\n
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if loop.first and m.role != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ m.role }}\n"
-    "{% if m.content is string %}{{ m.content }}"
-    "{% else %}{% for c in m.content %}"
-    "{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c.type == 'text' %}{{ c.text }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-# ----------------------------------------------------------------------------------------------
-# The embedded tiny Qwen2.5-VL: real architecture (M-RoPE, windowed vision attention), random init
-
-TINY_SIZES = {
-    # text hidden / layers / heads / kv heads / mlp;  vision hidden / depth / heads / mlp
-    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, v_hidden=64, v_depth=2, v_heads=4, v_mlp=128),
-    "tiny-small": dict(hidden=128, layers=4, heads=4, kv_heads=2, mlp=256, v_hidden=128, v_depth=4, v_heads=4,
-                       v_mlp=256),
-}
-
-
-def tiny_corpus() -> list[str]:
-    """Text the tiny tokenizer is trained on: the prompt/answer vocabulary of this project, so the
-    demo's sequences are a few dozen tokens rather than one token per byte."""
-    from mcq import TRAINING_WORDS, format_prompt_text
-
-    example = format_prompt_text("Which stain dominates this patch?", ["brown", "blue", "mixed"])
-    return [example] * 50 + TRAINING_WORDS
-
-
-def build_tiny_tokenizer(vocab_size: int = 640) -> Qwen2TokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, bos_token=None, additional_special_tokens=SPECIAL_TOKENS[1:])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def qwen25vl_config(tokenizer, *, hidden, layers, heads, kv_heads, mlp, vocab, tied, mrope, v_depth, v_hidden,
-                    v_mlp, v_heads, v_full, max_positions, norm_eps, tokens_per_second) -> Qwen2_5_VLConfig:
-    """A Qwen2.5-VL config of these sizes (text: hidden, layers, heads, kv heads, mlp, vocab, tied
-    embeddings, M-RoPE sections; vision: depth, hidden, mlp, heads, full-attention blocks, windowed
-    elsewhere) whose special-token ids are the tokenizer's, so its image tokens line up."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-            rms_norm_eps=norm_eps, rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=mrope),
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=tied),
-        vision_config=dict(
-            depth=v_depth, hidden_size=v_hidden, intermediate_size=v_mlp, num_heads=v_heads, out_hidden_size=hidden,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=v_full,
-            tokens_per_second=tokens_per_second),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=tied)
-
-
-def tiny_config(tokenizer, size: str = "tiny") -> Qwen2_5_VLConfig:
-    s = TINY_SIZES[size]
-    half = s["hidden"] // s["heads"] // 2
-    # M-RoPE splits head_dim/2 rotary frequencies over (time, height, width); the 7B uses [16, 24, 24]
-    t = half // 4
-    mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
-    # norm_eps and tokens_per_second (video only) are transformers' defaults, which the tiny models have always had
-    return qwen25vl_config(tokenizer, **s, vocab=len(tokenizer), tied=False, mrope=mrope, v_full=[s["v_depth"] - 1],
-                           max_positions=4096, norm_eps=1e-5, tokens_per_second=4)
-
-
-def build_tiny_model(size: str = "tiny", seed: int = 0):
-    """A random-init tiny Qwen2.5-VL and its tokenizer; the same seed gives the same weights."""
-    tokenizer = build_tiny_tokenizer()
-    # a private RNG stream: a run that builds the model first must draw the same LoRA init and samples
-    # as one that finds it cached
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, size))
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def cache_dir() -> str:
-    return os.environ.get("PATHVLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pathvlm-r1"))
-
-
-def resolve_model_path(name: str, seed: int = 0) -> str:
-    """`tiny`/`tiny-small` -> a directory holding it (built once per seed); anything else unchanged."""
-    if name not in TINY_SIZES:
-        return name
-    path = os.path.join(cache_dir(), f"{name}-seed{seed}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        model, tokenizer = build_tiny_model(name, seed)
-        tmp = f"{path}.tmp{os.getpid()}"
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            os.replace(tmp, path)  # atomic: a concurrent builder of the same seed wrote the same bytes
-        except OSError:
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,160 +329,6 @@ def image_features(model, inputs: dict):
         out = unwrap(model).model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
                                                      return_dict=True)
     return {"image": out}
-
-
-@torch.no_grad()
-def generate_groups(model, prompt: dict, features: dict, group_size: int, config: GenerationConfig,
-                    **generate_kwargs) -> torch.Tensor:
-    """G sampled completions per prompt, with the prompt's prefill computed once, not G times.
-
-    generate(num_return_sequences=G) copies each prompt G times before the prefill; a prompt of
-    ~1,000 tokens then costs G full forward passes before the first new token. Instead we prefill
-    all but the last prompt token once per prompt, copy that KV cache (and the M-RoPE offsets) G
-    times, and let generate continue from there. Same tokens as the plain call (tested), about half
-    the time on the demo. Returns the (B*G, P + T) ids, as generate does (or generate's output object
-    when generate_kwargs ask for one)."""
-    base = unwrap(model)
-    with autocast(model):
-        prefill = base(input_ids=prompt["input_ids"][:, :-1], attention_mask=prompt["attention_mask"][:, :-1],
-                       mm_token_type_ids=prompt["mm_token_type_ids"][:, :-1], image_grid_thw=prompt["image_grid_thw"],
-                       mm_encoder_outputs={"image": features["image"]}, use_cache=True, logits_to_keep=1)
-        cache = prefill.past_key_values
-        cache.batch_repeat_interleave(group_size)
-        base.model.rope_deltas = base.model.rope_deltas.repeat_interleave(group_size, 0)  # (B*G, 1)
-        return base.generate(input_ids=prompt["input_ids"].repeat_interleave(group_size, 0),
-                             attention_mask=prompt["attention_mask"].repeat_interleave(group_size, 0),
-                             past_key_values=cache, generation_config=config, **generate_kwargs)
-
-
-def repeat_prompts(inputs: dict, repeat: int) -> dict:
-    """Each prompt row repeated `repeat` times (rows i*repeat ... i*repeat+repeat-1 share prompt i)."""
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")  # one image per prompt
-    return {k: inputs[k].repeat_interleave(repeat, 0) for k in keys}
-
-
-def _selected_logprobs(hidden, lm_head, targets, temperature, suppressed):
-    logits = lm_head(hidden).float() / temperature  # (n, V): only `chunk_size` rows of the vocab projection at a time
-    if suppressed is not None:
-        logits = logits.index_fill(-1, suppressed, float("-inf"))  # as the sampler's suppress_tokens does
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-def completion_logprobs(model, prompt: dict, completion_ids, completion_mask, features=None, position_ids=None,
-                        chunk_size: int = 1024, temperature: float = 1.0, suppressed: list[int] | None = None):
-    """log π(c_t | prompt, c_<t) for every completion token -> (N, T).
-
-    π is softmax(logits / temperature) without the `suppressed` token ids: for GRPO, exactly the
-    distribution generation_config(temperature=T) samples from (tested); for SFT, the plain model.
-
-    prompt: left-padded prompt rows (input_ids, attention_mask, mm_token_type_ids, image_grid_thw and
-    either pixel_values or precomputed `features`); completion_ids/mask: (N, T), right-padded.
-    The vocab projection runs on `chunk_size` tokens at a time (recomputed in backward), so the
-    (N, T, vocab) fp32 logits never exist at once: 16 x 1024 x 152k floats would be 10 GB."""
-    base = unwrap(model)
-    n_prompt = prompt["input_ids"].shape[1]
-    kwargs = dict(
-        input_ids=torch.cat([prompt["input_ids"], completion_ids], 1),
-        attention_mask=torch.cat([prompt["attention_mask"], completion_mask], 1),
-        mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1),
-        image_grid_thw=prompt["image_grid_thw"], position_ids=position_ids)
-    if features is not None:
-        kwargs["mm_encoder_outputs"] = features
-    else:
-        kwargs["pixel_values"] = prompt["pixel_values"]
-    with autocast(model):
-        hidden = base.model(**kwargs).last_hidden_state[:, n_prompt - 1:-1]  # (N, T, H): states that predict c_t
-        return token_logprobs(base.lm_head, hidden, completion_ids, chunk_size, temperature, suppressed)
-
-
-def token_logprobs(lm_head, hidden, targets, chunk_size: int = 1024, temperature: float = 1.0,
-                   suppressed: list[int] | None = None) -> torch.Tensor:
-    """log softmax(lm_head(hidden) / temperature)[target], the `suppressed` ids left out of the softmax,
-    for (N, T, H) hidden states -> (N, T), chunk by chunk."""
-    n, t, h = hidden.shape
-    flat_hidden, flat_targets = hidden.reshape(n * t, h), targets.reshape(n * t)
-    suppressed = None if not suppressed else torch.tensor(suppressed, device=hidden.device)
-    pieces = []
-    for i in range(0, n * t, chunk_size):
-        args = (flat_hidden[i:i + chunk_size], lm_head, flat_targets[i:i + chunk_size], temperature, suppressed)
-        if torch.is_grad_enabled():
-            pieces.append(torch.utils.checkpoint.checkpoint(_selected_logprobs, *args, use_reentrant=False))
-        else:
-            pieces.append(_selected_logprobs(*args))
-    return torch.cat(pieces).view(n, t)
-
-
-class _PromptKV(DynamicLayer):
-    """The prompt pass's cache layer: attention sees only the prompt's own keys/values, which are kept
-    for the completions. A second call (gradient checkpointing replaying the layer in backward)
-    overwrites them with the same values instead of appending."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        self.keys, self.values, self.is_initialized = key_states, value_states, True
-        return key_states, value_states
-
-    def get_seq_length(self) -> int:
-        return 0  # nothing precedes the prompt
-
-
-class _PrefixKV(DynamicLayer):
-    """The completions' cache layer: the prompt's keys/values (repeated for the G completions) stay
-    as they are, and each call returns them followed by the completion's. Nothing is written, so a
-    replay under gradient checkpointing sees exactly what the first pass saw."""
-
-    def __init__(self, keys, values):
-        super().__init__()
-        self.keys, self.values, self.is_initialized = keys, values, True
-        self.dtype, self.device = keys.dtype, keys.device
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
-
-
-@contextlib.contextmanager
-def _cache_under_checkpointing(language_model):
-    """Let checkpointed decoder layers keep the caches above (transformers drops a cache under
-    checkpointing unless the layer says replays are safe, which they are for _PromptKV/_PrefixKV)."""
-    for layer in language_model.layers:
-        layer._can_checkpoint_with_cache = True
-    try:
-        yield
-    finally:
-        for layer in language_model.layers:
-            del layer._can_checkpoint_with_cache
-
-
-def shared_prompt_logprobs(model, prompt: dict, features: dict, completion_ids, completion_mask, group_size: int,
-                           position_ids, chunk_size: int = 1024, temperature: float = 1.0,
-                           suppressed: list[int] | None = None) -> torch.Tensor:
-    """completion_logprobs for B*G completions of B prompts, running each prompt once instead of G
-    times: its keys/values are repeated for the G completions. With gradients on, they flow back
-    through the copies into the prompt's one pass, with or without gradient checkpointing.
-    prompt/features: B rows; completion_ids/mask: (N, T); position_ids: (3, N, P + T) as train_grpo's
-    Rows builds them. Equal to completion_logprobs up to float rounding, gradients included (tested)."""
-    base = unwrap(model)
-    n_prompt, n_completion = prompt["input_ids"].shape[1], completion_ids.shape[1]
-    with _cache_under_checkpointing(base.model.language_model), autocast(model):
-        prompt_kv = Cache(layer_class_to_replicate=_PromptKV)
-        out = base.model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
-                         mm_token_type_ids=prompt["mm_token_type_ids"], image_grid_thw=prompt["image_grid_thw"],
-                         mm_encoder_outputs={"image": features["image"]},
-                         position_ids=position_ids[:, ::group_size, :n_prompt], past_key_values=prompt_kv)
-        if len(prompt_kv.layers) != len(base.model.language_model.layers):
-            raise RuntimeError("transformers dropped the prompt's KV cache under gradient checkpointing: this needs "
-                               "the transformers version pinned in requirements.txt")
-        hidden = out.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)  # (N, 1, H): predicts c_0
-        if n_completion > 1:  # else every completion is EOS alone: the prompt's last state is all we need
-            prefix = Cache(layers=[_PrefixKV(layer.keys.repeat_interleave(group_size, 0),
-                                             layer.values.repeat_interleave(group_size, 0))
-                                   for layer in prompt_kv.layers])
-            attention_mask = torch.cat([prompt["attention_mask"].repeat_interleave(group_size, 0), completion_mask], 1)
-            rest = base.model.language_model(
-                inputs_embeds=base.model.get_input_embeddings()(completion_ids[:, :-1]),
-                attention_mask=attention_mask[:, :-1], past_key_values=prefix,
-                position_ids=position_ids[:, :, n_prompt:n_prompt + n_completion - 1])
-            hidden = torch.cat([hidden, rest.last_hidden_state], 1)  # (N, T, H)
-        return token_logprobs(base.lm_head, hidden, completion_ids, chunk_size, temperature, suppressed)
 
 
 @torch.no_grad()

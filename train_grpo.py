@@ -37,10 +37,10 @@ from evaluation import evaluate, load_sets
 from grpo import equal_reward_groups, group_advantages, grpo_loss
 from judges import judge_from_config
 from mcq import image_path, is_well_formed, parse_answer, prompt_messages
-from model import (completion_logprobs, completion_mask, count_params, encode_prompts, generate_groups,
-                   generation_config, image_features, load_model, repeat_prompts, shared_prompt_logprobs,
+from model import (completion_mask, count_params, encode_prompts, generation_config, image_features, load_model,
                    special_token_ids, stop_token_ids, unwrap)
 from rewards import score_completions
+from rollout import completion_logprobs, generate_groups, repeat_prompts, shared_prompt_logprobs
 from training import DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
 
 

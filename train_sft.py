@@ -20,8 +20,8 @@ from tqdm import tqdm
 import checkpoint as ckpt
 from config import InputError, SFTConfig, check_inputs, parse_args, save_config
 from mcq import Record, image_path, prompt_messages, target_text
-from model import (completion_logprobs, count_params, encode_completions, encode_prompts, image_features, load_model,
-                   unwrap)
+from model import count_params, encode_completions, encode_prompts, image_features, load_model, unwrap
+from rollout import completion_logprobs
 from training import DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
 
 

@@ -12,7 +12,7 @@ weights: nothing is downloaded. It is built once in bf16 on the GPU (7B: 16.6 GB
 shards under --workdir, and from then on loaded by our own `model.load_model` with 4-bit NF4
 quantisation, exactly as a real checkpoint would be. The tokenizer is the embedded tiny one (a few
 hundred tokens, the Qwen special tokens among them) while the config keeps the real vocabulary
-(152,064 / 151,936 rows): model.qwen25vl_config, which builds the tiny models' configs too, reads the
+(152,064 / 151,936 rows): tiny.qwen25vl_config, which builds the tiny models' configs too, reads the
 special-token ids from that tokenizer, so image tokens line up; sampled ids the tokenizer does not know
 decode to nothing, which only the (here meaningless) rewards see.
 
@@ -59,15 +59,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ROOT, cuda_sync, full_length, load_plain_model, make_trl_grpo_trainer, median, patched,  # noqa: E402
                     print_table, read_metrics, timed, train_trl_timed, trl_grpo_dataset)
 
-from model import build_tiny_tokenizer, cache_dir, load_processor, qwen25vl_config  # noqa: E402
+from model import load_processor  # noqa: E402
+from tiny import build_tiny_tokenizer, cache_dir, qwen25vl_config  # noqa: E402
 
-# model.qwen25vl_config's sizes, from the public configs (M-RoPE sections sum to head_dim/2)
+# tiny.qwen25vl_config's sizes, from the public configs (M-RoPE sections sum to head_dim/2)
 ARCHS = {
     "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, mlp=18944, vocab=152064, tied=False,
                mrope=[16, 24, 24], v_depth=32, v_hidden=1280, v_mlp=3420, v_heads=16, v_full=[7, 15, 23, 31]),
     "3b": dict(hidden=2048, layers=36, heads=16, kv_heads=2, mlp=11008, vocab=151936, tied=True,
                mrope=[16, 24, 24], v_depth=32, v_hidden=1280, v_mlp=3420, v_heads=16, v_full=[7, 15, 23, 31]),
-    # model.TINY_SIZES["tiny"] with a vocabulary larger than the tokenizer's, as the real ones are
+    # tiny.TINY_SIZES["tiny"] with a vocabulary larger than the tokenizer's, as the real ones are
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, vocab=1024, tied=False,
                  mrope=[2, 3, 3], v_depth=2, v_hidden=64, v_mlp=128, v_heads=4, v_full=[1]),
 }

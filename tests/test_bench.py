@@ -62,7 +62,7 @@ def test_bench_architectures_have_the_real_parameter_counts(arch, parameters):
     from gpu_grpo import arch_config
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from model import build_tiny_tokenizer
+    from tiny import build_tiny_tokenizer
 
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(arch_config(arch, build_tiny_tokenizer()))

@@ -124,7 +124,7 @@ def start():
 def uninterrupted(demo_data, tmp_path_factory):
     """uninterrupted(loop): the output dir of that loop's uninterrupted run, once it has finished. Both
     loops' runs start at once in the background, and the tests share them."""
-    from model import resolve_model_path
+    from tiny import resolve_model_path
 
     resolve_model_path("tiny")  # built here once, not by each process
     root = str(tmp_path_factory.mktemp("uninterrupted"))

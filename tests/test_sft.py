@@ -61,7 +61,8 @@ def test_adapter_reloads_identically(demo_data, tmp_path):
     run(demo_data, out, "max_steps=3", "lr=1e-2", "warmup_steps=0", "finetune=lora", "eval_every=100")
     # the adapter loads in plain transformers + peft, and gives the trained model's logits
     from transformers import Qwen2_5_VLForConditionalGeneration
-    from model import encode_prompts, resolve_model_path
+    from model import encode_prompts
+    from tiny import resolve_model_path
     from mcq import image_path, prompt_messages
     from PIL import Image
 
