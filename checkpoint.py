@@ -108,8 +108,9 @@ def load_checkpoint(path: str, model, optimizer, scheduler, rank: int = 0, world
     if len(rng_states) != world_size:
         # weights, optimizer and data position would carry over; each process's sampling stream would not,
         # so the run would no longer be the one that was checkpointed
-        raise BadInput(f"checkpoint {path} was written by {len(rng_states)} process(es), this run has {world_size}: "
-                         f"resume with {len(rng_states)} (or start a new output_dir with init_adapter=<its model/>)")
+        raise BadInput(f"checkpoint {path} was written by {len(rng_states)} process(es), this run has "
+                       f"{world_size}: resume with {len(rng_states)} (or start a new output_dir with "
+                       "init_adapter=<its model/>)")
     params = dict(model.named_parameters())
     missing = [n for n in state["model"] if n not in params]
     if missing:
@@ -190,9 +191,12 @@ class StopAfterStep:
         print(f"\n{self.requested}: finishing this step, then saving a checkpoint (send it again to stop at once)",
               file=sys.stderr, flush=True)
 
-    def exit_if_requested(self, step: int, max_steps: int, save):
+    def exit_if_requested(self, step: int, max_steps: int, save, anywhere=bool):
         """At a step's end: if a signal asked, save(step) and exit. After the last step the loop's own
-        final save follows anyway."""
+        final save follows anyway. anywhere(flag): whether any of the run's processes has it (the
+        loops pass training.Processes.any), so that all of them stop after the same step."""
+        if anywhere(self.requested is not None) and self.requested is None:
+            self.requested = "a signal to another process"
         if self.requested and step < max_steps:
             path = save(step)
             sys.exit(f"\nstopped by {self.requested} after step {step}: saved {path}; "

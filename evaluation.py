@@ -73,8 +73,6 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
     already there are not generated again; the metrics cover all of `records_by_set`.
     Several processes (procs): each answers its share of every round of batch_size x N items; the
     main process writes the round's predictions in the order one process would have."""
-    import torch
-
     from model import completion_mask, encode_prompts, generate, stop_token_ids
     from training import Processes
 
@@ -99,8 +97,7 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
                 if batch:
                     images = [Image.open(r.image).convert("RGB") for r in batch]
                     inputs = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
-                    with torch.no_grad():
-                        ids, texts = generate(model, processor, inputs, max_new_tokens, temperature=0.0)  # (B, T)
+                    ids, texts = generate(model, processor, inputs, max_new_tokens, temperature=0.0)  # (B, T)
                     lengths = completion_mask(ids, stop_ids).sum(1).tolist()  # tokens up to and including EOS
                     preds = [{"id": record.id, "set": name, "completion": text, **score(text, record),
                               "gold": record.answer, "completion_tokens": length}

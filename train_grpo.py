@@ -41,7 +41,8 @@ from model import (completion_mask, count_params, encode_prompts, generation_con
                    special_token_ids, stop_token_ids, unwrap)
 from rewards import score_completions
 from rollout import completion_logprobs, generate_groups, repeat_prompts, shared_prompt_logprobs
-from training import DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
+from training import (DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard,
+                      save_checkpoint, save_trained)
 
 
 def is_full_model(path: str) -> bool:
@@ -121,11 +122,15 @@ def sample_groups(model, processor, prompt, features, cfg):
     return ids, mask, texts, truncated
 
 
+def encode_batch(batch, processor, cfg, device) -> dict:
+    """B records -> their prompts with their images, left-padded to the longest."""
+    images = [Image.open(image_path(cfg.data, r)).convert("RGB") for r in batch]
+    return encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
+
+
 def sample_and_score(batch, model, processor, cfg, judge) -> dict:
     """B records -> their prompts, image features, B*G sampled completions and every reward of them."""
-    device = next(model.parameters()).device
-    images = [Image.open(image_path(cfg.data, r)).convert("RGB") for r in batch]
-    prompt = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
+    prompt = encode_batch(batch, processor, cfg, next(model.parameters()).device)
     features = image_features(model, prompt)  # vision tower once per step, shared by every pass
     ids, mask, texts, truncated = sample_groups(model, processor, prompt, features, cfg)
     records = [r for r in batch for _ in range(cfg.group_size)]  # (N,) the record of each completion
@@ -160,9 +165,9 @@ def informative_groups(sampled: dict, sample_more, cfg, procs, processor) -> tup
     device = sampled["ids"].device
     width = max(s["ids"].shape[1] for s, _ in rows)  # completions right-padded to the longest
     pad = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
-    images = [Image.open(image_path(cfg.data, r)).convert("RGB") for r in batch]
-    prompt = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)  # one left-padding
-    groups = dict(batch=batch, prompt=prompt,
+    # the chosen prompts under one left-padding; their image features as each round computed them
+    features = BaseModelOutputWithPooling(pooler_output=[s["features"]["image"].pooler_output[b] for s, b in chosen])
+    groups = dict(batch=batch, prompt=encode_batch(batch, processor, cfg, device), features={"image": features},
                   ids=torch.cat([pad(s["ids"][i:i + 1], processor.tokenizer.pad_token_id) for s, i in rows]),
                   mask=torch.cat([pad(s["mask"][i:i + 1], 0) for s, i in rows]),
                   texts=[s["texts"][i] for s, i in rows], truncated=torch.stack([s["truncated"][i] for s, i in rows]),
@@ -310,14 +315,9 @@ def main(argv=None):
     share_in_policy_pass = not (cfg.backend == "unsloth" and cfg.gradient_checkpointing)
 
     def save(at_step):
-        rng_states = procs.gather(ckpt.rng_state())  # every process's, so that each resumes its own stream
-        if procs.main:
-            ckpt.save_checkpoint(cfg.output_dir, at_step, model, optimizer, scheduler,
-                                 {"data": order.state(), "counters": counters}, keep=cfg.keep_checkpoints,
-                                 save_model=lambda d: model.save_pretrained(d, selected_adapters=["default"]),
-                                 rng_states=rng_states)
-        procs.barrier()
-        return ckpt.step_dir(cfg.output_dir, at_step)
+        return save_checkpoint(procs, cfg.output_dir, at_step, model, optimizer, scheduler,
+                               {"data": order.state(), "counters": counters}, keep=cfg.keep_checkpoints,
+                               save_model=lambda d: model.save_pretrained(d, selected_adapters=["default"]))
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", dynamic_ncols=True, disable=not procs.main)
     stop = ckpt.StopAfterStep()  # Ctrl-C / SIGTERM: finish the step, save, exit (resume is then exact)
@@ -332,7 +332,6 @@ def main(argv=None):
             sampled, filler, sampling = draw_and_sample(), torch.zeros(cfg.num_prompts, dtype=torch.bool), {}
             if cfg.dynamic_sampling:  # DAPO: drop groups whose rewards are all equal, draw more prompts
                 sampled, filler, sampling = informative_groups(sampled, draw_and_sample, cfg, procs, processor)
-                sampled["features"] = image_features(model, sampled["prompt"])
             prompt, features, ids, mask = (sampled[k] for k in ("prompt", "features", "ids", "mask"))
             texts, truncated, records, scores = (sampled[k] for k in ("texts", "truncated", "records", "scores"))
             t_generated = time.perf_counter()  # sampling and rewards
@@ -451,9 +450,7 @@ def main(argv=None):
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward/total']:.2f}", acc=f"{row['accuracy']:.2f}",
                             fmt=f"{row['format_rate']:.2f}", kl=f"{row['kl']:.3f}", len=f"{row['completion_len_mean']:.0f}")
-            if procs.any(stop.requested is not None) and stop.requested is None:
-                stop.requested = "a signal to another process"  # all processes stop after the same step
-            stop.exit_if_requested(step, cfg.max_steps, save)
+            stop.exit_if_requested(step, cfg.max_steps, save, procs.any)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step)
     except KeyboardInterrupt:  # a second signal: the step in progress is dropped

@@ -22,7 +22,8 @@ from config import InputError, SFTConfig, check_inputs, parse_args, save_config
 from mcq import Record, image_path, prompt_messages, target_text
 from model import count_params, encode_completions, encode_prompts, image_features, load_model, unwrap
 from rollout import completion_logprobs
-from training import DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard, save_trained
+from training import (DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard,
+                      save_checkpoint, save_trained)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,12 +100,8 @@ def main(argv=None):
     log, tb = (ckpt.MetricsLog(metrics_path), open_tensorboard(cfg)) if procs.main else (None, None)
 
     def save(at_step):
-        rng_states = procs.gather(ckpt.rng_state())  # every process's, so that each resumes its own stream
-        if procs.main:
-            ckpt.save_checkpoint(cfg.output_dir, at_step, model, optimizer, scheduler, {"data": order.state()},
-                                 keep=cfg.keep_checkpoints, rng_states=rng_states)
-        procs.barrier()
-        return ckpt.step_dir(cfg.output_dir, at_step)
+        return save_checkpoint(procs, cfg.output_dir, at_step, model, optimizer, scheduler, {"data": order.state()},
+                               keep=cfg.keep_checkpoints)
 
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True, disable=not procs.main)
@@ -139,9 +136,7 @@ def main(argv=None):
                         tb.add_scalar(k, v, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if procs.any(stop.requested is not None) and stop.requested is None:
-                stop.requested = "a signal to another process"  # all processes stop after the same step
-            stop.exit_if_requested(step, cfg.max_steps, save)
+            stop.exit_if_requested(step, cfg.max_steps, save, procs.any)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step)
     except KeyboardInterrupt:  # a second signal: the step in progress is dropped

@@ -11,6 +11,7 @@ import sys
 import torch
 from PIL import Image
 
+import checkpoint as ckpt
 from config import BadInput
 from mcq import Record, image_path, load_split, prompt_messages, target_text
 
@@ -95,6 +96,18 @@ def make_scheduler(cfg, optimizer):
         progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_checkpoint(procs, output_dir: str, step: int, model, optimizer, scheduler, extra: dict, keep: int,
+                    save_model=None) -> str:
+    """checkpoint.save_checkpoint for a run of one or several processes: every process's RNG state (so
+    that each resumes its own stream), written by the main process; the others wait for it."""
+    rng_states = procs.gather(ckpt.rng_state())
+    if procs.main:
+        ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, extra, keep=keep, save_model=save_model,
+                             rng_states=rng_states)
+    procs.barrier()
+    return ckpt.step_dir(output_dir, step)
 
 
 def save_trained(model, processor, out_dir: str, **save_kwargs):
@@ -190,9 +203,7 @@ class Processes:
         """Every process's part of a step's record, merged in rank order: lists concatenated, numbers
         summed, dicts merged key by key. With one process: `part` itself."""
         parts = self.gather(part)
-        if len(parts) == 1:
-            return part
-        return {k: self._merge([p[k] for p in parts]) for k in part}
+        return part if len(parts) == 1 else self._merge(parts)
 
     def _merge(self, values: list):
         if isinstance(values[0], dict):
