@@ -300,6 +300,8 @@ def run_cases(ws: str) -> dict[str, Result]:
                 output, _ = proc.communicate(timeout=300)
                 results[name] = Result(proc.returncode, output)
     finally:
+        for proc in started.values():
+            proc.kill()  # a no-op for those that have exited; one that timed out does not outlive the test
         os.chdir(cwd)
         os.environ.pop(API_KEY_ENV, None)
     for result in results.values():  # what is machine-specific, as the README shows it

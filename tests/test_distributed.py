@@ -164,7 +164,11 @@ def test_judge_cache_stays_whole_with_several_writers(tmp_path):
     own and renames it)."""
     script = CACHE_WRITER.format(root=ROOT, cache=str(tmp_path / "cache"))
     writers = [subprocess.Popen([sys.executable, "-c", script], env=ENV) for _ in range(2)]
-    assert all(w.wait(timeout=120) == 0 for w in writers)
+    try:
+        assert all(w.wait(timeout=120) == 0 for w in writers)
+    finally:
+        for w in writers:
+            w.kill()  # a no-op for a writer that has exited
     entries = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "cache") for f in files]
     assert len(entries) == 20  # no temporary file left behind
     for path in entries:
