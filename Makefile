@@ -1,11 +1,12 @@
 # make demo : set up, then prepare data -> SFT -> GRPO -> eval on the embedded tiny model (CPU)
 # make test : the test suite (CPU, a few minutes)
+# make notebook : run the classroom notebook top to bottom and save it with its outputs
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := runs/demo
 
-.PHONY: demo test setup clean-demo
+.PHONY: demo test setup notebook clean-demo
 
 setup: $(VENV)/.installed
 
@@ -22,7 +23,12 @@ demo: setup
 	$(PY) eval.py configs/demo_eval.yaml model=$(DEMO)/sft output_dir=$(DEMO)/eval_sft run_name=sft
 	$(PY) train_grpo.py configs/demo_grpo.yaml init_adapter=$(DEMO)/sft output_dir=$(DEMO)/grpo
 	$(PY) eval.py configs/demo_eval.yaml model=$(DEMO)/sft adapter=$(DEMO)/grpo output_dir=$(DEMO)/eval_grpo run_name=grpo
-	$(PY) report.py $(DEMO)/eval_base $(DEMO)/eval_sft $(DEMO)/eval_grpo --out $(DEMO)/report
+	$(PY) report.py $(DEMO)/eval_base $(DEMO)/eval_sft $(DEMO)/eval_grpo --train $(DEMO)/sft $(DEMO)/grpo --out $(DEMO)/report
+
+# from scratch each time (runs/notebook removed), so the saved outputs show every step; make demo's SFT model is reused
+notebook: setup
+	rm -rf runs/notebook
+	$(PY) notebooks/run.py notebooks/grpo_walkthrough.ipynb
 
 # pytest exits 5 when it collects no tests: a broken checkout, not a pass, so say so and fail
 test: setup

@@ -247,6 +247,7 @@ class GRPOConfig(JudgeConfig, TrainConfig):
     merge_for_sampling: bool | str = "auto"
     logprob_chunk: int = 1024  # tokens per vocab-projection chunk
     sample_every: int = 10  # write sample completions every N steps
+    log_groups: int = 2  # ... of this many groups (0 = every group of the step: to study what a run learns)
     max_bad_steps: int = 5  # stop (with a checkpoint) after this many NaN/inf steps in a row
 
     def validate(self):

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from mcq import Record, image_path, is_well_formed, load_split, parse_answer, prompt_messages
+from mcq import LETTERS, Record, image_path, is_well_formed, load_split, parse_answer, prompt_messages
 
 
 def load_sets(specs: list[str], limit: int = 0) -> dict[str, list[Record]]:
@@ -40,6 +40,25 @@ def score(completion: str, record: Record) -> dict:
     """An empty or unparseable completion is a wrong answer (parsed None), never an error."""
     parsed = parse_answer(completion, record.options)
     return {"parsed": parsed, "correct": parsed is not None and parsed == record.answer}
+
+
+def option_texts(completion: str, record: Record) -> dict:
+    """The gold and the chosen option as text: letters are shuffled per item, texts are what a
+    confusion matrix compares (report.py). parsed_text is None when no option was parsed."""
+    parsed = parse_answer(completion, record.options)
+    return {"gold_text": record.answer_text(),
+            "parsed_text": None if parsed is None else record.options[LETTERS.index(parsed)]}
+
+
+def confusion(predictions: list[dict]) -> dict[tuple[str, str], int]:
+    """{(gold option text, predicted option text or "unparsed"): count} over predictions that carry
+    option_texts (eval.py writes them; older predictions files do not and are left out)."""
+    counts: dict[tuple[str, str], int] = {}
+    for p in predictions:
+        if "gold_text" in p:
+            key = (p["gold_text"], p["parsed_text"] or "unparsed")
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def read_predictions(path: str) -> list[dict]:
@@ -100,7 +119,7 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
                     ids, texts = generate(model, processor, inputs, max_new_tokens, temperature=0.0)  # (B, T)
                     lengths = completion_mask(ids, stop_ids).sum(1).tolist()  # tokens up to and including EOS
                     preds = [{"id": record.id, "set": name, "completion": text, **score(text, record),
-                              "gold": record.answer, "completion_tokens": length}
+                              "gold": record.answer, "completion_tokens": length, **option_texts(text, record)}
                              for record, text, length in zip(batch, texts, lengths)]
                 shares = procs.gather(preds)
                 for k in range(len(todo[i:i + step])):  # back in the order of todo

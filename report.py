@@ -1,11 +1,15 @@
 """Statistics and reporting over finished runs: no model, no torch.
 
     python report.py runs/base runs/sft runs/grpo --out runs/report     # report.md + accuracy.png
-    python report.py curves runs/grpo/metrics.jsonl --out curves.png   # training curves
+    python report.py runs/base runs/sft runs/grpo --train runs/sft runs/grpo   # + training curves
+    python report.py curves runs/grpo/metrics.jsonl --out curves.png   # every curve of one run
 
 report.md holds the accuracy table (ours beside the paper's Table V and Table IV), a McNemar
-test for every pair of runs on the items both answered, and, for runs evaluated with a judge, the
-reasoning-quality means. Confidence intervals are Wilson 95%.
+test for every pair of runs on the items both answered, for runs evaluated with a judge the
+reasoning-quality means, per run and set what was confused with what (a gold-vs-predicted matrix
+where the answers come from a fixed set of labels, such as the demo's stains and the OmniMedVQA
+classes; else the most frequent confusions, as for PathMMU), and the training runs' main curves.
+Confidence intervals are Wilson 95%.
 """
 
 import argparse
@@ -15,7 +19,7 @@ import math
 import os
 import sys
 
-from evaluation import mcnemar, read_jsonl
+from evaluation import confusion, mcnemar, read_jsonl
 
 # ----------------------------------------------------------------------------------------------
 # The paper's numbers (accuracy, %)
@@ -70,7 +74,8 @@ def load_run(run_dir: str) -> dict:
     pred_path = os.path.join(run_dir, "predictions.jsonl")
     preds = read_jsonl(pred_path) if os.path.isfile(pred_path) else []
     name = metrics.get("run") or os.path.basename(os.path.normpath(run_dir))
-    return {"name": name, "metrics": metrics, "correct": {(p["set"], p["id"]): bool(p["correct"]) for p in preds}}
+    return {"name": name, "metrics": metrics, "correct": {(p["set"], p["id"]): bool(p["correct"]) for p in preds},
+            "confusion": {s: confusion([p for p in preds if p["set"] == s]) for s in metrics["sets"]}}
 
 
 def set_names(runs: list[dict]) -> list[str]:
@@ -143,6 +148,25 @@ def reasoning_table(runs: list[dict]) -> str | None:
     return "\n".join(lines) if len(lines) > 2 else None
 
 
+# a set whose gold answers take at most this many distinct texts gets a matrix, others a list
+MAX_MATRIX_LABELS = 12
+
+
+def confusion_labels(counts: dict[tuple[str, str], int]) -> list[str] | None:
+    """The gold labels in a fixed order, or None when the set has no fixed label set (too many)."""
+    gold = sorted({g for g, _ in counts})
+    return gold if 0 < len(gold) <= MAX_MATRIX_LABELS else None
+
+
+def top_confusions(counts: dict[tuple[str, str], int], k: int = 10) -> str:
+    """The k most frequent (gold, predicted) pairs that differ, as a markdown table."""
+    wrong = sorted(((n, g, p) for (g, p), n in counts.items() if g != p), key=lambda t: (-t[0], t[1], t[2]))[:k]
+    total = sum(counts.values())
+    lines = ["| gold | predicted | items | % of set |", "|---|---|---|---|"]
+    lines += [f"| {g} | {p} | {n} | {100 * n / total:.1f} |" for n, g, p in wrong]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Plots
 
@@ -180,8 +204,37 @@ def plot_accuracy(runs: list[dict], path: str):
     plt.close(fig)
 
 
-def plot_curves(metrics_path: str, path: str) -> list[str]:
-    """One subplot per numeric key of a training run's metrics.jsonl, against "step". -> the keys."""
+def plot_confusion(counts: dict[tuple[str, str], int], labels: list[str], title: str, path: str):
+    """Rows: gold answer; columns: predicted answer (+ "unparsed"). Cells: item counts, shaded by the
+    row's share, so a class the model never names is a pale column whatever the class sizes."""
+    plt = _pyplot()
+    columns = labels + sorted({p for _, p in counts if p not in labels})  # "unparsed", or a text outside the labels
+    cells = [[counts.get((g, p), 0) for p in columns] for g in labels]
+    shares = [[n / max(sum(row), 1) for n in row] for row in cells]
+    fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 2.2, 0.8 * len(labels) + 1.6))
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i, row in enumerate(cells):
+        for j, n in enumerate(row):
+            dark = shares[i][j] > 0.6
+            ax.text(j, i, str(n), ha="center", va="center", color="white" if dark else "black", fontsize=9)
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# the curves worth a first look, in this order; plot_curves(keys=None) draws every numeric key
+MAIN_CURVES = ("loss", "eval_loss", "reward/total", "accuracy", "format_rate", "eval_accuracy", "kl",
+               "completion_len_mean", "lr")
+
+
+def plot_curves(metrics_path: str, path: str, keys: tuple[str, ...] | None = None) -> list[str]:
+    """One subplot per numeric key (or per one of `keys` the run logged) of a training run's
+    metrics.jsonl, against "step". -> the keys drawn."""
     plt = _pyplot()
     rows = read_jsonl(metrics_path)
     series: dict[str, tuple[list, list]] = {}
@@ -192,6 +245,8 @@ def plot_curves(metrics_path: str, path: str) -> list[str]:
                 series.setdefault(key, ([], []))
                 series[key][0].append(step)
                 series[key][1].append(value)
+    if keys is not None:
+        series = {k: series[k] for k in keys if k in series}
     if not series:
         raise ValueError(f"{metrics_path}: no numeric values to plot")
     cols = min(3, len(series))
@@ -201,6 +256,8 @@ def plot_curves(metrics_path: str, path: str) -> list[str]:
         ax.plot(xs, ys, lw=1, marker="o" if len(xs) < 30 else None, ms=3)  # a few evals: show the points
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        if "loss" in key and min(ys) > 0:
+            ax.set_yscale("log")  # SFT's loss falls by orders of magnitude: on a linear axis the end is a flat line
     for ax in list(axes.flat)[len(series):]:
         ax.axis("off")
     fig.tight_layout()
@@ -211,8 +268,9 @@ def plot_curves(metrics_path: str, path: str) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 
-def write_report(run_dirs: list[str], out_dir: str) -> str:
-    """report.md and accuracy.png in out_dir. -> the path of report.md."""
+def write_report(run_dirs: list[str], out_dir: str, train_dirs: tuple[str, ...] = ()) -> str:
+    """report.md, accuracy.png, a confusion picture per (run, set) with a fixed label set and, for
+    each training output_dir in train_dirs, its main curves, in out_dir. -> the path of report.md."""
     runs = [load_run(d) for d in run_dirs]
     os.makedirs(out_dir, exist_ok=True)
     plot_accuracy(runs, os.path.join(out_dir, "accuracy.png"))
@@ -231,10 +289,41 @@ def write_report(run_dirs: list[str], out_dir: str) -> str:
         parts += ["## Paired comparisons (McNemar)", "",
                   "b: items A got right and B wrong; c: the reverse. Items paired by (set, id).", "",
                   mcnemar_table(runs), ""]
+    parts += confusion_section(runs, out_dir)
+    if train_dirs:
+        parts += ["## Training curves", ""]
+        for d in train_dirs:
+            name = os.path.basename(os.path.normpath(d))
+            plot_curves(os.path.join(d, "metrics.jsonl"), os.path.join(out_dir, f"curves_{name}.png"), MAIN_CURVES)
+            parts += [f"![{name} training curves](curves_{name}.png)", ""]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(parts))
     return path
+
+
+def confusion_section(runs: list[dict], out_dir: str) -> list[str]:
+    """Markdown lines: per run and set, a matrix picture (fixed label set) or the top confusions."""
+    parts = []
+    for run in runs:
+        for s, counts in run["confusion"].items():
+            if not counts:  # predictions written before eval.py recorded option texts
+                continue
+            labels = confusion_labels(counts)
+            title = f"{run['name']} on {s}"
+            if labels is None:
+                parts += [f"**{title}**: most frequent confusions", "", top_confusions(counts), ""]
+            else:
+                png = f"confusion_{safe_name(run['name'])}_{safe_name(s)}.png"
+                plot_confusion(counts, labels, title, os.path.join(out_dir, png))
+                parts += [f"![{title}: gold vs predicted]({png})", ""]
+    return ["## What was confused with what", "",
+            "Gold answer (rows) against the predicted one, by option text; \"unparsed\": no option could be read.",
+            ""] + parts if parts else []
+
+
+def safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 def main(argv: list[str] | None = None):
@@ -250,9 +339,13 @@ def main(argv: list[str] | None = None):
         return
     parser = argparse.ArgumentParser(prog="report.py", description="accuracy and McNemar tables over eval runs")
     parser.add_argument("runs", nargs="+", help="eval.py output directories")
-    parser.add_argument("--out", default="runs/report", help="directory for report.md and accuracy.png")
+    parser.add_argument("--out", default="runs/report", help="directory for report.md and its pictures")
+    parser.add_argument("--train", nargs="*", default=[], help="training output_dirs whose curves to draw")
     args = parser.parse_args(argv)
-    path = write_report(args.runs, args.out)
+    for d in args.train:
+        if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
+            sys.exit(f"--train {d}: no metrics.jsonl there (is it a train_sft.py / train_grpo.py output_dir?)")
+    path = write_report(args.runs, args.out, tuple(args.train))
     print(open(path).read())
     print(f"wrote {path}")
 

@@ -442,8 +442,8 @@ def main(argv=None):
                     for k, v in row.items():
                         tb.add_scalar(k, v, step)
                 if cfg.sample_every and step % cfg.sample_every == 0:
-                    shown = zip(merged["texts"], merged["records"], merged["scores"]["total"])
-                    for t, r, rew in list(shown)[:G * 2]:
+                    shown = list(zip(merged["texts"], merged["records"], merged["scores"]["total"]))
+                    for t, r, rew in shown[:G * cfg.log_groups] if cfg.log_groups else shown:
                         samples.write(json.dumps({"step": step, "id": r.id, "gold": r.answer, "reward": rew,
                                                   "completion": t}) + "\n")
                     samples.flush()

@@ -12,22 +12,22 @@ scripts' configs, e.g. `max_steps=...` is better given per stage with --sft/--gr
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
-import eval as evaluation  # noqa: E402
-import train_grpo  # noqa: E402
-import train_sft  # noqa: E402
-from config import EvalConfig, load_config  # noqa: E402
+
+def script(*args: str):
+    """One of the project's scripts in its own process, as a user runs it (no script imports another)."""
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
 
 
 def accuracy(out_dir: str, **keys) -> float:
     path = os.path.join(out_dir, "metrics.json")
     if not os.path.isfile(path):
-        cfg = load_config(EvalConfig, "configs/demo_eval.yaml", [f"output_dir={out_dir}"]
-                          + [f"{k}={v}" for k, v in keys.items()])
-        evaluation.run(cfg)
+        script("eval.py", "configs/demo_eval.yaml", f"output_dir={out_dir}", *[f"{k}={v}" for k, v in keys.items()])
     with open(path) as f:
         return 100 * json.load(f)["accuracy"]
 
@@ -45,10 +45,10 @@ def main():
         root = os.path.join(args.out, f"seed{seed}")
         sft_dir, grpo_dir = os.path.join(root, "sft"), os.path.join(root, "grpo")
         if not os.path.isfile(os.path.join(sft_dir, "config.json")):
-            train_sft.main(["configs/demo_sft.yaml", f"seed={seed}", f"output_dir={sft_dir}", *args.sft])
+            script("train_sft.py", "configs/demo_sft.yaml", f"seed={seed}", f"output_dir={sft_dir}", *args.sft)
         if not os.path.isfile(os.path.join(grpo_dir, "adapter_config.json")):
-            train_grpo.main(["configs/demo_grpo.yaml", f"seed={seed}", f"init_adapter={sft_dir}",
-                             f"output_dir={grpo_dir}", *args.grpo])
+            script("train_grpo.py", "configs/demo_grpo.yaml", f"seed={seed}", f"init_adapter={sft_dir}",
+                   f"output_dir={grpo_dir}", *args.grpo)
         # the base model of the demo is the random-init tiny-small of the same seed
         row = {"seed": seed, "base": accuracy(os.path.join(root, "eval_base"), seed=seed),
                "sft": accuracy(os.path.join(root, "eval_sft"), model=sft_dir),
@@ -61,6 +61,10 @@ def main():
         print(f"| {r['seed']} | {r['base']:.1f} | {r['sft']:.1f} | {r['grpo']:.1f} | {r['grpo'] - r['sft']:+.1f} |")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("base", "sft", "grpo")}
     print(f"| mean | {mean['base']:.1f} | {mean['sft']:.1f} | {mean['grpo']:.1f} | {mean['grpo'] - mean['sft']:+.1f} |")
+    gains = [r["grpo"] - r["sft"] for r in rows]
+    spread = f", sd {statistics.stdev(gains):.1f}" if len(gains) > 1 else ""
+    print(f"\nGRPO - SFT: min {min(gains):+.1f} (seed {rows[gains.index(min(gains))]['seed']}), "
+          f"max {max(gains):+.1f}{spread} points over {len(gains)} seed(s)")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import report
 from config import EvalConfig, parse_args
 from eval import run
 from evaluation import evaluate, load_sets, read_predictions, score, set_metrics
-from mcq import Record
+from mcq import Record, load_split
 from model import load_model
 
 OPTIONS = ["brown", "blue", "mixed"]
@@ -153,6 +153,11 @@ def test_eval_end_to_end(tiny, data, tmp_path):
         assert all(1 <= p["completion_tokens"] <= 12 for p in mine)
         assert m["mean_completion_tokens"] == pytest.approx(sum(p["completion_tokens"] for p in mine) / n)
         assert all(p["correct"] == (p["parsed"] == p["gold"]) for p in mine)
+        records = {r.id: r for r in load_split(data[name])}
+        for p in mine:  # the texts a confusion matrix compares: the gold option and the parsed one
+            options = records[p["id"]].options
+            assert p["gold_text"] == options["ABCDEFGH".index(p["gold"])]
+            assert p["parsed_text"] == (None if p["parsed"] is None else options["ABCDEFGH".index(p["parsed"])])
 
 
 def test_eval_base_matches_evaluate_in_process(tiny, data, tmp_path):
@@ -259,6 +264,55 @@ def test_mcnemar_table_pairs_by_set_and_id(tmp_path):
     row = report.mcnemar_table(runs).splitlines()[2:]  # after the header and its rule
     # 2·(C(4,0) + C(4,1))/2^4 = 10/16 = 0.625; chi² = (2 - 1)²/4 = 0.25 -> p = 0.617
     assert row == ["| A | B | pathmmu | 10 | 60.0 | 40.0 | 3 | 1 | 0.625 | 0.617 |"]
+
+
+def write_run(run_dir, name: str, set_name: str, pairs: list[tuple[str, str | None]]):
+    """An eval output_dir by hand: one prediction per (gold text, predicted text or None)."""
+    os.makedirs(run_dir)
+    preds = [{"id": f"q{i}", "set": set_name, "correct": g == p, "gold_text": g, "parsed_text": p}
+             for i, (g, p) in enumerate(pairs)]
+    with open(run_dir / "predictions.jsonl", "w") as f:
+        f.write("".join(json.dumps(p) + "\n" for p in preds))
+    k, n = sum(p["correct"] for p in preds), len(preds)
+    lo, hi = evaluation.wilson_interval(k, n)
+    with open(run_dir / "metrics.json", "w") as f:
+        json.dump({"run": name, "sets": {set_name: {"n": n, "correct": k, "accuracy": k / n, "ci_low": lo,
+                                                    "ci_high": hi}}}, f)
+
+
+def test_confusion_matrix_for_fixed_labels_and_list_otherwise(tmp_path):
+    stains = [("blue", "mixed")] * 7 + [("blue", "blue")] * 3 + [("brown", "brown")] * 10 + [("mixed", None)] * 2
+    write_run(tmp_path / "sft", "sft", "demo", stains)
+    # 30 different gold texts: no fixed label set, so a list of the most frequent confusions
+    free = [(f"diagnosis {i}", f"diagnosis {i}") for i in range(30)] + [("diagnosis 3", "diagnosis 7")] * 4
+    write_run(tmp_path / "mmu", "mmu", "pathmmu", free + [("diagnosis 1", None)])
+    runs = [report.load_run(str(tmp_path / n)) for n in ("sft", "mmu")]
+    assert runs[0]["confusion"]["demo"] == {("blue", "mixed"): 7, ("blue", "blue"): 3, ("brown", "brown"): 10,
+                                            ("mixed", "unparsed"): 2}
+    assert report.confusion_labels(runs[0]["confusion"]["demo"]) == ["blue", "brown", "mixed"]
+    assert report.confusion_labels(runs[1]["confusion"]["pathmmu"]) is None
+    assert report.top_confusions(runs[1]["confusion"]["pathmmu"]).splitlines()[2:] == [
+        "| diagnosis 3 | diagnosis 7 | 4 | 11.4 |", "| diagnosis 1 | unparsed | 1 | 2.9 |"]
+    md = open(report.write_report([str(tmp_path / "sft"), str(tmp_path / "mmu")], str(tmp_path / "out"))).read()
+    assert "![sft on demo: gold vs predicted](confusion_sft_demo.png)" in md
+    assert "**mmu on pathmmu**: most frequent confusions" in md and "| diagnosis 3 | diagnosis 7 | 4 |" in md
+    with Image.open(tmp_path / "out" / "confusion_sft_demo.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    assert not os.path.exists(tmp_path / "out" / "confusion_mmu_pathmmu.png")
+
+
+def test_report_draws_the_training_runs_main_curves(tmp_path):
+    write_run(tmp_path / "eval", "grpo", "demo", [("blue", "blue")])
+    os.makedirs(tmp_path / "grpo")
+    rows = [{"step": s, "reward/total": s / 10, "kl": 0.01 * s, "gen_tokens_per_s": 100.0} for s in range(1, 5)]
+    (tmp_path / "grpo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report.main([str(tmp_path / "eval"), "--train", str(tmp_path / "grpo"), "--out", str(tmp_path / "out")])
+    assert "![grpo training curves](curves_grpo.png)" in (tmp_path / "out" / "report.md").read_text()
+    # only the main curves, in MAIN_CURVES' order: throughput is left to `report.py curves`
+    assert report.plot_curves(str(tmp_path / "grpo" / "metrics.jsonl"), str(tmp_path / "c.png"),
+                              report.MAIN_CURVES) == ["reward/total", "kl"]
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        report.main([str(tmp_path / "eval"), "--train", str(tmp_path / "eval"), "--out", str(tmp_path / "o2")])
 
 
 def test_curves_png(tmp_path):

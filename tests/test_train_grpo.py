@@ -485,3 +485,13 @@ def test_merge_for_sampling_auto_is_on_for_cpu_only():
     assert not train_grpo.merge_while_sampling(GRPOConfig(reference="base"), gpu)
     assert train_grpo.merge_while_sampling(GRPOConfig(reference="base", merge_for_sampling=True), gpu)
     assert not train_grpo.merge_while_sampling(GRPOConfig(reference="base", quantization="4bit"), cpu)
+
+
+def test_log_groups_writes_that_many_groups_or_all(demo_data, tmp_path):
+    """samples.jsonl holds log_groups groups of G completions per logged step; 0 writes every group."""
+    for log_groups, expected in [(1, 4), (0, 12)]:
+        out = str(tmp_path / f"log{log_groups}")
+        grpo(demo_data, out, "init_adapter=null", "reference=base", "num_prompts=3", "max_steps=1",
+             f"log_groups={log_groups}")
+        lines = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
+        assert len(lines) == expected and {r["step"] for r in lines} == {1}
