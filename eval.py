@@ -18,6 +18,7 @@ From another script, with a model already in memory (a training loop, the demo p
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -46,18 +47,49 @@ def format_table(sets: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def check_resumable(cfg, output_dir: str):
-    """Refuse to mix predictions of two different models (or decoding budgets) in one output_dir."""
+def weights_fingerprint(path: str | None) -> str | None:
+    """A short digest of the weight files in a local model or adapter directory (None for a hub id or
+    no path): their names and sizes and 64 KiB at 64 places in each. A model trained again into the same
+    directory has the same path and config, and other weights: this tells them apart in well under a
+    second even for a 15 GB checkpoint, and a copied directory keeps its digest."""
+    if not path or not os.path.isdir(path):
+        return None
+    digest = hashlib.sha1()
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".bin")):
+            file, size = os.path.join(path, name), os.path.getsize(os.path.join(path, name))
+            digest.update(f"{name}:{size}".encode())
+            with open(file, "rb") as f:
+                for i in range(64):
+                    f.seek(size * i // 64)
+                    digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:16]
+
+
+def check_resumable(cfg, output_dir: str) -> dict:
+    """Refuse to mix predictions of two different models (or decoding budgets) in one output_dir.
+    -> the fingerprints of cfg's model and adapter weights, which the run saves beside its predictions."""
+    fingerprints = {"model": weights_fingerprint(cfg.model), "adapter": weights_fingerprint(cfg.adapter)}
     old_config = os.path.join(output_dir, "config.yaml")
     predictions = os.path.join(output_dir, "predictions.jsonl")
     if not (os.path.isfile(old_config) and os.path.isfile(predictions) and os.path.getsize(predictions)):
-        return
+        return fingerprints
     with open(old_config) as f:
         old = yaml.safe_load(f) or {}
     changed = [k for k in PREDICTION_KEYS if k in old and old[k] != getattr(cfg, k)]
     if changed:
         sys.exit(f"{output_dir} holds predictions made with other {', '.join(changed)} "
                  f"({', '.join(f'{k}={old[k]!r}' for k in changed)}): use a new output_dir")
+    old_fingerprints_path = os.path.join(output_dir, "weights.json")
+    if os.path.isfile(old_fingerprints_path):
+        with open(old_fingerprints_path) as f:
+            old_fingerprints = json.load(f)
+        retrained = [k for k in fingerprints if old_fingerprints.get(k) != fingerprints[k]]
+        if retrained:
+            where = " and ".join(f"{k} {getattr(cfg, k)}" for k in retrained)
+            sys.exit(f"{output_dir} holds predictions of other weights than those now in {where} (trained again "
+                     "since?): use a new output_dir, or delete this one to evaluate the new weights")
+    return fingerprints
 
 
 def trained_quantization(adapter: str | None) -> str | None:
@@ -234,12 +266,14 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
     try:
         if model is None:  # before loading one; with a model in memory, cfg.adapter is only a label
             check_inputs(cfg)
-        check_resumable(cfg, cfg.output_dir)
+        fingerprints = check_resumable(cfg, cfg.output_dir)
         records_by_set = load_sets(cfg.sets, cfg.limit)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if procs.main:
         save_config(cfg, cfg.output_dir)
+        with open(os.path.join(cfg.output_dir, "weights.json"), "w") as f:
+            json.dump(fingerprints, f)
         print(f"model {cfg.model}, adapter {cfg.adapter or 'none (base model)'}; "
               + ", ".join(f"{name} {len(r)}" for name, r in records_by_set.items()))
     trained_on = trained_quantization(cfg.adapter)

@@ -7,8 +7,8 @@
 report.md holds the accuracy table (ours beside the paper's Table V and Table IV), a McNemar
 test for every pair of runs on the items both answered, for runs evaluated with a judge the
 reasoning-quality means, per run and set what was confused with what (a gold-vs-predicted matrix
-where the answers come from a fixed set of labels, such as the demo's stains and the OmniMedVQA
-classes; else the most frequent confusions, as for PathMMU), and the training runs' main curves.
+where the gold answers take at most 12 distinct texts, such as the demo's stains or a classification
+set; else the most frequent confusions, as for PathMMU), and the training runs' main curves.
 Confidence intervals are Wilson 95%.
 """
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -201,6 +202,30 @@ def test_resume_skips_done_items_and_redoes_a_cut_line(tiny, data, tmp_path):
     # predictions of another model or budget are not mixed in
     with pytest.raises(SystemExit, match="max_new_tokens"):
         run(eval_cfg(data, out, max_new_tokens=20), *tiny)
+
+
+def test_weights_trained_again_into_the_same_dir_are_not_mixed_in(data, tmp_path):
+    """Same adapter path, same config, new weights (trained again): resuming would mix two models'
+    answers in one metrics.json, so eval stops and says why; the same weights resume as before."""
+    import eval as eval_script
+
+    model, _ = load_model(EvalConfig(model="tiny"))  # a fresh LoRA, trainable
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    out = tmp_path / "out"
+    cfg = eval_cfg(data, out, adapter=str(adapter), limit=2)
+    run(cfg)
+    assert run(cfg)["sets"]["pathmmu"]["generated"] == 0  # unchanged weights: nothing to redo
+    copied = tmp_path / "copied"
+    shutil.copytree(adapter, copied)  # a copy (new mtimes) is the same weights
+    assert eval_script.weights_fingerprint(str(copied)) == eval_script.weights_fingerprint(str(adapter))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.01)
+    model.save_pretrained(adapter)
+    with pytest.raises(SystemExit, match=r"other weights than those now in adapter .*adapter \(trained again"):
+        run(cfg)
 
 
 def test_missing_files_are_named(data, tmp_path):
