@@ -183,7 +183,9 @@ def check_record(record: Record, root: str, seen_ids: set) -> str | None:
         return "too many options"
     if any(not isinstance(o, str) or not o.strip() for o in record.options):
         return "empty option"
-    if record.answer not in LETTERS[: len(record.options)]:
+    # one letter of the options: `in` on the string of letters alone would also let "" and "AB" through
+    letters = LETTERS[: len(record.options)]
+    if not (isinstance(record.answer, str) and len(record.answer) == 1 and record.answer in letters):
         return f"answer {record.answer!r} is not among the options"
     path = os.path.join(root, record.image)
     if not os.path.isfile(path):

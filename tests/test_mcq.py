@@ -8,7 +8,7 @@ import datasets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcq import LETTERS, Record, is_well_formed, load_split, parse_answer, prompt_messages, target_text
+from mcq import LETTERS, Record, check_record, is_well_formed, load_split, parse_answer, prompt_messages, target_text
 from rewards import score_completions
 
 OPTIONS = ["brown", "blue", "mixed", "adenocarcinoma of the colon"]
@@ -172,3 +172,14 @@ def test_prepared_split_loads_with_datasets(demo_data):
     theirs = datasets.load_dataset("json", data_files=path, split="train")
     assert len(theirs) == len(ours) == 24
     assert theirs[0]["id"] == ours[0].id and theirs[0]["options"] == ours[0].options
+
+
+def test_check_record_wants_one_letter_of_the_options(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
+    for answer, ok in [("B", True), ("C", True), ("D", False), ("", False), ("AB", False), ("b", False), (1, False)]:
+        record = Record(id=f"r-{answer}", image="a.png", question="q?", options=["x", "y", "z"], answer=answer)
+        reason = check_record(record, str(tmp_path), set())
+        assert (reason is None) == ok, (answer, reason)
+        assert ok or "is not among the options" in reason
