@@ -1,6 +1,6 @@
 """Does GRPO improve on SFT? The demo pipeline over several seeds, with the table at the end.
 
-    python bench/learning_check.py                       # seeds 0 1 2, ~5 CPU minutes a seed
+    python bench/learning_check.py                       # seeds 0 1 2, ~5 minutes a seed on 2 CPU cores
     python bench/learning_check.py --seeds 0 --out runs/check
 
 For each seed: SFT (configs/demo_sft.yaml, seed=s) -> GRPO (configs/demo_grpo.yaml, seed=s) and greedy
