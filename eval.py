@@ -57,7 +57,8 @@ def weights_fingerprint(path: str | None) -> str | None:
     digest = hashlib.sha1()
     for name in sorted(os.listdir(path)):
         if name.endswith((".safetensors", ".bin")):
-            file, size = os.path.join(path, name), os.path.getsize(os.path.join(path, name))
+            file = os.path.join(path, name)
+            size = os.path.getsize(file)
             digest.update(f"{name}:{size}".encode())
             with open(file, "rb") as f:
                 for i in range(64):

@@ -42,10 +42,9 @@ def score(completion: str, record: Record) -> dict:
     return {"parsed": parsed, "correct": parsed is not None and parsed == record.answer}
 
 
-def option_texts(completion: str, record: Record) -> dict:
-    """The gold and the chosen option as text: letters are shuffled per item, texts are what a
-    confusion matrix compares (report.py). parsed_text is None when no option was parsed."""
-    parsed = parse_answer(completion, record.options)
+def option_texts(parsed: str | None, record: Record) -> dict:
+    """The gold and the chosen option (parsed: score's letter) as text: letters are shuffled per item,
+    texts are what a confusion matrix compares (report.py). parsed_text is None when nothing parsed."""
     return {"gold_text": record.answer_text(),
             "parsed_text": None if parsed is None else record.options[LETTERS.index(parsed)]}
 
@@ -118,9 +117,10 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
                     inputs = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
                     ids, texts = generate(model, processor, inputs, max_new_tokens, temperature=0.0)  # (B, T)
                     lengths = completion_mask(ids, stop_ids).sum(1).tolist()  # tokens up to and including EOS
-                    preds = [{"id": record.id, "set": name, "completion": text, **score(text, record),
-                              "gold": record.answer, "completion_tokens": length, **option_texts(text, record)}
-                             for record, text, length in zip(batch, texts, lengths)]
+                    scores = [score(text, record) for record, text in zip(batch, texts)]
+                    preds = [{"id": record.id, "set": name, "completion": text, **scored, "gold": record.answer,
+                              "completion_tokens": length, **option_texts(scored["parsed"], record)}
+                             for record, text, length, scored in zip(batch, texts, lengths, scores)]
                 shares = procs.gather(preds)
                 for k in range(len(todo[i:i + step])):  # back in the order of todo
                     pred = shares[k % procs.world_size][k // procs.world_size]
