@@ -13,7 +13,7 @@ import os
 import re
 import string
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 LETTERS = string.ascii_uppercase
 
@@ -27,6 +27,10 @@ class Record:
     answer: str  # a letter: "A", "B", ...
     explanation: str = ""
     source: str = ""
+    # What the image measures, where a preparer can measure it (the demo: {"stain": "blue", "dab": 0.02,
+    # "hematoxylin": 0.09}): the rule judge checks the reasoning's statement about the image against it.
+    # It belongs to the image: a record shown with another image takes that image's facts.
+    image_facts: dict = field(default_factory=dict)
 
     def answer_text(self) -> str:
         return self.options[LETTERS.index(self.answer)]
@@ -187,6 +191,8 @@ def check_record(record: Record, root: str, seen_ids: set) -> str | None:
     letters = LETTERS[: len(record.options)]
     if not (isinstance(record.answer, str) and len(record.answer) == 1 and record.answer in letters):
         return f"answer {record.answer!r} is not among the options"
+    if not isinstance(record.image_facts, dict):
+        return f"image_facts must be a mapping (e.g. {{\"stain\": \"blue\"}}), got {type(record.image_facts).__name__}"
     path = os.path.join(root, record.image)
     if not os.path.isfile(path):
         return f"image missing: {record.image}"

@@ -55,10 +55,23 @@ def explanation(label: str) -> str:
     return f"{FEATURE[label]} {others[0].capitalize()} and {others[1]} are ruled out. {KNOWLEDGE[label]}"
 
 
+def stain_amounts(patch_rgb: np.ndarray) -> tuple[float, float]:
+    """(mean hematoxylin, mean DAB) optical density of the patch, by colour deconvolution."""
+    hed = rgb2hed(patch_rgb)
+    return float(hed[..., 0].mean()), float(hed[..., 2].mean())
+
+
 def stain_score(patch_rgb: np.ndarray) -> float:
     """log(mean DAB / mean hematoxylin): > 0 brown-dominated, < 0 blue-dominated."""
-    hed = rgb2hed(patch_rgb)
-    return float(np.log((hed[..., 2].mean() + 1e-3) / (hed[..., 0].mean() + 1e-3)))
+    hematoxylin, dab = stain_amounts(patch_rgb)
+    return float(np.log((dab + 1e-3) / (hematoxylin + 1e-3)))
+
+
+def image_facts(patch_rgb: np.ndarray, label: str) -> dict:
+    """What the patch measures, for the rule judge's image check (judges.py): the true class, never the
+    SFT annotator's, and the two stain amounts it comes from."""
+    hematoxylin, dab = stain_amounts(patch_rgb)
+    return {"stain": label, "hematoxylin": round(hematoxylin, 5), "dab": round(dab, 5)}
 
 
 def candidate_patches(image: np.ndarray, rng: np.random.Generator, per_block: int, test_blocks: set):
@@ -154,7 +167,7 @@ def main(argv=None):
             Image.fromarray(patch).save(os.path.join(args.out, rel))
             writer.add(split, Record(id=rid, image=rel, question=QUESTION, options=options,
                                      answer="ABC"[options.index(given)], explanation=explanation(given),
-                                     source=f"demo/stain/{label}"))
+                                     source=f"demo/stain/{label}", image_facts=image_facts(patch, label)))
     write_report(writer, Counter(), list(wanted), seed=args.seed, sft_blue_as_mixed=args.sft_blue_as_mixed,
                  patches_in_another_split_passed_over=passed_over)
 
