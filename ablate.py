@@ -1,8 +1,10 @@
 """Ablations on the demo: named variants x seeds, one table (accuracy mean ± sd, per seed, format rate,
-completion length, CPU minutes, McNemar against the baseline on the pooled test items).
+completion length, the reasoning checks and image controls where the eval had them, CPU minutes, McNemar
+against the baseline on the pooled test items).
 
     python ablate.py configs/ablations/demo.yaml                      # seeds 0 1 2
     python ablate.py configs/ablations/demo.yaml --seeds 0 --out runs/ablate-quick
+    python ablate.py configs/ablations/demo.yaml --only "R1 process reward"   # one variant beside the baseline
 
 The YAML's `variants` maps a name to overrides of configs/demo_grpo.yaml, as `key=value` would give them.
 Two keys are the runner's own:
@@ -78,15 +80,26 @@ def run_variant(name: str, spec: dict, seed: int, out: str, defaults: dict) -> d
     with open(os.path.join(root, "cpu_minutes.json")) as f:
         minutes = json.load(f)["cpu_minutes"]
     correct = {(seed, p["id"]): bool(p["correct"]) for p in read_jsonl(os.path.join(eval_dir, "predictions.jsonl"))}
+    controls = metrics.get("controls", {})
     return {"accuracy": 100 * metrics["accuracy"], "format_rate": metrics["format_rate"],
-            "length": metrics["mean_completion_tokens"], "cpu_minutes": minutes, "correct": correct}
+            "length": metrics["mean_completion_tokens"], "cpu_minutes": minutes, "correct": correct,
+            # the reasoning checks (evaluation.score) and the image-reliance controls, where the eval had them
+            "image_right": metrics.get("image_stated_right"), "agrees": metrics.get("reasoning_agrees"),
+            **{c: 100 * controls[c]["accuracy"] if "accuracy" in controls.get(c, {}) else None
+               for c in ("blank", "shuffled")}}
+
+
+def mean_or_dash(values: list, scale: float = 1.0) -> str:
+    """The mean of the seeds' values as a percentage, or – where an evaluation did not measure it."""
+    return "–" if None in values else f"{scale * statistics.mean(values):.0f}"
 
 
 def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
     baseline = next(iter(results))
     base_correct = {k: v for r in results[baseline] for k, v in r["correct"].items()}
     lines = ["| variant | accuracy % (mean ± sd) | per seed " + " / ".join(map(str, seeds)) + " | format | tokens | "
-             "CPU min | vs baseline: b / c, McNemar p |", "|---|---|---|---|---|---|---|"]
+             "image stated right % | reasoning agrees % | blank image % | shuffled image % | "
+             "CPU min | vs baseline: b / c, McNemar p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         acc = [r["accuracy"] for r in runs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
@@ -100,6 +113,9 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
         lines.append(f"| {name} | {statistics.mean(acc):.1f} ± {sd:.1f} | {' / '.join(f'{a:.1f}' for a in acc)} | "
                      f"{statistics.mean(r['format_rate'] for r in runs):.2f} | "
                      f"{statistics.mean(r['length'] for r in runs):.1f} | "
+                     f"{mean_or_dash([r['image_right'] for r in runs], 100)} | "
+                     f"{mean_or_dash([r['agrees'] for r in runs], 100)} | "
+                     f"{mean_or_dash([r['blank'] for r in runs])} | {mean_or_dash([r['shuffled'] for r in runs])} | "
                      f"{statistics.mean(r['cpu_minutes'] for r in runs):.1f} | {test} |")
     return "\n".join(lines)
 
@@ -129,6 +145,8 @@ def main(argv=None):
     p.add_argument("variants", help="YAML file: variants (name -> overrides) and optional defaults")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/ablate")
+    p.add_argument("--only", nargs="+", metavar="VARIANT",
+                   help="run these variants only (and the baseline, the YAML's first, which they are tested against)")
     args = p.parse_args(argv)
     if not os.path.isfile(args.variants):
         sys.exit(f"error: {args.variants} not found (e.g. configs/ablations/demo.yaml)")
@@ -137,9 +155,16 @@ def main(argv=None):
     if not isinstance(spec.get("variants"), dict) or not spec["variants"]:
         sys.exit(f"error: {args.variants}: expected `variants:`, a mapping of name -> {{key: value}} overrides")
 
+    variants = spec["variants"]
+    if args.only:
+        unknown = [v for v in args.only if v not in variants]
+        if unknown:
+            sys.exit(f"error: --only: no variant {unknown[0]!r} in {args.variants}; its variants: {', '.join(variants)}")
+        baseline = next(iter(variants))
+        variants = {k: v for k, v in variants.items() if k == baseline or k in args.only}
     results = {}
     try:
-        for name, overrides in spec["variants"].items():
+        for name, overrides in variants.items():
             results[name] = [run_variant(name, overrides or {}, seed, args.out, spec.get("defaults", {}))
                              for seed in args.seeds]
     except subprocess.CalledProcessError as e:  # the script has printed why; finished variants are kept

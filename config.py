@@ -115,6 +115,8 @@ def load_config(cls, path: str | None, overrides: list[str] = ()):
             raise ConfigError(f"command line: expected key=value, got '{item}'")
         key, value = item.split("=", 1)
         _apply(cfg, {key.strip(): value}, "command line")
+    if isinstance(cfg, JudgeConfig):
+        cfg.validate_judge()
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
@@ -152,8 +154,30 @@ class JudgeConfig:
     judge_api_key_env: str = "OPENAI_API_KEY"  # name of the variable; the key never enters a config
     judge_concurrency: int = 8
     judge_timeout: float = 60.0  # seconds per API request
-    judge_max_retries: int = 4  # on 429 / 5xx / timeouts, with exponential back-off
+    judge_max_retries: int = 4  # on 429 / 5xx / timeouts / malformed replies, with exponential back-off
+    # the longest one batch of judge requests may take, retries and back-off included: what a dead or hanging
+    # judge can add to a step. Requests still unanswered then are failures (scored by the fallback)
+    judge_deadline: float = 120.0
     judge_cache_dir: str | None = None  # default: ~/.cache/pathvlm-r1/judge
+    # a judge that is down must not silently turn the process reward into its fallback: the run stops (GRPO
+    # with a checkpoint, eval with an error) once more than this share of the last judge_failure_window
+    # verdicts failed (no reply, or a reply that is not a verdict). 1 = never stop
+    judge_max_failure_share: float = 0.5
+    judge_failure_window: int = 64
+
+    def validate_judge(self):
+        if self.judge not in ("none", "api", "self", "rule"):
+            raise ConfigError(f"judge must be none, api, self or rule, got '{self.judge}'")
+        for key in ("judge_timeout", "judge_deadline"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be a positive number of seconds, got {getattr(self, key)}")
+        if not 0 <= self.judge_max_failure_share <= 1:
+            raise ConfigError(f"judge_max_failure_share must be between 0 and 1, got {self.judge_max_failure_share}")
+        for key in ("judge_failure_window", "judge_concurrency"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.judge_max_retries < 0:
+            raise ConfigError(f"judge_max_retries must be 0 or more, got {self.judge_max_retries}")
 
 
 @dataclass
@@ -165,6 +189,20 @@ class EvalConfig(JudgeConfig, ModelConfig):
     max_new_tokens: int = 256
     limit: int = 0  # evaluate only the first N items of each set (0 = all)
     run_name: str = ""  # label in reports; default: the output_dir's name
+    # image-reliance controls, each answered beside the real images (evaluation.control_sets): blank (a
+    # mid-grey image of the same size) and/or shuffled (another item's image of the set, seeded by seed).
+    # A model that reads the image falls to chance on both; each costs as much generation as the real set
+    image_controls: list[str] = field(default_factory=list)
+
+    def validate(self):
+        from evaluation import IMAGE_CONTROLS
+
+        for control in self.image_controls:
+            if control not in IMAGE_CONTROLS:
+                raise ConfigError(f"key 'image_controls': unknown control {control!r}; "
+                                  f"allowed: {', '.join(IMAGE_CONTROLS)}")
+        if len(set(self.image_controls)) < len(self.image_controls):
+            raise ConfigError(f"key 'image_controls' names a control twice: {self.image_controls}")
 
 
 @dataclass

@@ -8,6 +8,11 @@ it comes, so a killed run started again with the same output_dir goes on where i
 output_dir/metrics.json holds, per set, accuracy with its Wilson 95% interval, the format rate, the
 unparseable count and the mean completion length. `python report.py runs/a runs/b` compares runs.
 
+With image_controls=[blank, shuffled] each set is answered again with every image blanked (mid-grey, same
+size) and with each item shown another item's image: sets[name]["controls"] holds their metrics, beside
+the real images', and output_dir/controls/predictions.jsonl their answers. A model that reads the image
+falls to chance there; the judge grades the real answers only.
+
 With judge=api | self | rule (judges.py) a judge also grades *how* each answer was reasoned: six
 criteria of REASONING_RUBRIC (0-1 each) and the process reward GRPO trains on, averaged per set under
 sets[name]["reasoning"]; every raw reply goes to output_dir/judgements.jsonl, resumed the same way.
@@ -28,7 +33,7 @@ import time
 import yaml
 
 from config import EvalConfig, InputError, check_inputs, parse_args, save_config
-from evaluation import evaluate, load_sets, read_predictions
+from evaluation import control_name, control_sets, evaluate, load_sets, read_predictions
 from mcq import Record, option_lines, parse_answer
 from model import load_model
 from training import Processes
@@ -38,12 +43,17 @@ PREDICTION_KEYS = ("model", "adapter", "seed", "dtype", "quantization", "min_pix
 
 
 def format_table(sets: dict[str, dict]) -> str:
-    rows = [f"{'set':<22}{'n':>6}{'acc %':>8}{'95% CI':>15}{'format':>8}{'unparse':>9}{'tokens':>8}{'items/s':>9}"]
+    """One row per set; a column of accuracy % per image control that any set has ("-": skipped)."""
+    controls = list(dict.fromkeys(c for m in sets.values() for c in m.get("controls", {})))
+    rows = [f"{'set':<22}{'n':>6}{'acc %':>8}{'95% CI':>15}{'format':>8}{'unparse':>9}{'tokens':>8}{'items/s':>9}"
+            + "".join(f"{c + ' %':>12}" for c in controls)]
     for name, m in sets.items():
         ci = f"{100 * m['ci_low']:.1f}–{100 * m['ci_high']:.1f}"
         speed = "-" if m["items_per_s"] is None else f"{m['items_per_s']:.2f}"
+        shown = [m.get("controls", {}).get(c, {}) for c in controls]
         rows.append(f"{name:<22}{m['n']:>6}{100 * m['accuracy']:>8.1f}{ci:>15}{m['format_rate']:>8.2f}"
-                    f"{m['unparseable']:>9}{m['mean_completion_tokens']:>8.1f}{speed:>9}")
+                    f"{m['unparseable']:>9}{m['mean_completion_tokens']:>8.1f}{speed:>9}"
+                    + "".join(f"{'-':>12}" if "accuracy" not in c else f"{100 * c['accuracy']:>12.1f}" for c in shown))
     return "\n".join(rows)
 
 
@@ -162,7 +172,7 @@ def reasoning_request(record: Record, completion: str):
     without <think> is asked: the rubric gives its missing reasoning 0, and its clarity and
     conciseness can still be graded."""
     from judges import JudgeRequest
-    from rewards import THINK_RE
+    from mcq import THINK_RE
 
     if not TAGS_RE.sub("", completion).strip():
         return None
@@ -172,7 +182,7 @@ def reasoning_request(record: Record, completion: str):
     think = THINK_RE.search(completion)
     case = dict(rubric="reasoning", options=record.options, completion=completion,  # for RuleJudge
                 think=think.group(1) if think else "", chosen=parse_answer(completion, record.options),
-                gold=record.answer)
+                gold=record.answer, facts=record.image_facts)
     return JudgeRequest(system=REASONING_RUBRIC, user=user, image=record.image, case=case)
 
 
@@ -184,12 +194,14 @@ def judgement_failed(line: dict) -> bool:
 
 
 def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Record]], predictions_path: str,
-                    out_path: str, chunk_size: int = 32, log=print) -> dict[str, dict]:
+                    out_path: str, chunk_size: int = 32, log=print, down=lambda final: None) -> dict[str, dict]:
     """Both rubrics over every prediction -> {set: reasoning_metrics}. One line per item is appended to
     out_path as its chunk comes back: the raw replies and what was parsed from them, or null. Items
     with a line there from the same judge_label are not asked again (the API judge's disk cache is
-    shared between runs and may be off or cleared; this file belongs to the run)."""
-    from judges import parse_scores
+    shared between runs and may be off or cleared; this file belongs to the run).
+    down(final) -> a message when the judge is down (judges.judge_down): asked after every chunk, and at
+    the end; the run then stops with it (JudgeDown), its lines so far kept for the resume."""
+    from judges import JudgeDown, parse_scores
     from rewards import PROCESS_KEYS, process_request
 
     predictions = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)}
@@ -221,12 +233,18 @@ def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Reco
                     line["process_reply"] = next(replies)
                     scores = parse_scores(line["process_reply"], PROCESS_KEYS)
                     line["process_score"] = None if scores is None else sum(scores.values()) / len(scores)
-                judge.stats.add(fallbacks=int(line["scores"] is None) + int(line["process_score"] is None),
-                                no_think=int(process_q is None))
+                failed = [q is not None and parsed is None for q, parsed in
+                          [(reasoning_q, line["scores"]), (process_q, line["process_score"])]]
+                judge.stats.add(fallbacks=sum(failed), no_think=int(process_q is None))
+                judge.stats.verdicts([not f for f, q in zip(failed, (reasoning_q, process_q)) if q is not None])
                 done[(name, r.id)] = line
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 f.flush()
             log(f"  judged {i + len(batch)}/{len(todo)}, {time.time() - start:.1f}s")
+            message = down(final=i + chunk_size >= len(todo))
+            if message:
+                raise JudgeDown(f"{message}. Judgements so far are in {out_path}; the failed ones are asked "
+                                "again when eval.py is run again")
     return {name: reasoning_metrics([done[(name, r.id)] for r in records]) for name, records in records_by_set.items()}
 
 
@@ -268,7 +286,11 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
         if model is None:  # before loading one; with a model in memory, cfg.adapter is only a label
             check_inputs(cfg)
         fingerprints = check_resumable(cfg, cfg.output_dir)
-        records_by_set = load_sets(cfg.sets, cfg.limit)
+        full_sets = load_sets(cfg.sets)  # whole: a shuffled item sees the same image under any limit
+        records_by_set = {name: records[:cfg.limit] if cfg.limit > 0 else records
+                          for name, records in full_sets.items()}
+        controls, skipped = control_sets(full_sets, cfg.image_controls, cfg.seed,
+                                         os.path.join(cfg.output_dir, "controls"), cfg.limit)  # blank PNGs there
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if procs.main:
@@ -276,7 +298,10 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
         with open(os.path.join(cfg.output_dir, "weights.json"), "w") as f:
             json.dump(fingerprints, f)
         print(f"model {cfg.model}, adapter {cfg.adapter or 'none (base model)'}; "
-              + ", ".join(f"{name} {len(r)}" for name, r in records_by_set.items()))
+              + ", ".join(f"{name} {len(r)}" for name, r in records_by_set.items())
+              + (f"; image controls {', '.join(cfg.image_controls)}" if cfg.image_controls else ""))
+        for name, why in skipped.items():
+            print(f"note: {name} skipped: {why}")
     trained_on = trained_quantization(cfg.adapter)
     if trained_on not in (None, cfg.quantization) and procs.main:
         # a QLoRA adapter learnt to correct the 4-bit weights' rounding too: on another base it is not
@@ -291,10 +316,21 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
         model, processor = load_model(cfg, adapter=cfg.adapter, trainable=False)
         base_only = model.disable_adapter() if cfg.adapter is None else base_only
 
-    # 2. greedy answers, set by set, appended to predictions.jsonl as they come
+    # 2. greedy answers, set by set, appended to predictions.jsonl as they come. The image controls go to
+    #    controls/predictions.jsonl under their own set names ("demo[blank]") and resume the same way;
+    #    predictions.jsonl keeps the real images' answers only, which the judge and report.py read.
+    log = print if procs.main else lambda _: None
     with base_only:
         sets = evaluate(model, processor, records_by_set, cfg.batch_size, cfg.max_new_tokens, predictions_path,
-                        log=print if procs.main else lambda _: None, procs=procs)
+                        log=log, procs=procs)
+        control_metrics = evaluate(model, processor, controls, cfg.batch_size, cfg.max_new_tokens,
+                                   os.path.join(cfg.output_dir, "controls", "predictions.jsonl"), log=log,
+                                   procs=procs) if controls else {}
+    for name in records_by_set:  # each control's metrics go beside the real images'
+        for control in cfg.image_controls:
+            key = control_name(name, control)
+            m = control_metrics[key] if key in control_metrics else {"skipped": skipped[key]}
+            sets[name].setdefault("controls", {})[control] = m
     metrics = {"run": cfg.run_name or os.path.basename(os.path.normpath(cfg.output_dir)), "model": cfg.model,
                "adapter": cfg.adapter, "accuracy": next(iter(sets.values()))["accuracy"], "sets": sets}
 
@@ -305,10 +341,14 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
         return metrics
     judge = make_eval_judge(cfg, model, processor) if cfg.judge == "self" else judge
     if judge is not None:
+        from judges import judge_down
+
         api = {"model": cfg.judge_model, "base_url": cfg.judge_base_url} if cfg.judge == "api" else {}
         label = f"api:{cfg.judge_model}" if api else cfg.judge  # judgements of another judge are not resumed
         reasoning = judge_reasoning(judge, label, records_by_set, predictions_path,
-                                    os.path.join(cfg.output_dir, "judgements.jsonl"))
+                                    os.path.join(cfg.output_dir, "judgements.jsonl"),
+                                    down=lambda final: judge_down(judge, cfg.judge_max_failure_share,
+                                                                  cfg.judge_failure_window, final))
         for name, r in reasoning.items():
             sets[name]["reasoning"] = r
         metrics["judge"] = {"kind": cfg.judge, **api, **judge.stats.as_dict()}  # this call's counters; no key

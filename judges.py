@@ -7,8 +7,12 @@ of the reply belong to the caller (rewards.process_reward, eval.py), so one clie
 
 APIJudge   any OpenAI-compatible chat API: concurrent, retried with back-off, cached on disk.
 SelfJudge  the frozen base model (LoRA adapters disabled), greedy: a judge that needs no API.
-RuleJudge  keyword rules for the process-reward rubric and eval.py's reasoning-quality rubric:
-           no model, no cost, a baseline.
+RuleJudge  (rule_judge.py) rules for the process-reward rubric and eval.py's reasoning-quality rubric,
+           which check the reasoning's statement about the image against what the image measures
+           (record.image_facts) where a preparer gives it: no model, no cost.
+
+A judge's replies are untrusted text read by parse_scores (the last JSON object, in range, or nothing); a
+judge that fails is counted (JudgeStats), printed at first, and stops the run past a share (judge_down).
 """
 
 import base64
@@ -18,13 +22,13 @@ import math
 import mimetypes
 import os
 import random
-import re
+import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
-import mcq
 from config import InputError
 
 
@@ -49,46 +53,92 @@ class JudgeStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # Kept by the rubric code that reads this judge's replies:
-    fallbacks: int = 0  # replies that failed or could not be parsed, scored by the fallback rule
+    fallbacks: int = 0  # replies that failed or were no verdict (parse_scores: None), scored by the fallback rule
     no_think: int = 0  # completions without a <think> block, scored 0 without asking the judge
+    last_error: str = ""  # why the latest request or verdict failed (never holds the API key)
+    # usable (True) or failed (False), for each of the latest verdicts asked: judge_down reads it
+    recent: deque = field(default_factory=lambda: deque(maxlen=4096), repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    PRINTED_FAILURES = 3  # the first failures go to stderr as they happen; the rest are counted
 
     def add(self, **counts: int):
         with self._lock:  # APIJudge's worker threads count concurrently
             for name, n in counts.items():
                 setattr(self, name, getattr(self, name) + n)
 
+    def fail(self, why: str, counter: str = "failures"):
+        """Count a failed request (or, counter="fallbacks", a reply that was no verdict) and say why; the
+        first few are printed at once, so a judge that is down is seen in the first step, not in a log."""
+        with self._lock:
+            setattr(self, counter, getattr(self, counter) + 1)
+            self.last_error = why
+            shown = self.failures + self.fallbacks <= self.PRINTED_FAILURES
+        if shown:
+            print(f"judge: {why}" + ("" if self.failures + self.fallbacks < self.PRINTED_FAILURES else
+                                     " (further judge failures are counted in judge/failures, judge/fallbacks)"),
+                  file=sys.stderr, flush=True)
+
+    def verdicts(self, usable: list[bool]):
+        with self._lock:
+            self.recent.extend(usable)
+
     def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not f.name.startswith("_") and isinstance(getattr(self, f.name), int)}
+
+
+class JudgeDown(InputError, RuntimeError):
+    """Too many of the judge's recent verdicts failed: the scripts stop (GRPO with a checkpoint) with this message."""
+
+
+def judge_down(judge, max_failure_share: float, window: int, final: bool = False) -> str | None:
+    """Why the run should stop, or None: more than max_failure_share of the last `window` verdicts failed.
+    Judged once `window` verdicts have been asked, or at the end of a run (final=True) on what there is:
+    a dead judge then stops an eval of five items too, instead of reporting "judged 0" and exiting 0."""
+    recent = list(judge.stats.recent)[-window:]
+    if not recent or (len(recent) < window and not final):
+        return None
+    failed = recent.count(False)
+    if failed / len(recent) <= max_failure_share:
+        return None
+    return (f"{judge.name}: {failed} of the last {len(recent)} verdicts failed (more than judge_max_failure_share="
+            f"{max_failure_share}); last error: {judge.stats.last_error or 'none recorded'}. The process reward "
+            "would have become its fallback. Check the judge (URL, model, server), or raise judge_max_failure_share")
 
 
 # ----------------------------------------------------------------------------------------------
-# Replies: a JSON object of scores, however the judge wrapped it
+# Replies: the verdict is the reply's last JSON object
 
-FENCED_JSON_RE = re.compile(r"```(?:json)?\s*(\{.*?\})\s*```", re.DOTALL | re.IGNORECASE)
-# after a key name: quotes, bold stars or spaces, then ':' or '=', then the number (".8" included)
-KEY_VALUE_TAIL = r"""[\s*"'`]{0,6}[:=][\s*"'`]{0,4}(-?(?:\d+(?:\.\d*)?|\.\d+))"""
+MAX_REPLY_CHARS = 20_000  # a verdict is ~60 characters; a longer reply is read from its end
+
+
+def last_json_object(text: str) -> dict | None:
+    """The last top-level JSON object in `text` (objects nested in it are part of it), or None."""
+    decoder, found, i = json.JSONDecoder(), None, 0
+    while (i := text.find("{", i)) != -1:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except ValueError:
+            i += 1
+            continue
+        if isinstance(obj, dict):
+            found = obj
+        i = end
+    return found
 
 
 def parse_scores(reply: str | None, keys: list[str]) -> dict[str, float] | None:
-    """{key: score clamped to [0, 1]} from a judge's reply, or None when some key has no number.
-    Tries, in order: the reply as JSON; a ```json fenced block; `key ... : number` anywhere."""
+    """{key: score} from the reply's last JSON object, or None (the caller's counted fallback).
+    Only that object is read: a judge that quotes the student's text, forged scores and all, before its
+    verdict is scored by its verdict. Every key must hold a number in [0, 1]: 7 (a 0-10 scale), "80%" or
+    "3/5" is a judge that misread the rubric, and is counted as a failure rather than clamped to 1.0."""
     if not isinstance(reply, str):
         return None
-    for text in [reply.strip()] + FENCED_JSON_RE.findall(reply):
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            scores = {k: _as_score(obj.get(k)) for k in keys}
-            if None not in scores.values():
-                return scores
-    scores = {}
-    for k in keys:
-        # "integrity_score": 0.8  /  integrity score = .8  /  **Integrity score:** 0.8
-        m = re.search(re.escape(k).replace("_", "[_ ]") + KEY_VALUE_TAIL, reply, re.IGNORECASE)
-        scores[k] = _as_score(m.group(1)) if m else None
+    obj = last_json_object(reply[-MAX_REPLY_CHARS:])
+    if obj is None:
+        return None
+    scores = {k: _as_score(obj.get(k)) for k in keys}
     return scores if None not in scores.values() else None
 
 
@@ -99,7 +149,7 @@ def _as_score(value) -> float | None:
         x = float(value)
     except (TypeError, ValueError):
         return None
-    return min(1.0, max(0.0, x)) if math.isfinite(x) else None
+    return x if math.isfinite(x) and 0.0 <= x <= 1.0 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +167,8 @@ class APIJudge:
 
     def __init__(self, model: str, base_url: str = "https://api.openai.com/v1", api_key_env: str = "OPENAI_API_KEY",
                  max_concurrency: int = 8, max_retries: int = 4, retry_base_delay: float = 1.0,
-                 timeout: float = 60.0, max_tokens: int = 512, cache_dir: str | None = None, use_cache: bool = True):
+                 timeout: float = 60.0, deadline: float = 120.0, max_tokens: int = 512, cache_dir: str | None = None,
+                 use_cache: bool = True):
         import openai
 
         api_key = os.environ.get(api_key_env)
@@ -126,7 +177,8 @@ class APIJudge:
                              f"not set: export {api_key_env}=... (or use judge=self or judge=rule)")
         self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
         self.max_concurrency, self.max_retries, self.retry_base_delay = max_concurrency, max_retries, retry_base_delay
-        self.max_tokens = max_tokens
+        self.timeout, self.deadline, self.max_tokens = timeout, deadline, max_tokens
+        self.name = f"the API judge {model!r} at {base_url}"
         if use_cache and cache_dir is None:
             from tiny import cache_dir as model_cache_dir
             cache_dir = os.path.join(model_cache_dir(), "judge")
@@ -146,8 +198,10 @@ class APIJudge:
         replies = {key: self._cache_get(key) for key in first}
         to_call = [key for key, reply in replies.items() if reply is None]
         self.stats.add(cache_hits=len(requests) - len(to_call))
+        # one deadline for the whole batch: a dead or hanging server costs a step at most `deadline` seconds
+        deadline = time.monotonic() + self.deadline
         with ThreadPoolExecutor(max_workers=max(1, self.max_concurrency)) as pool:
-            for key, reply in zip(to_call, pool.map(lambda k: self._call(first[k]), to_call)):
+            for key, reply in zip(to_call, pool.map(lambda k: self._call(first[k], deadline), to_call)):
                 replies[key] = reply
                 if reply is not None:
                     self._cache_put(key, reply)
@@ -162,38 +216,64 @@ class APIJudge:
             content.insert(0, {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}})
         return [{"role": "system", "content": r.system}, {"role": "user", "content": content}]
 
-    def _call(self, r: JudgeRequest) -> str | None:
+    def _call(self, r: JudgeRequest, deadline: float) -> str | None:
+        """The reply's text, or None (counted, with its reason) when every try failed or the deadline passed.
+        Never raises but for JudgeRefused: whatever the server sends back, a training step goes on."""
         import openai
 
-        messages = self._messages(r)
+        messages, why = self._messages(r), "no reply"
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self.stats.add(retries=1)
                 # exponential back-off with jitter, so concurrent workers do not retry in lockstep
-                time.sleep(min(60.0, self.retry_base_delay * 2 ** (attempt - 1)) * (1 + random.random()))
+                pause = min(60.0, self.retry_base_delay * 2 ** (attempt - 1)) * (1 + random.random())
+                time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                why = f"{why}; judge_deadline ({self.deadline:g} s for the batch) passed"
+                break
             self.stats.add(calls=1)
             try:
                 response = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
-                                                               max_tokens=self.max_tokens)
+                                                               max_tokens=self.max_tokens, timeout=min(self.timeout, left))
             except openai.APIStatusError as e:
                 if e.status_code in self.FATAL_STATUS:
                     raise JudgeRefused(f"judge API at {self.base_url} answered HTTP {e.status_code} "
                                        f"({type(e).__name__}) for model {self.model!r}: check the URL, the model "
                                        f"name and the key in ${self.api_key_env}") from None
+                why = f"HTTP {e.status_code} from {self.base_url}"
                 if e.status_code in self.RETRY_STATUS or e.status_code >= 500:
                     continue
                 break
-            except openai.APIConnectionError:  # includes APITimeoutError
+            except openai.APIConnectionError as e:  # includes APITimeoutError
+                why = f"{type(e).__name__} reaching {self.base_url}"
                 continue
-            usage = response.usage
-            if usage is not None:
-                self.stats.add(prompt_tokens=usage.prompt_tokens or 0, completion_tokens=usage.completion_tokens or 0)
-            content = response.choices[0].message.content if response.choices else None
+            except Exception as e:  # a 200 whose body is not JSON (an HTML error page, a cut-off body)
+                why = f"unreadable reply from {self.base_url} ({type(e).__name__})"
+                continue
+            content, why = self._content(response)
             if content is not None:
                 return content
-            break  # a refusal or an empty choice: asking again would not change it
-        self.stats.add(failures=1)
+            if why.startswith("a refusal"):
+                break  # asking again would not change it
+        self.stats.fail(f"request failed: {why}")
         return None
+
+    def _content(self, response) -> tuple[str | None, str]:
+        """(the reply's text, "") from a chat completion, or (None, why) for anything else a server may
+        answer with a 200: a bare string (an HTML page), an object without choices, a non-text message."""
+        choices = getattr(response, "choices", None)
+        if not isinstance(choices, list):
+            return None, f"a 200 reply from {self.base_url} that is not a chat completion"
+        usage = getattr(response, "usage", None)
+        if usage is not None:
+            self.stats.add(prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                           completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+        message = getattr(choices[0], "message", None) if choices else None
+        content = getattr(message, "content", None)
+        if isinstance(content, str):
+            return content, ""
+        return None, "a refusal or an empty choice"
 
     # The cache: one JSON file per request, named by the sha256 of everything that decides the reply.
     # Files are written atomically, so processes sharing the directory reuse each other's answers.
@@ -241,6 +321,7 @@ class SelfJudge:
         self.model, self.processor = model, processor
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.stats = JudgeStats()
+        self.name = "the self-judge (the frozen base model)"
 
     def complete(self, requests: list[JudgeRequest]) -> list[str | None]:
         import contextlib
@@ -283,121 +364,6 @@ class SelfJudge:
 
 
 # ----------------------------------------------------------------------------------------------
-# RuleJudge: the process-reward and reasoning-quality rubrics by keywords
-
-IMAGE_WORDS = ("image", "patch", "slide", "field", "shows", "seen", "visible", "stain", "staining", "stained",
-               "colour", "color", "brown", "blue", "pink", "purple", "red", "violet", "hematoxylin", "haematoxylin",
-               "eosin", "dab", "nuclei", "nucleus", "nuclear", "cell", "cells", "cytoplasm", "tissue", "gland",
-               "glands", "stroma", "dense", "sparse", "region", "pattern", "architecture", "membrane", "mitoses")
-ELIMINATION_CUES = ("ruled out", "rule out", "rules out", "excluded", "exclude", "excludes", "unlikely", "not",
-                    "rather than", "instead of", "inconsistent")
-KNOWLEDGE_CUES = ("because", "since", "due to", "therefore", "indicates", "indicate", "indicating", "suggests",
-                  "characteristic", "typical", "typically", "marker", "marks", "hallmark", "consistent with",
-                  "diagnostic", "defined", "definition", "criteria", "criterion", "known")
-CONCLUSION_RE = re.compile(r"\b(?i:answer|choice|option|diagnosis)\s*(?:is|:|=)\s*\(?([A-Z])\b\)?")
-
-
-def _count_words(text: str, words) -> int:
-    return sum(len(re.findall(rf"\b{re.escape(w)}\b", text, re.IGNORECASE)) for w in words)
-
-
-def _eliminated(options: list[str], think: str, chosen: str | None) -> tuple[int, int]:
-    """(options the reasoning sets aside, how many it needs to): other options it names, or as many
-    elimination cues as that, whichever is more. With two options there is only one to eliminate."""
-    letters = mcq.LETTERS[:len(options)]
-    others = [o for letter, o in zip(letters, options) if letter != chosen]
-    named = sum(_count_words(think, [o]) > 0 for o in others)
-    return max(named, _count_words(think, ELIMINATION_CUES)), min(2, len(options) - 1)
-
-
-def _contradictions(options: list[str], think: str, chosen: str | None) -> int:
-    """0-2: the reasoning concludes a letter other than the answer; it rules the answer itself out."""
-    errors = 0
-    concluded = CONCLUSION_RE.findall(think)
-    if concluded and chosen is not None and concluded[-1] != chosen:
-        errors += 1
-    if chosen is not None:
-        text = re.escape(options[mcq.LETTERS.index(chosen)])
-        rules_out_answer = (rf"\b{text}\s+(?:is|are)\s+(?:ruled out|excluded|unlikely|not)\b|"
-                            rf"\b(?:rule out|ruled out|exclude|excluded|not)\s+{text}\b")
-        errors += bool(re.search(rules_out_answer, think, re.IGNORECASE))
-    return errors
-
-
-def rule_scores(options: list[str], think: str, chosen: str | None) -> dict[str, float]:
-    """The rubric's arithmetic on keyword evidence. integrity = 1 - 0.4 per missing step among
-    (image features, >= 2 options eliminated, knowledge cited); knowledge = 1 - 0.4 per contradiction
-    found among (a conclusion in the reasoning other than the answer, the answer itself ruled out)."""
-    eliminated, needed = _eliminated(options, think, chosen)
-    missing = [_count_words(think, IMAGE_WORDS) == 0, eliminated < needed, _count_words(think, KNOWLEDGE_CUES) == 0]
-    return {"integrity_score": max(0.0, 1.0 - 0.4 * sum(missing)),
-            "knowledge_score": max(0.0, 1.0 - 0.4 * _contradictions(options, think, chosen))}
-
-
-# eval.py's reasoning-quality rubric by keywords: a floor to compare model judges against, not a grader
-DOMAIN_TERMS = IMAGE_WORDS + (
-    "histology", "histological", "histopathology", "morphology", "immunohistochemistry", "ihc", "antigen",
-    "epithelium", "epithelial", "mucosa", "lymphocytes", "inflammation", "inflammatory", "necrosis", "fibrosis",
-    "carcinoma", "adenocarcinoma", "neoplasm", "neoplastic", "malignant", "benign", "lesion", "atypia",
-    "pleomorphism", "pleomorphic", "hyperchromatic", "chromatin", "nucleoli", "mitosis", "mitotic", "invasion",
-    "differentiation", "differentiated", "keratin", "mucin")
-SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
-
-
-def rule_reasoning_scores(options: list[str], completion: str, think: str, chosen: str | None,
-                          gold: str) -> dict[str, float]:
-    """eval.py's six criteria from keywords and lengths; `think` is "" when there is no <think> block.
-    reasoning_accuracy  0 without reasoning or with a wrong/missing answer; else 1, or 0.5 when the
-                        reasoning contradicts the answer (concludes another letter, rules it out)
-    knowledge_accuracy  min(1, knowledge cues / 2): "because", "marker", "criteria", ...
-    rigor               min(1, options set aside / 2), or / 1 with two options
-    professionalism     min(1, distinct pathology terms / 4)
-    clarity             0.5 for the exact <think>…</think><answer>…</answer> format, + 0.5 when the
-                        reasoning's sentences average 4-35 words
-    conciseness         1 up to 150 words of completion, falling linearly to 0 at 450, times the
-                        share of its sentences that are not repeats"""
-    sentences = [s.strip().lower() for s in SENTENCE_SPLIT_RE.split(think) if s.strip()]
-    right = think.strip() != "" and chosen is not None and chosen == gold
-    eliminated, needed = _eliminated(options, think, chosen)
-    terms = sum(_count_words(think, [t]) > 0 for t in DOMAIN_TERMS)
-    words_per_sentence = len(think.split()) / len(sentences) if sentences else 0.0
-    untagged = re.sub(r"</?(?:think|answer)>", " ", completion)
-    all_sentences = [s.strip().lower() for s in SENTENCE_SPLIT_RE.split(untagged) if s.strip()]
-    unique_share = len(set(all_sentences)) / len(all_sentences) if all_sentences else 1.0
-    length_factor = min(1.0, max(0.0, (450 - len(completion.split())) / 300))
-    return {"reasoning_accuracy": (0.5 if _contradictions(options, think, chosen) else 1.0) if right else 0.0,
-            "knowledge_accuracy": min(1.0, _count_words(think, KNOWLEDGE_CUES) / 2),
-            "rigor": 0.0 if not sentences else 1.0 if needed == 0 else min(1.0, eliminated / needed),
-            "professionalism": min(1.0, terms / 4),
-            "clarity": 0.5 * mcq.is_well_formed(completion) + 0.5 * (4 <= words_per_sentence <= 35),
-            "conciseness": length_factor * unique_share}
-
-
-class RuleJudge:
-    """Reads `request.case` and replies with the rubric's JSON, so its replies go through the same
-    parser as a model judge's. case["rubric"] == "reasoning" (eval.py: options, completion, think,
-    chosen, gold) -> rule_reasoning_scores; otherwise the process rubric (options, think, chosen)."""
-
-    def __init__(self):
-        self.stats = JudgeStats()
-
-    def complete(self, requests: list[JudgeRequest]) -> list[str | None]:
-        replies = []
-        for r in requests:
-            if r.case is None:
-                raise ValueError("RuleJudge needs JudgeRequest.case (options, think, chosen, ...); it scores "
-                                 "only the process-reward rubric and eval.py's reasoning rubric")
-            c = r.case
-            if c.get("rubric") == "reasoning":
-                scores = rule_reasoning_scores(c["options"], c["completion"], c["think"], c.get("chosen"), c["gold"])
-            else:
-                scores = rule_scores(c["options"], c["think"], c.get("chosen"))
-            replies.append(json.dumps(scores))
-        self.stats.add(calls=len(requests))
-        return replies
-
-
-# ----------------------------------------------------------------------------------------------
 
 JUDGE_KINDS = ("api", "self", "rule")
 
@@ -408,7 +374,8 @@ def judge_from_config(cfg, model=None, processor=None, **self_settings):
     if cfg.judge == "api":
         return make_judge("api", model=cfg.judge_model, base_url=cfg.judge_base_url, api_key_env=cfg.judge_api_key_env,
                           max_concurrency=cfg.judge_concurrency, timeout=cfg.judge_timeout,
-                          max_retries=cfg.judge_max_retries, cache_dir=cfg.judge_cache_dir)
+                          deadline=cfg.judge_deadline, max_retries=cfg.judge_max_retries,
+                          cache_dir=cfg.judge_cache_dir)
     if cfg.judge == "self":
         return make_judge("self", model=model, processor=processor, **self_settings)
     return make_judge(cfg.judge)
@@ -425,5 +392,7 @@ def make_judge(kind: str, **settings):
             raise ValueError("make_judge('self') needs model= and processor= (the policy's PeftModel)")
         return SelfJudge(**settings)
     if kind == "rule":
+        from rule_judge import RuleJudge  # its own file: the rules are longer than the clients
+
         return RuleJudge()
     raise ValueError(f"unknown judge kind '{kind}': use one of {', '.join(JUDGE_KINDS)} or none")

@@ -69,6 +69,7 @@ def target_text(record: Record) -> str:
 
 FORMAT_RE = re.compile(r"^\s*<think>(?P<think>.+?)</think>\s*<answer>(?P<answer>.+?)</answer>\s*$", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 # "C", "C)", "(C)", "C.", "C:", optionally followed by text:  "C) option text"
 LETTER_RE = re.compile(r"^\(?\s*([A-Za-z])\s*(?:\)|\.|:|$)\s*(.*)$", re.DOTALL)
 

@@ -148,6 +148,22 @@ def reasoning_table(runs: list[dict]) -> str | None:
     return "\n".join(lines) if len(lines) > 2 else None
 
 
+def controls_table(runs: list[dict]) -> str | None:
+    """One row per (run, set) answered with eval.py's image_controls: accuracy % on the real images and
+    under each control ("–": skipped). None when no run has controls."""
+    controls = list(dict.fromkeys(c for run in runs for m in run["metrics"]["sets"].values()
+                                  for c in m.get("controls", {})))
+    lines = ["| run | set | n | real images | " + " | ".join(controls) + " |", "|" + "---|" * (4 + len(controls))]
+    for run in runs:
+        for s, m in run["metrics"]["sets"].items():
+            if "controls" in m:
+                shown = [m["controls"].get(c, {}) for c in controls]
+                cells = [f"{100 * c['accuracy']:.1f}" if "accuracy" in c else "–" for c in shown]
+                lines.append(f"| {run['name']} | {s} | {m['n']} | {100 * m['accuracy']:.1f} | "
+                             + " | ".join(cells) + " |")
+    return "\n".join(lines) if controls else None
+
+
 # a set whose gold answers take at most this many distinct texts gets a matrix, others a list
 MAX_MATRIX_LABELS = 12
 
@@ -229,7 +245,10 @@ def plot_confusion(counts: dict[tuple[str, str], int], labels: list[str], title:
 
 # the curves worth a first look, in this order; plot_curves(keys=None) draws every numeric key
 MAIN_CURVES = ("loss", "eval_loss", "reward/total", "accuracy", "format_rate", "eval_accuracy", "kl",
-               "completion_len_mean", "lr")
+               "completion_len_mean", "lr", "reward/process/fallback")
+# drawn on the same axes as the first: a process reward rising while accuracy stays flat is what a policy
+# learning its judge (reward hacking) looks like, and it shows best where the two lines meet
+OVERLAYS = {"accuracy": "reward/process"}
 
 
 def plot_curves(metrics_path: str, path: str, keys: tuple[str, ...] | None = None) -> list[str]:
@@ -245,6 +264,7 @@ def plot_curves(metrics_path: str, path: str, keys: tuple[str, ...] | None = Non
                 series.setdefault(key, ([], []))
                 series[key][0].append(step)
                 series[key][1].append(value)
+    full = series
     if keys is not None:
         series = {k: series[k] for k in keys if k in series}
     if not series:
@@ -252,9 +272,13 @@ def plot_curves(metrics_path: str, path: str, keys: tuple[str, ...] | None = Non
     cols = min(3, len(series))
     nrows = math.ceil(len(series) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
+    overlays = {k: v for k, v in OVERLAYS.items() if k in series and v in full}
     for ax, (key, (xs, ys)) in zip(axes.flat, series.items()):
-        ax.plot(xs, ys, lw=1, marker="o" if len(xs) < 30 else None, ms=3)  # a few evals: show the points
-        ax.set_title(key, fontsize=9)
+        ax.plot(xs, ys, lw=1, marker="o" if len(xs) < 30 else None, ms=3, label=key)  # a few evals: show the points
+        if key in overlays:
+            ax.plot(*full[overlays[key]], lw=1, color="tab:red", label=overlays[key])
+            ax.legend(fontsize=7)
+        ax.set_title(key if key not in overlays else f"{key} and {overlays[key]}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         if "loss" in key and min(ys) > 0:
             ax.set_yscale("log")  # SFT's loss falls by orders of magnitude: on a linear axis the end is a flat line
@@ -278,6 +302,12 @@ def write_report(run_dirs: list[str], out_dir: str, train_dirs: tuple[str, ...] 
              "Accuracy %, Wilson 95% interval in brackets. Paper rows: PathVLM-R1 Table V (PathMMU) and "
              "Table IV (OmniMedVQA, out of distribution; its base model is Qwen2.5-VL-7B).", "",
              accuracy_table(runs), "", "![accuracy per set](accuracy.png)", ""]
+    controls = controls_table(runs)
+    if controls is not None:
+        parts += ["## Image-reliance controls", "",
+                  "Accuracy % on the same questions with every image blank (mid-grey) or swapped for another item's "
+                  "(shuffled). A model that reads the image falls to chance there; one that stays near its real-image "
+                  "accuracy answers from the text.", "", controls, ""]
     reasoning = reasoning_table(runs)
     if reasoning is not None:
         parts += ["## Reasoning quality", "",

@@ -35,7 +35,7 @@ import checkpoint as ckpt
 from config import GRPOConfig, InputError, check_inputs, parse_args, save_config
 from evaluation import evaluate, load_sets
 from grpo import equal_reward_groups, group_advantages, grpo_loss
-from judges import judge_from_config
+from judges import judge_down, judge_from_config
 from mcq import image_path, is_well_formed, parse_answer, prompt_messages
 from model import (completion_mask, count_params, encode_prompts, generation_config, image_features, load_model,
                    special_token_ids, stop_token_ids, unwrap)
@@ -43,6 +43,12 @@ from rewards import score_completions
 from rollout import completion_logprobs, generate_groups, repeat_prompts, shared_prompt_logprobs
 from training import (DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard,
                       save_checkpoint, save_trained)
+
+
+def mean_of_scored(values: list) -> float | None:
+    """The mean over the completions that have a value (a process-reward component is None where unscored)."""
+    scored = [v for v in values if v is not None]
+    return sum(scored) / len(scored) if scored else None
 
 
 def is_full_model(path: str) -> bool:
@@ -134,9 +140,11 @@ def sample_and_score(batch, model, processor, cfg, judge) -> dict:
     features = image_features(model, prompt)  # vision tower once per step, shared by every pass
     ids, mask, texts, truncated = sample_groups(model, processor, prompt, features, cfg)
     records = [r for r in batch for _ in range(cfg.group_size)]  # (N,) the record of each completion
+    details = {}  # the process reward's components, logged beside the rewards (not part of the total)
     scores = score_completions(cfg.rewards, texts, records, judge=judge,
                                image_paths=[image_path(cfg.data, r) for r in records],
-                               require_format=cfg.accuracy_requires_format)
+                               require_format=cfg.accuracy_requires_format, details=details)
+    scores.update(details)
     return dict(batch=batch, prompt=prompt, features=features, ids=ids, mask=mask, texts=texts,
                 truncated=truncated, records=records, scores=scores)
 
@@ -301,6 +309,8 @@ def main(argv=None):
     if resume_from:
         loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, procs.rank, procs.world_size)
         step, order, counters = loop["step"], DataOrder(len(train), cfg.seed, **loop["data"]), loop["counters"]
+        if judge:
+            judge.stats.add(**counters.get("judge", {}))
         if procs.main:
             ckpt.truncate_metrics(metrics_path, step)
             ckpt.truncate_metrics(samples_path, step)
@@ -315,6 +325,8 @@ def main(argv=None):
     share_in_policy_pass = not (cfg.backend == "unsloth" and cfg.gradient_checkpointing)
 
     def save(at_step):
+        if judge:  # its counters go on from here after a resume, so the logged rows match an unbroken run
+            counters["judge"] = judge.stats.as_dict()
         return save_checkpoint(procs, cfg.output_dir, at_step, model, optimizer, scheduler,
                                {"data": order.state(), "counters": counters}, keep=cfg.keep_checkpoints,
                                save_model=lambda d: model.save_pretrained(d, selected_adapters=["default"]))
@@ -418,7 +430,7 @@ def main(argv=None):
             lengths = torch.tensor(merged["lengths"], dtype=torch.float32)
             correct = [parse_answer(t, r.options) == r.answer for t, r in zip(merged["texts"], merged["records"])]
             row = {"step": step, "loss": merged["loss"] / cfg.num_iterations, "lr": scheduler.get_last_lr()[0],
-                   **{f"reward/{k}": sum(v) / len(v) for k, v in merged["scores"].items()},
+                   **{f"reward/{k}": mean_of_scored(v) for k, v in merged["scores"].items()},
                    "accuracy": sum(correct) / len(correct),
                    "format_rate": sum(map(is_well_formed, merged["texts"])) / len(correct),
                    "kl": merged["kl"] / cfg.num_iterations, "clip_frac": merged["clip"] / cfg.num_iterations,
@@ -440,7 +452,8 @@ def main(argv=None):
                 log.write(row)
                 if tb:
                     for k, v in row.items():
-                        tb.add_scalar(k, v, step)
+                        if v is not None:
+                            tb.add_scalar(k, v, step)
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     shown = list(zip(merged["texts"], merged["records"], merged["scores"]["total"]))
                     for t, r, rew in shown[:G * cfg.log_groups] if cfg.log_groups else shown:
@@ -451,6 +464,12 @@ def main(argv=None):
             bar.set_postfix(reward=f"{row['reward/total']:.2f}", acc=f"{row['accuracy']:.2f}",
                             fmt=f"{row['format_rate']:.2f}", kl=f"{row['kl']:.3f}", len=f"{row['completion_len_mean']:.0f}")
             stop.exit_if_requested(step, cfg.max_steps, save, procs.any)
+            # a judge that is down would turn the process reward into its fallback: stop, resumable
+            down = judge and judge_down(judge, cfg.judge_max_failure_share, cfg.judge_failure_window)
+            if procs.any(bool(down)):
+                path = save(step)
+                sys.exit(f"{down or 'the judge of another process is down'}. Stopped after step {step}; "
+                         f"resume from {path} with the same command once the judge answers")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 save(step)
     except KeyboardInterrupt:  # a second signal: the step in progress is dropped

@@ -5,14 +5,16 @@ import io
 import json
 import os
 import shutil
+import socket
 
 import pytest
 
 import report
 from eval import REASONING_KEYS, REASONING_RUBRIC, reasoning_request, run
 from evaluation import load_sets, score
-from judges import make_judge, parse_scores, rule_reasoning_scores
+from judges import JudgeDown, make_judge, parse_scores
 from mcq import Record
+from rule_judge import rule_reasoning_scores
 from test_eval import data, eval_cfg, one_thread, read_lines, tiny  # noqa: F401  (fixtures)
 from test_rewards import API_KEY, API_KEY_ENV, GOOD_REPLY, ChatHandler, running_server
 from test_rewards import server  # noqa: F401  (fixture; it resets this module's chat_server)
@@ -34,7 +36,8 @@ SERVED = {"reasoning_accuracy": 0.9, "knowledge_accuracy": 0.8, "rigor": 0.7, "p
 
 def test_rule_reasoning_scores_by_hand():
     think = GOOD[len("<think>"):GOOD.index("</think>")]
-    # right and uncontradicted; "because", "marker": 2 cues; blue and mixed set aside; > 4 pathology
+    # right and uncontradicted; 2 knowledge statements (", because ..." is a clause of its own); blue and
+    # mixed set aside; > 4 pathology
     # terms; exact format with sentences of 9 and 15 words; 26 words, no sentence repeated
     assert rule_reasoning_scores(OPTIONS, GOOD, think, "A", "A") == dict.fromkeys(REASONING_KEYS, 1.0)
     # the same reasoning behind a wrong answer: not accurate, the rest unchanged
@@ -43,7 +46,7 @@ def test_rule_reasoning_scores_by_hand():
     assert rule_reasoning_scores(OPTIONS, poor, "Brown. Brown. Brown. Answer is B.", "A", "A") == {
         "reasoning_accuracy": 0.5,  # right letter, but the reasoning concludes B
         "knowledge_accuracy": 0.0, "rigor": 0.0,  # no cue, no other option set aside
-        "professionalism": 0.25,  # one term: brown
+        "professionalism": 0.0,  # "Brown." is a word, no statement: its term does not count
         "clarity": 0.5,  # exact format, but sentences of 6/4 = 1.5 words
         "conciseness": 0.6}  # short, but 3 of its 5 sentences are distinct (brown. ×3, answer is b., a) brown)
     # no <think>: nothing to grade but its brevity
@@ -186,7 +189,7 @@ def test_api_judge_garbage_is_left_out_and_resume_asks_only_the_rest(tiny, data,
 
     # 1. a judge that answers no scores: counted, left out of the means, never replaced by a guess
     server.state.mode = "garbage"
-    first = run(api_cfg(data, out, server, limit=2), *tiny)
+    first = run(api_cfg(data, out, server, limit=2, judge_max_failure_share=1.0), *tiny)  # 1: never stop
     assert len(server.state.requests) == 6
     assert first["judge"]["fallbacks"] == 6  # 4 reasoning + 2 process replies
     for m in first["sets"].values():
@@ -229,3 +232,20 @@ def test_api_judge_garbage_is_left_out_and_resume_asks_only_the_rest(tiny, data,
     rule = run(eval_cfg(data, out, judge="rule", limit=3), *tiny)
     assert all(m["reasoning"]["n_judged"] == 3 for m in rule["sets"].values())
     assert len(read_lines(out / "judgements.jsonl")) == 7 + 6 and server.state.requests == []
+
+
+def test_a_dead_judge_stops_eval_with_the_url_and_the_last_error(tiny, data, server, tmp_path, monkeypatch):
+    """A wrong judge_base_url used to end in "judged 0" and exit 0: R1's process score silently absent."""
+    monkeypatch.setenv("PATHVLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "dead"
+    write_predictions(out, data, [WITH_THINK, NO_THINK])
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    cfg = api_cfg(data, out, server, limit=2, judge_max_retries=1)
+    cfg.judge_base_url = dead_url
+    with pytest.raises(JudgeDown, match=r"failed.*APIConnectionError reaching http://127\.0\.0\.1") as error:
+        run(cfg, *tiny)
+    assert dead_url in str(error.value) and API_KEY not in str(error.value)
+    lines = read_lines(out / "judgements.jsonl")  # the chunk judged before the stop, asked again on a re-run
+    assert len(lines) == 4 and all(j["process_reply"] is None for j in lines if j["reply"] is None)

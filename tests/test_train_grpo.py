@@ -143,8 +143,8 @@ def test_non_finite_reward_skips_then_stops(demo_data, tmp_path, monkeypatch):
 
 
 class CyclingHandler(ChatHandler):
-    """Answers in turn: well, garbage, 429, 500, too slow."""
-    MODES = ["good", "garbage", "500", "slow", "good"]
+    """Answers in turn: well, garbage, an HTML page, cut-off JSON, 7, "80%", nothing, 500, too slow."""
+    MODES = ["good", "garbage", "html", "cutoff", "seven", "percent", "empty", "500", "slow", "good"]
 
     def do_POST(self):
         state = self.server.state
@@ -176,11 +176,37 @@ def test_process_reward_through_local_api_keeps_training(demo_data, formatted_mo
                     f"judge_cache_dir={tmp_path}/cache", "max_steps=2", "max_new_tokens=40", "temperature=0.3")
     assert len(rows) == 2 and "reward/process" in rows[-1]  # training went on through every failure mode
     last = rows[-1]
-    assert last["judge/calls"] >= 5 and last["judge/failures"] >= 1 and last["judge/fallbacks"] >= 1
+    assert last["judge/calls"] >= 10 and last["judge/failures"] >= 1 and last["judge/fallbacks"] >= 3
+    # the components of the process reward are logged beside it
+    assert any(r["reward/process/fallback"] > 0 for r in rows)
+    assert any(r["reward/process/integrity"] is not None for r in rows)  # None in a step where every reply failed
     auth_headers = [r["headers"]["authorization"] for r in server.state.requests]
     assert auth_headers and all(h == "Bearer sk-test-secret" for h in auth_headers)
     assert 0.0 < last["reward/process"] <= 1.0
     assert "sk-test-secret" not in open(os.path.join(out, "config.yaml")).read()
+
+
+def test_a_dead_judge_stops_grpo_with_a_checkpoint_that_resumes(demo_data, formatted_model, tmp_path, monkeypatch,
+                                                                 capsys):
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-test-secret")
+    out = str(tmp_path / "dead")
+    with running_server(ChatHandler) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        args = [f"init_adapter={formatted_model}", "reference=sft", "rewards={format: 1.0, accuracy: 1.0, process: 1.0}",
+                "judge=api", f"judge_base_url={url}", "judge_api_key_env=JUDGE_TEST_KEY", "judge_max_retries=0",
+                f"judge_cache_dir={tmp_path}/cache", "judge_failure_window=8", "max_steps=3", "save_every=0",
+                "max_new_tokens=40", "temperature=0.3"]
+        server.state.mode = "500"
+        with pytest.raises(SystemExit, match=rf"the API judge 'gpt-4o' at {url}: .* failed .*HTTP 500") as stop:
+            grpo(demo_data, out, *args)
+        assert "sk-test-secret" not in str(stop.value)
+        assert "judge: request failed: HTTP 500" in capsys.readouterr().err  # printed at once, not only logged
+        [saved] = os.listdir(os.path.join(out, "checkpoints"))  # the step the judge was found down in
+        assert saved in ("step_0000001", "step_0000002")
+        server.state.mode = "good"
+        rows = grpo(demo_data, out, *args)  # the judge answers again: the run goes on from there
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["reward/process/fallback"] == 0
+    assert rows[-1]["judge/failures"] >= rows[0]["judge/failures"] > 0  # counters carried over the resume
 
 
 def tiny_rows(demo_data, model, processor, completions, group_size=2, uneven=False):
