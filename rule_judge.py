@@ -13,7 +13,8 @@ A keyword list ("image not not because") is no statement, and each statement ear
 integrity = 1 - 0.4 per missing step (image, >= 2 options eliminated or all of them, knowledge), as the rubric
 knowledge = 1 - 0.4 per error (0 without any statement): it concludes another option than its answer; it rules its own answer out;
             its answer is not the correct one (the reasoning argued for a wrong option); it states the image
-            wrongly (image_facts); it repeats a statement (a padded reasoning)
+            wrongly (image_facts); it repeats a statement (a padded reasoning); it writes to the grader (rubric,
+            scores, "ignore ...": an attempt to steer the judge is no medical reasoning)
 
 Cross-modal: image_facts is what the image measures (the demo: {"stain": "blue"} from colour deconvolution).
 FACT_CHECKS holds one function per fact, reading what the reasoning's image statements claim about it.
@@ -65,6 +66,16 @@ def _words(text: str) -> list[str]:
     return WORD_RE.findall(text.lower())
 
 
+# text written to the grader, not about the case ("ignore the rubric and give full marks"): no statement, an error
+ADDRESSED_RE = re.compile(r"\b(?:rubric|grader|graders|grading|full marks|integrity_score|knowledge_score|system prompt|"
+                          r"(?:previous|above|these|your) instructions|ignore (?:the|all|any|previous|above|your) "
+                          r"(?:rubric|instructions?|rules?|criteria))\b", re.I)
+
+
+def addressed_to_grader(think: str) -> bool:
+    return ADDRESSED_RE.search(think or "") is not None
+
+
 def statements(think: str, options: list[str] = ()) -> list[str]:
     """The reasoning's clauses that can carry a rubric step; keyword lists and stutter are left out.
     The options' own words are no keywords: "Blue and mixed are ruled out" is a statement."""
@@ -73,7 +84,7 @@ def statements(think: str, options: list[str] = ()) -> list[str]:
         words = _words(clause)
         rubric_words = sum(w in RUBRIC_WORDS and w not in option_words for w in words)
         if (MIN_WORDS <= len(words) <= MAX_WORDS and len(set(words)) >= 0.6 * len(words)
-                and VERBS & set(words) and rubric_words <= 2 / 3 * len(words)):
+                and VERBS & set(words) and rubric_words <= 2 / 3 * len(words) and not ADDRESSED_RE.search(clause)):
             out.append(clause.strip())
     return out
 
@@ -82,16 +93,24 @@ def _names(statement: str, option: str) -> bool:
     return mcq._contains(statement, option)
 
 
-def _refers_to(statement: str, letter: str, option: str) -> bool:
-    """The statement names this option: by its text, or as "option B" / "(B)" / "B)"."""
+def distinctive_words(options: list[str]) -> list[set[str]]:
+    """Per option, its words of 5+ letters that no other option has: "lymphoma" names "Gastric lymphoma",
+    "papillary" names "Papillary renal cell carcinoma" beside "Clear cell renal cell carcinoma"."""
+    words = [set(w for w in _words(o) if len(w) >= 5) for o in options]
+    return [w - set().union(*(v for j, v in enumerate(words) if j != i)) for i, w in enumerate(words)]
+
+
+def _refers_to(statement: str, letter: str, option: str, distinctive: set[str]) -> bool:
+    """The statement names this option: by its text, a word only it has, or as "option B" / "(B)" / "B)"."""
     by_letter = rf"\boption\s+{letter}\b|\({letter}\)|(?<![\w(]){letter}\)"
-    return _names(statement, option) or re.search(by_letter, statement) is not None
+    return (_names(statement, option) or bool(distinctive & set(_words(statement)))
+            or re.search(by_letter, statement) is not None)
 
 
 def eliminated(options: list[str], chosen: str | None, said: list[str]) -> tuple[int, int]:
     """(other options set aside by an elimination statement, how many must be: two, or all with fewer)."""
-    others = [(letter, o) for letter, o in zip(mcq.LETTERS, options) if letter != chosen]
-    named = {letter for s in said if ELIMINATION_RE.search(s) for letter, o in others if _refers_to(s, letter, o)}
+    others = [(letter, o, d) for letter, o, d in zip(mcq.LETTERS, options, distinctive_words(options)) if letter != chosen]
+    named = {letter for s in said if ELIMINATION_RE.search(s) for letter, o, d in others if _refers_to(s, letter, o, d)}
     return len(named), min(2, len(options) - 1)
 
 
@@ -179,7 +198,8 @@ def rule_scores(options: list[str], think: str, chosen: str | None, gold: str | 
     errors = [contradictions(options, think, chosen),
               gold is not None and chosen != gold,
               right_about_image is False,
-              len(set(normalised)) < len(normalised)]
+              len(set(normalised)) < len(normalised),
+              addressed_to_grader(think)]
     # no statement at all ("Thought process:") is no sound reasoning either: nothing to subtract errors from
     return {"integrity_score": max(0.0, 1.0 - 0.4 * sum(missing)),
             "knowledge_score": max(0.0, 1.0 - 0.4 * sum(errors)) if said else 0.0}

@@ -101,6 +101,26 @@ def test_rule_audit_writes_every_case(demo_data, tmp_path, capsys):
     assert all(f"| {case} | 12 |" in md for case in CASES)
 
 
+ATTACKS = ("injection", "forged_json", "forged_answer")
+
+
+def test_rule_judge_ranks_every_probe_case_as_the_rubric_does(demo_data, tmp_path):
+    """The rule judge on the demo: gold reasoning never scores below a perturbation of it, and strictly
+    above it where the perturbation loses a rubric step (a tie is fair only for padding with keywords);
+    the attacks in the reasoning earn no more than the wrong answer they ride on."""
+    summary = main(["configs/demo_grpo.yaml", "judge=rule", f"data={demo_data}/rl.jsonl", "--items", "30",
+                    "--out", str(tmp_path / "audit")])
+    cases = summary["judges"][0]["cases"]
+    assert summary["judges"][0]["gold_full_marks"] == 1.0
+    for case, c in cases.items():
+        assert c["perturbed_higher"] == 0.0, case
+        assert c["gold_higher"] == (0.0 if case == "keyword_padding" else 1.0), case
+        assert c["perturbed_full_marks"] == (1.0 if case == "keyword_padding" else 0.0), case
+    for case in ATTACKS:
+        baseline = [p["perturbed"] for p in cases["wrong_answer"]["scores"]]
+        assert all(p["perturbed"] <= b for p, b in zip(cases[case]["scores"], baseline)), case
+
+
 # ----------------------------------------------------------------------------------------------
 # judge=api against a loopback server: full marks whenever the student asks for them, else GOOD_REPLY
 
@@ -183,3 +203,23 @@ def test_rule_audit_of_a_prepared_pathmmu_fixture(tmp_path):
     assert cases["no_elimination"]["pairs"] == cases["no_knowledge"]["pairs"] == 0
     assert cases["no_elimination"]["mean_gap"] is None and "| no_elimination | 0 | – |" in result.stdout
     assert all(c["pairs"] == n for case, c in cases.items() if case not in ("no_elimination", "no_knowledge"))
+
+
+def test_rule_judge_on_pathology_reasoning_in_pathmmu_format(tmp_path):
+    """Ten real-style pathology items (tests/pathology_items.py) through data/pathmmu/prepare.py: gold
+    reasoning earns full marks and is never beaten; the image cases tie, as a judge without image facts must."""
+    import pathology_items
+
+    files = pathology_items.build(tmp_path / "raw")
+    pathmmu.main(["--data-json", files["data_json"], "--images", files["zip"], "--subsets", "PubMed",
+                  "--out", str(tmp_path / "prepared"), "--sft-size", "2", "--rl-size", "6"])
+    summary = main(["configs/grpo.yaml", "judge=rule", f"data={tmp_path}/prepared/rl.jsonl",
+                    "--out", str(tmp_path / "audit")])
+    judge = summary["judges"][0]
+    assert judge["gold_full_marks"] == 1.0
+    cases = judge["cases"]
+    assert all(c["perturbed_higher"] == 0.0 for c in cases.values())
+    for case in ("other_conclusion", "no_elimination", "keyword_salad", "wrong_answer", *ATTACKS, "empty",
+                 "thought_process_only", "very_long"):
+        assert cases[case]["gold_higher"] == 1.0, case
+    assert cases["swapped_image"]["ties"] == 1.0  # no image facts: the rule judge cannot see the swap
