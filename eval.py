@@ -43,16 +43,20 @@ PREDICTION_KEYS = ("model", "adapter", "seed", "dtype", "quantization", "min_pix
 
 
 def format_table(sets: dict[str, dict]) -> str:
-    """One row per set; a column of accuracy % per image control that any set has ("-": skipped)."""
+    """One row per set; evaluation.score's reasoning checks (agrees: the reasoning leads to the answer given;
+    image: it states the image's measured facts rightly, "-" without image_facts), then a column of accuracy %
+    per image control that any set has ("-": skipped)."""
     controls = list(dict.fromkeys(c for m in sets.values() for c in m.get("controls", {})))
     rows = [f"{'set':<22}{'n':>6}{'acc %':>8}{'95% CI':>15}{'format':>8}{'unparse':>9}{'tokens':>8}{'items/s':>9}"
-            + "".join(f"{c + ' %':>12}" for c in controls)]
+            f"{'agrees %':>10}{'image %':>9}" + "".join(f"{c + ' %':>12}" for c in controls)]
     for name, m in sets.items():
         ci = f"{100 * m['ci_low']:.1f}–{100 * m['ci_high']:.1f}"
         speed = "-" if m["items_per_s"] is None else f"{m['items_per_s']:.2f}"
         shown = [m.get("controls", {}).get(c, {}) for c in controls]
         rows.append(f"{name:<22}{m['n']:>6}{100 * m['accuracy']:>8.1f}{ci:>15}{m['format_rate']:>8.2f}"
                     f"{m['unparseable']:>9}{m['mean_completion_tokens']:>8.1f}{speed:>9}"
+                    + "".join(f"{'-' if m.get(k) is None else f'{100 * m[k]:.1f}':>{w}}"
+                              for k, w in (("reasoning_agrees", 10), ("image_stated_right", 9)))
                     + "".join(f"{'-':>12}" if "accuracy" not in c else f"{100 * c['accuracy']:>12.1f}" for c in shown))
     return "\n".join(rows)
 

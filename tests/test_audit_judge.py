@@ -223,3 +223,15 @@ def test_rule_judge_on_pathology_reasoning_in_pathmmu_format(tmp_path):
                  "thought_process_only", "very_long"):
         assert cases[case]["gold_higher"] == 1.0, case
     assert cases["swapped_image"]["ties"] == 1.0  # no image facts: the rule judge cannot see the swap
+
+
+if __name__ == "__main__":
+    # PYTHONPATH=. python tests/test_audit_judge.py <rl.jsonl>: the audit of an API judge on a loopback server whose scripted
+    # judge gives GOOD_REPLY, and full marks to any reasoning that asks for them (the README's plumbing table)
+    import tempfile
+
+    os.environ[API_KEY_ENV] = API_KEY
+    with running_server(ScriptedHandler) as server, tempfile.TemporaryDirectory() as tmp:
+        main(["configs/demo_grpo.yaml", "judge=api", f"data={sys.argv[1]}", "judge_model=judge-test",
+              f"judge_base_url=http://127.0.0.1:{server.server_address[1]}/v1", f"judge_api_key_env={API_KEY_ENV}",
+              f"judge_cache_dir={tmp}/cache", "--items", "20", "--out", f"{tmp}/audit"])
