@@ -103,7 +103,9 @@ def find_resume(output_dir: str, resume: str) -> str | None:
 
 def load_checkpoint(path: str, model, optimizer, scheduler, rank: int = 0, world_size: int = 1) -> dict:
     """Weights, optimizer, scheduler and this process's RNG state (rank of world_size) -> the loop state."""
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    # onto the CPU first: saved from cuda:0, every rank's optimizer state would otherwise land on GPU 0.
+    # copy_ below moves the weights to each parameter's device, and Optimizer.load_state_dict the state.
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False, map_location="cpu")
     rng_states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older: one dict
     if len(rng_states) != world_size:
         # weights, optimizer and data position would carry over; each process's sampling stream would not,

@@ -39,6 +39,9 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     backend: str = "hf"  # hf | unsloth (GPU only, optional)
+    # under torchrun: how long a process waits for the others at a collective before the run stops. A step's
+    # work outside collectives must fit in it: with a judge, up to judge_deadline per batch of judge requests
+    collective_timeout: float = 600.0
 
 
 def _type_name(tp) -> str:
@@ -115,6 +118,8 @@ def load_config(cls, path: str | None, overrides: list[str] = ()):
             raise ConfigError(f"command line: expected key=value, got '{item}'")
         key, value = item.split("=", 1)
         _apply(cfg, {key.strip(): value}, "command line")
+    if not cfg.collective_timeout > 0:
+        raise ConfigError(f"collective_timeout must be a positive number of seconds, got {cfg.collective_timeout}")
     if isinstance(cfg, JudgeConfig):
         cfg.validate_judge()
     if hasattr(cfg, "validate"):
@@ -261,7 +266,7 @@ class GRPOConfig(JudgeConfig, TrainConfig):
     max_prompt_len: int = 1024  # longer prompts are dropped and counted (never cut inside the image)
     max_new_tokens: int = 1024
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 1.0  # < 1: the sampler truncates, the log-prob passes score the full softmax (as TRL)
     # rewards: name -> weight (rewards.REWARDS); the paper sums them with equal weight
     rewards: dict = field(default_factory=lambda: {"format": 1.0, "accuracy": 1.0})
     accuracy_requires_format: bool = False
@@ -296,6 +301,13 @@ class GRPOConfig(JudgeConfig, TrainConfig):
             raise ConfigError(f"lora_dropout must be 0 in GRPO, got {self.lora_dropout}: the policy pass (train "
                               "mode) and the sampling, old and reference passes (eval mode) must be one network, or "
                               "dropout noise alone gives KL > 0 and ratios != 1")
+        if self.backend == "unsloth":
+            # Unsloth's generate forces a static KV cache, and rollout.generate_groups hands generate a cache
+            # already filled with the group's shared prompt: transformers refuses the pair at the first step.
+            # Its loader also places every torchrun process on GPU 0. Refused here rather than there.
+            raise ConfigError("backend=unsloth is for SFT only: GRPO samples each group from one shared prompt "
+                              "cache, which Unsloth's static-cache generate cannot take; use backend=hf for GRPO "
+                              "(4-bit QLoRA works there: quantization=4bit)")
         if self.max_sampling_rounds < 1:
             raise ConfigError(f"max_sampling_rounds must be at least 1, got {self.max_sampling_rounds}")
         if self.merge_for_sampling not in (True, False, "auto"):
@@ -308,6 +320,12 @@ class GRPOConfig(JudgeConfig, TrainConfig):
             raise ConfigError("reference=none needs kl_coef=0")
         if "process" in self.rewards and self.judge == "none":
             raise ConfigError("the process reward needs a judge: judge=api | self | rule")
+        judge_wait = self.judge_deadline * (self.max_sampling_rounds if self.dynamic_sampling else 1)
+        if "process" in self.rewards and self.judge == "api" and self.collective_timeout <= judge_wait + 60:
+            raise ConfigError(f"collective_timeout={self.collective_timeout:g} s must exceed the judge's longest wait "
+                              f"in a step ({judge_wait:g} s: judge_deadline x batches of judge requests) by a "
+                              "minute, or one process's slow judge stops every process: raise collective_timeout "
+                              "or lower judge_deadline")
         for key, allowed in [("loss_type", ("grpo", "bnpo", "dapo", "dr_grpo")),
                              ("scale_rewards", ("group", "batch", "none"))]:
             if getattr(self, key) not in allowed:

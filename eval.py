@@ -283,7 +283,7 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
     Pass model and processor to evaluate a model already in memory (cfg.adapter is then a label).
     Under torchrun / accelerate launch, each process answers its share of the items; the main process
     writes predictions.jsonl in the one-process order, judges, and writes metrics.json."""
-    procs = Processes()
+    procs = Processes(cfg.collective_timeout)
     predictions_path = os.path.join(cfg.output_dir, "predictions.jsonl")
     judge = make_eval_judge(cfg)  # judge=self: None until the model is loaded
     try:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from mcq import LETTERS, Record, image_path, is_well_formed, load_split, parse_answer, prompt_messages
+from mcq import LETTERS, THINK_RE, Record, image_path, is_well_formed, load_split, parse_answer, prompt_messages
 
 
 def load_sets(specs: list[str], limit: int = 0) -> dict[str, list[Record]]:
@@ -150,14 +150,37 @@ def read_predictions(path: str) -> list[dict]:
     return read_jsonl(path)
 
 
-def set_metrics(predictions: list[dict]) -> dict:
+def set_metrics(predictions: list[dict], records: list[Record] | None = None) -> dict:
+    """A set's metrics from its predictions; with the records (in the same order), also the shares of
+    reasoning_checks over them, computed from the saved completions (so a resumed evaluation has them too)."""
     n = len(predictions)
     correct = sum(bool(p["correct"]) for p in predictions)
     ci_low, ci_high = wilson_interval(correct, n)
-    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "ci_low": ci_low, "ci_high": ci_high,
-            "format_rate": sum(is_well_formed(p["completion"]) for p in predictions) / n if n else 0.0,
-            "unparseable": sum(p["parsed"] is None for p in predictions),
-            "mean_completion_tokens": sum(p["completion_tokens"] for p in predictions) / n if n else 0.0}
+    metrics = {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "ci_low": ci_low,
+               "ci_high": ci_high,
+               "format_rate": sum(is_well_formed(p["completion"]) for p in predictions) / n if n else 0.0,
+               "unparseable": sum(p["parsed"] is None for p in predictions),
+               "mean_completion_tokens": sum(p["completion_tokens"] for p in predictions) / n if n else 0.0}
+    if records is not None:
+        checks = [reasoning_checks(p["completion"], r) for p, r in zip(predictions, records)]
+        for key in ("reasoning_agrees", "image_stated_right"):
+            known = [c[key] for c in checks if c[key] is not None]
+            metrics[key] = sum(known) / len(known) if known else None  # None: no record says what its image shows
+    return metrics
+
+
+def reasoning_checks(completion: str, record: Record) -> dict:
+    """Two checks of the reasoning by rule_judge's rules (no judge needed): whether it leads to the answer
+    given (reasoning_agrees: False without reasoning), and, where the record says what its image measures
+    (image_facts; else None), whether what it says about the image is right (image_stated_right)."""
+    from rule_judge import agrees_with_answer, image_stated_correctly
+
+    think = THINK_RE.search(completion)
+    think = think.group(1) if think and think.group(1).strip() else ""
+    parsed = parse_answer(completion, record.options)
+    return {"reasoning_agrees": bool(think) and agrees_with_answer(record.options, think, parsed),
+            "image_stated_right": (None if not record.image_facts else
+                                   image_stated_correctly(think, record.image_facts, record.options) is True)}
 
 
 def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_size: int = 8,
@@ -209,7 +232,7 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
                 if (i // step) % 10 == 0 or i + step >= len(todo):
                     log(f"  {name}: {min(i + step, len(todo))}/{len(todo)} generated, {time.time() - start:.1f}s")
             seconds = time.time() - start
-            results[name] = set_metrics([done[(name, r.id)] for r in records])
+            results[name] = set_metrics([done[(name, r.id)] for r in records], records)
             results[name]["items_per_s"] = round(len(todo) / seconds, 3) if todo else None
             results[name]["generated"] = len(todo)
     finally:

@@ -7,23 +7,27 @@ T = completion tokens.
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     counted: torch.Tensor | None = None):
     """A_i = (r_i - mean(r_group)) / (std + eps)                                   rewards: (N,) -> (N,)
 
     scale: 'group' = the std of the prompt's own group (the GRPO paper; PathVLM-R1),
            'batch' = the std over the whole batch (more stable when a group is nearly uniform),
            'none'  = no division (Dr. GRPO: dividing by a small std over-weights easy prompts).
     We use the unbiased std (ddof=1), as TRL does: rewards [1, 0] -> advantages +-0.707.
-    A group whose rewards are all equal gets advantage 0 and so no gradient."""
+    A group whose rewards are all equal gets advantage 0 and so no gradient.
+    counted: (N,) bool, whole groups: the rows that are part of the step (dynamic sampling's filler groups
+    are not). The others get advantage 0 and take no part in the batch's std."""
+    counted = torch.ones_like(rewards, dtype=torch.bool) if counted is None else counted
     grouped = rewards.view(-1, group_size)  # (B, G)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if scale == "group":
         centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        centered = centered / (rewards.std() + eps)
+        centered = centered / (rewards[counted].std() + eps)
     elif scale != "none":
         raise ValueError(f"scale_rewards must be group, batch or none, got '{scale}'")
-    return centered.view(-1)
+    return centered.view(-1) * counted
 
 
 def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

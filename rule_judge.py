@@ -170,13 +170,14 @@ def contradictions(options: list[str], think: str, chosen: str | None) -> int:
     return errors
 
 
-def agrees_with_answer(options: list[str], think: str, chosen: str | None, facts: dict) -> bool:
+def agrees_with_answer(options: list[str], think: str, chosen: str | None) -> bool:
     """The reasoning leads to its answer: no contradiction, and where it claims an image fact that is an
     option (the demo: "the patch is mostly blue"), that option is the one answered."""
     if contradictions(options, think, chosen):
         return False
     texts = [mcq._norm(o) for o in options]
-    for claim in image_claims(think, facts or {}, options).values():
+    # every claim a rule can read, whether or not the image's facts are known: agreement is with the answer
+    for claim in image_claims(think, dict.fromkeys(FACT_CHECKS), options).values():
         if claim is not None and claim in texts and (chosen is None or texts[mcq.LETTERS.index(chosen)] != claim):
             return False
     return True

@@ -271,7 +271,7 @@ def logprobs_no_grad(model, rows: Rows, micro_batch: int, cfg) -> torch.Tensor:
 def main(argv=None):
     cfg = parse_args(GRPOConfig, argv)
     check_inputs(cfg)  # splits, images, init_adapter, judge key, output_dir: named now, not after the model loads
-    procs = Processes()  # one, or N under torchrun / accelerate launch: each samples num_prompts prompts a step
+    procs = Processes(cfg.collective_timeout)  # one, or N under torchrun / accelerate launch: each samples num_prompts prompts a step
     # each process its own sampling stream (else N processes would draw the same random numbers)
     ckpt.seed_everything(cfg.seed + 1000 * procs.rank)
     if cfg.init_adapter and is_full_model(cfg.init_adapter):
@@ -312,17 +312,16 @@ def main(argv=None):
         if judge:
             judge.stats.add(**counters.get("judge", {}))
         if procs.main:
-            ckpt.truncate_metrics(metrics_path, step)
-            ckpt.truncate_metrics(samples_path, step)
             print(f"resumed from {resume_from} at step {step}")
+    if procs.main:  # the logs hold the run being resumed or started: rows of a run not checkpointed go
+        ckpt.truncate_metrics(metrics_path, step)
+        ckpt.truncate_metrics(samples_path, step)
     procs.barrier()  # the files are truncated before anyone appends
     # the main process writes the logs; the others send it their part of each step
     log, tb = (ckpt.MetricsLog(metrics_path), open_tensorboard(cfg)) if procs.main else (None, None)
     samples = open(samples_path, "a") if procs.main else None
     G = cfg.group_size
     micro_batch = max(G, cfg.micro_batch_size // G * G)  # whole groups, so a prompt is run once per pass
-    # Unsloth swaps in its own gradient checkpointing, untested with the shared-prompt cache: full rows there
-    share_in_policy_pass = not (cfg.backend == "unsloth" and cfg.gradient_checkpointing)
 
     def save(at_step):
         if judge:  # its counters go on from here after a resume, so the logged rows match an unbroken run
@@ -350,10 +349,13 @@ def main(argv=None):
 
             # 2. advantages --------------------------------------------------------------------------
             rewards = torch.tensor(scores["total"], dtype=torch.float32, device=device)  # (N,)
+            # dynamic sampling's filler groups are no part of the step: no advantage, no loss, not counted
+            counted = ~filler.to(device).repeat_interleave(G)  # (N,)
             # over every process's rewards: scale_rewards=batch divides by the std of the whole step's
-            advantages = procs.my_part(group_advantages(procs.cat(rewards), G, cfg.scale_rewards))  # (N,)
+            advantages = procs.my_part(group_advantages(procs.cat(rewards), G, cfg.scale_rewards,
+                                                        counted=procs.cat(counted.float()).bool()))  # (N,)
             equal = equal_reward_groups(rewards, G)  # (B,)
-            keep = ~filler.to(device).repeat_interleave(G)  # (N,): dynamic sampling's filler groups get no loss
+            keep = counted.clone()  # (N,): the rows that get a loss
             if cfg.skip_equal_groups:
                 keep &= ~equal.repeat_interleave(G)
             loss_mask = mask * keep[:, None]
@@ -375,7 +377,7 @@ def main(argv=None):
             # grpo_loss divides by the step's sequences and tokens, all processes' together, not the
             # micro-batch's: micro-batches of any sizes, on any number of processes, add up to the loss
             # of one pass over the whole step (bnpo: this process's tokens, its mean over processes)
-            n_rows, all_tokens = ids.shape[0] * procs.world_size, max(procs.sum(loss_mask.sum()), 1.0)
+            n_rows, all_tokens = max(procs.sum(counted.sum()), 1.0), max(procs.sum(loss_mask.sum()), 1.0)
             n_tokens = all_tokens if cfg.loss_type != "bnpo" else max(float(loss_mask.sum()), 1.0) * procs.world_size
             loss_total, kl_sum, clip_sum, finite = 0.0, 0.0, 0.0, bool(torch.isfinite(rewards).all())
             for _ in range(cfg.num_iterations):
@@ -384,7 +386,7 @@ def main(argv=None):
                         break
                     sl = slice(i, i + micro_batch)
                     logp = rows.logprobs(model, i, micro_batch, cfg.logprob_chunk,  # (micro_batch, T)
-                                         share_prompt=share_in_policy_pass)
+                                         share_prompt=True)
                     loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[sl],
                                             None if ref_logp is None else ref_logp[sl], advantages[sl], loss_mask[sl],
                                             cfg.clip_eps, cfg.clip_eps_high, cfg.kl_coef, cfg.loss_type,
@@ -406,6 +408,7 @@ def main(argv=None):
                 optimizer.zero_grad(set_to_none=True)  # also when skipped: no gradient may carry into the next step
                 if not finite:
                     break
+            lr = scheduler.get_last_lr()[0]  # the rate this step's update used (the scheduler now moves on)
             scheduler.step()
             step += 1
             if not finite:
@@ -429,7 +432,7 @@ def main(argv=None):
                                   "tokens": int(rows.prompt["attention_mask"].sum() + mask.sum()), **sampling})
             lengths = torch.tensor(merged["lengths"], dtype=torch.float32)
             correct = [parse_answer(t, r.options) == r.answer for t, r in zip(merged["texts"], merged["records"])]
-            row = {"step": step, "loss": merged["loss"] / cfg.num_iterations, "lr": scheduler.get_last_lr()[0],
+            row = {"step": step, "loss": merged["loss"] / cfg.num_iterations, "lr": lr,
                    **{f"reward/{k}": mean_of_scored(v) for k, v in merged["scores"].items()},
                    "accuracy": sum(correct) / len(correct),
                    "format_rate": sum(map(is_well_formed, merged["texts"])) / len(correct),

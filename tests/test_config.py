@@ -86,3 +86,26 @@ def test_the_papers_rows_are_configs_that_chain():
     assert cfg["δ"].init_adapter is None and cfg["ε"].init_adapter is None and cfg["ε"].reference == "base"
     assert cfg["γ"].data == cfg["δ"].data == cfg["β"].data != cfg["α"].data  # the RL items
     assert cfg["β"].group_size == 4 and cfg["β"].max_new_tokens == cfg["β"].max_prompt_len == 1024  # the paper's
+
+
+def test_judge_keys_are_checked_and_the_collective_timeout_outlasts_the_judge():
+    cfg = load_config(GRPOConfig, "configs/grpo_process.yaml")
+    assert cfg.collective_timeout > cfg.judge_deadline  # the shipped R1 config is consistent
+    with pytest.raises(ConfigError, match="collective_timeout=100 s must exceed the judge's longest wait"):
+        load_config(GRPOConfig, "configs/grpo_process.yaml", ["collective_timeout=100"])
+    with pytest.raises(ConfigError, match=r"must exceed .* \(360 s"):  # three sampling rounds, three batches
+        load_config(GRPOConfig, "configs/grpo_process.yaml", ["dynamic_sampling=true", "collective_timeout=400"])
+    for bad, message in [("judge_deadline=0", "judge_deadline must be a positive"),
+                         ("judge_max_failure_share=1.5", "judge_max_failure_share must be between 0 and 1"),
+                         ("judge_failure_window=0", "judge_failure_window must be at least 1"),
+                         ("judge=gpt", "judge must be none, api, self or rule"),
+                         ("collective_timeout=-1", "collective_timeout must be a positive")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(GRPOConfig, "configs/grpo_process.yaml", [bad])
+
+
+def test_grpo_refuses_the_unsloth_backend_at_start_up():
+    """Unsloth's generate and the shared-prompt sampler cannot work together: one message before any loading."""
+    with pytest.raises(ConfigError, match="backend=unsloth is for SFT only"):
+        load_config(GRPOConfig, "configs/grpo.yaml", ["backend=unsloth"])
+    assert load_config(SFTConfig, "configs/sft.yaml", ["backend=unsloth"]).backend == "unsloth"

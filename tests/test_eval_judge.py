@@ -249,3 +249,24 @@ def test_a_dead_judge_stops_eval_with_the_url_and_the_last_error(tiny, data, ser
     assert dead_url in str(error.value) and API_KEY not in str(error.value)
     lines = read_lines(out / "judgements.jsonl")  # the chunk judged before the stop, asked again on a re-run
     assert len(lines) == 4 and all(j["process_reply"] is None for j in lines if j["reply"] is None)
+
+
+def test_reasoning_checks_need_no_judge():
+    """evaluation.set_metrics with the records: whether the reasoning leads to its answer, and (image_facts)
+    whether it states the image rightly; computed from the saved completions, so resumed runs have them."""
+    from evaluation import set_metrics
+
+    brown = Record(id="b", image="b.png", question="Which stain dominates this patch?", options=OPTIONS, answer="A",
+                   image_facts={"stain": "brown", "dab": 0.07, "hematoxylin": 0.01})
+    completions = [
+        "<think>The patch is mostly brown. Blue and mixed are ruled out. DAB marks the antigen brown.</think>"
+        "<answer>A) brown</answer>",  # right about the image, leads to its answer
+        "<think>The patch is mostly blue. Brown and mixed are ruled out.</think><answer>A) brown</answer>",  # neither
+        "<think>Blue and mixed are ruled out.</think><answer>A) brown</answer>",  # agrees; says nothing of the image
+        NO_THINK,  # no reasoning: agrees with nothing
+    ]
+    predictions = [{"completion": c, **score(c, brown), "completion_tokens": 30} for c in completions]
+    metrics = set_metrics(predictions, [brown] * 4)
+    assert metrics["reasoning_agrees"] == 0.5 and metrics["image_stated_right"] == 0.25
+    no_facts = set_metrics(predictions, [RECORD] * 4)
+    assert no_facts["image_stated_right"] is None and no_facts["reasoning_agrees"] == 0.5

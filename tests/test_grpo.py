@@ -78,3 +78,17 @@ def test_first_step_ratio_one_kl_zero():
     loss, stats = grpo_loss(logp, logp, logp, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, 5))
     assert stats["kl"] == 0.0 and stats["clip_frac"] == 0.0
     assert loss.item() == pytest.approx(0.0, abs=1e-6)  # ratio 1, advantages sum to 0 per equal-length rows
+
+
+def test_groups_not_counted_take_no_part_in_the_batch_std():
+    """Dynamic sampling's filler groups: 2 informative groups beside 6 equal-reward fillers must get the
+    advantages they would get alone; before, the fillers' zeros entered the batch std (1.59x larger here)."""
+    informative = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])  # 2 groups of G=4
+    filler = torch.zeros(6 * 4)
+    rewards = torch.cat([informative, filler])
+    counted = torch.cat([torch.ones(8, dtype=torch.bool), torch.zeros(24, dtype=torch.bool)])
+    alone = group_advantages(informative, 4, "batch")
+    together = group_advantages(rewards, 4, "batch", counted=counted)
+    assert torch.allclose(together[:8], alone) and torch.equal(together[8:], torch.zeros(24))
+    uncorrected = group_advantages(rewards, 4, "batch")[:8]
+    assert uncorrected.abs().max() / alone.abs().max() == pytest.approx(0.5345 / 0.3360, rel=1e-3)  # std 8 vs 32 rows
