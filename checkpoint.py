@@ -190,8 +190,12 @@ class StopAfterStep:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested}: finishing this step, then saving a checkpoint (send it again to stop at once)",
-              file=sys.stderr, flush=True)
+        under_torchrun = ("" if "TORCHELASTIC_RUN_ID" not in os.environ else
+                          "; torchrun kills its processes after its --shutdown-timeout (30 s unless given): a run "
+                          "launched with `torchrun --shutdown-timeout S`, S longer than a step and a save, finishes "
+                          "both, else it stops mid-step and the newest checkpoint stays the one to resume")
+        print(f"\n{self.requested}: finishing this step, then saving a checkpoint (send it again to stop at once)"
+              f"{under_torchrun}", file=sys.stderr, flush=True)
 
     def exit_if_requested(self, step: int, max_steps: int, save, anywhere=bool):
         """At a step's end: if a signal asked, save(step) and exit. After the last step the loop's own

@@ -246,6 +246,9 @@ class SFTConfig(TrainConfig):
     def validate(self):
         if self.finetune not in ("lora", "full"):
             raise ConfigError(f"finetune must be lora or full, got '{self.finetune}'")
+        if self.backend == "unsloth" and (self.finetune == "full" or self.train_vision):
+            raise ConfigError("backend=unsloth trains LoRA on the language model only: use backend=hf for "
+                              "finetune=full or train_vision=true")
         if self.finetune == "full" and self.init_adapter is not None:  # load_model would ignore it
             raise ConfigError("init_adapter continues a LoRA run (finetune=lora); to go on from a finetune=full "
                               "model, set model= to its directory")

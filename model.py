@@ -32,6 +32,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # LoRA goes on the language model only: the vision blocks reuse the names q_proj/.../down_proj,
 # so we match on the module path, not on the name alone.
 LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# With train_vision under LoRA, the tower is one of PEFT's `modules_to_save`: PEFT trains a copy of it and
+# saves that copy inside the adapter, so every PeftModel.from_pretrained of the adapter (train_grpo.py,
+# eval.py, merge_export, plain PEFT) gets the trained tower back. Matched as the end of the module path.
+VISION_TOWER = "model.visual"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +158,9 @@ def load_model(cfg, adapter: str | None = None, trainable: bool = True, lora: bo
     """cfg: a config with ModelConfig's keys. Returns (model, processor).
     lora=True: a PeftModel whose adapter 'default' is loaded from `adapter` (or new), trainable if
     `trainable`. lora=False: the plain model with every language-model weight trainable (full
-    fine-tuning). The vision tower stays frozen unless `train_vision`."""
+    fine-tuning). The vision tower stays frozen unless `train_vision` (with LoRA: a trained copy of it
+    that the adapter carries, see VISION_TOWER). A model computing in 16 bits keeps its trainable
+    weights in fp32 (see keep_fp32_master_weights)."""
     path = resolve_model_path(cfg.model, cfg.seed if cfg.model in TINY_SIZES else 0)
     check_model(path)
     device = pick_device(cfg.device, path)
@@ -191,14 +197,33 @@ def load_model(cfg, adapter: str | None = None, trainable: bool = True, lora: bo
     model.requires_grad_(False)  # the vision tower (and the rest of the base) stays frozen
     if cfg.gradient_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.compute_dtype = dtype  # what autocast() computes in, whatever the trainable weights are kept in
     if lora:
-        model = attach_lora(model, cfg, adapter, trainable)
+        model = attach_lora(model, cfg, adapter, trainable, train_vision and trainable)
     elif trainable:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
-    if train_vision and trainable:
-        unwrap(model).model.visual.requires_grad_(True)
+        if train_vision:
+            model.model.visual.requires_grad_(True)
+    if trainable:
+        keep_fp32_master_weights(model)
     return model, processor
+
+
+def keep_fp32_master_weights(model):
+    """Trainable 16-bit weights become fp32; the forward pass still computes in 16 bits (autocast() casts
+    them per op). Updated in place in bf16, a weight keeps 8 significant bits: at lr 2e-5 Adam moves it
+    by ~2e-5, below half a bf16 ulp (3e-5 at 0.008, 6e-5 at 0.02) for any weight above ~0.008, so most
+    updates round to zero and bf16 full fine-tuning barely trains (tests/test_sft.py). fp32 weights are
+    the usual mixed-precision "master weights" (Micikevicius et al., 2018). Their cost: the trainable
+    weights and their gradients take 4 + 4 bytes a parameter instead of 2 + 2. For finetune=full on the
+    7B (7.6B trainable) that is ~61 GB for weights and gradients instead of ~30 GB, ~76 GB with the 8-bit
+    Adam states (configs/sft_full.yaml). LoRA adapters are fp32 already (PEFT's default), so QLoRA costs
+    nothing more; the tower copy that train_vision trains under LoRA is 0.67B x 8 bytes. Frozen weights
+    stay 16-bit."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
 
 
 def keep_one_4bit_layout(model):
@@ -215,7 +240,7 @@ def keep_one_4bit_layout(model):
             module.support_avx512bf16_for_cpu = False  # set by bitsandbytes from the CPU's flags
 
 
-def attach_lora(model, cfg, adapter: str | None, trainable: bool):
+def attach_lora(model, cfg, adapter: str | None, trainable: bool, train_vision: bool = False):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if cfg.gradient_checkpointing and trainable:
@@ -227,10 +252,27 @@ def attach_lora(model, cfg, adapter: str | None, trainable: bool):
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
         # an adapter brings the dropout it was trained with; this run's config decides (GRPO's is 0)
         set_lora_dropout(model, cfg.lora_dropout)
+        config = model.peft_config["default"]
+        if train_vision and VISION_TOWER not in (config.modules_to_save or []):  # an adapter trained without it
+            from peft.utils.other import set_additional_trainable_modules
+
+            config.modules_to_save = [*(config.modules_to_save or []), VISION_TOWER]
+            set_additional_trainable_modules(model, config, model_config=None, adapter_name="default")
+        elif not train_vision:  # an adapter's trained tower is used, and stays frozen (GRPO, eval)
+            freeze_vision_copy(model)
         return model
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=LORA_TARGET, task_type="CAUSAL_LM")
+                      target_modules=LORA_TARGET, modules_to_save=[VISION_TOWER] if train_vision else None,
+                      task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def freeze_vision_copy(model):
+    """An adapter's trained vision tower (PEFT modules_to_save) is used, not trained. PEFT's set_adapter makes
+    it trainable again, so GRPO calls this after each switch back to its policy adapter."""
+    for name, p in model.named_parameters():
+        if ".modules_to_save." in name and ".visual." in name:
+            p.requires_grad_(False)
 
 
 def set_lora_dropout(model, p: float):
@@ -284,14 +326,24 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float = 0.0, 
         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **extra)
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype load_model loaded the model in: not that of fp32 master weights (keep_fp32_master_weights)."""
+    base = unwrap(model)
+    return getattr(base, "compute_dtype", base.dtype)  # unsloth_backend's models do not set it
+
+
 def autocast(model):
     """bf16/fp16 autocast when the model computes in 16 bits (GPU): the LoRA weights are fp32 (PEFT keeps
     trainable adapters in fp32), and without autocast each LoRA layer casts its 16-bit input to an
-    fp32 copy and multiplies in fp32. Nothing changes for an fp32 model (the CPU default)."""
-    dtype = unwrap(model).dtype
+    fp32 copy and multiplies in fp32. The same holds for fp32 master weights (keep_fp32_master_weights).
+    Nothing changes for an fp32 model (the CPU default).
+    cache_enabled=False: autocast's cache would keep the 16-bit cast of every fp32 weight that requires grad
+    until the forward pass ends, a second copy of all trainable weights (15 GB for the 7B under
+    finetune=full, on top of the previous micro-batch's gradients); uncached, each cast is freed with its layer."""
+    dtype = compute_dtype(model)
     if dtype not in (torch.bfloat16, torch.float16):
         return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype, cache_enabled=False)
 
 
 def encode_prompts(processor, messages_list, images, device):

@@ -1,7 +1,7 @@
 """What the training loops run over and over: a group's G completions sampled with one prefill of their
 prompt, and per-token log-probs computed a chunk of the vocabulary projection at a time, with each
-prompt run once for its group (its keys/values shared by the G completions, gradients included).
-Every function here is checked against the plain computation it replaces (tests/test_train_grpo.py,
+prompt run once for its group (its keys/values shared by the G completions, gradients included); and
+Rows, a GRPO step's sequences with what every pass over them shares. Every function here is checked against the plain computation it replaces (tests/test_train_grpo.py,
 tests/test_model.py).
 """
 
@@ -11,6 +11,7 @@ import torch
 import torch.utils.checkpoint
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from model import autocast, unwrap
 
@@ -167,3 +168,106 @@ def shared_prompt_logprobs(model, prompt: dict, features: dict, completion_ids, 
                 position_ids=position_ids[:, :, n_prompt:n_prompt + n_completion - 1])
             hidden = torch.cat([hidden, rest.last_hidden_state], 1)  # (N, T, H)
         return token_logprobs(base.lm_head, hidden, completion_ids, chunk_size, temperature, suppressed)
+
+
+@contextlib.contextmanager
+def lora_merged(model, enabled: bool):
+    """Sample with the LoRA update folded into the base weights: one matmul per layer instead of
+    three (a quarter less sampling time on the demo). A 4-bit base cannot hold the sum, so it is only
+    done on unquantised bases. Unmerging subtracts the update back with rounding error, so the
+    original weights are copied back exactly, at the cost of one copy of the adapted layers."""
+    if not enabled:
+        yield
+        return
+    originals = [(p, p.detach().clone()) for name, p in model.named_parameters() if ".base_layer." in name]
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for p, original in originals:
+                p.copy_(original)
+
+
+def merge_while_sampling(cfg, device) -> bool:
+    """merge_for_sampling=auto: on CPU only. The exact restore copies every adapted layer (~13 GB for
+    the unquantised 7B), which a GPU run would rather spend elsewhere; a 4-bit base cannot merge at all."""
+    merge = device.type == "cpu" if cfg.merge_for_sampling == "auto" else cfg.merge_for_sampling
+    return merge and cfg.quantization == "none"
+
+
+# ----------------------------------------------------------------------------------------------
+# A GRPO step's sequences and the passes over them
+
+class Rows:
+    """The N = B*G sequences of a step, prompt + completion, with what every forward pass over them
+    shares: the vision features and the M-RoPE position ids, both computed once per step, and the
+    distribution the completions were sampled from (temperature, suppressed tokens), which every
+    log-prob pass scores. `part(i, n)` slices out a micro-batch of rows; `prompt_part`/`features_part`
+    its distinct prompts."""
+
+    def __init__(self, model, prompt, features, ids, mask, group_size, temperature=1.0, suppressed=None):
+        self.group_size, self.unique_prompt, self.unique_features = group_size, prompt, features
+        self.sampling = dict(temperature=temperature, suppressed=suppressed)
+        self.prompt = repeat_prompts(prompt, group_size)  # (N, P) rows aligned with the completions
+        self.features = [f for f in features["image"].pooler_output for _ in range(group_size)]
+        self.ids, self.mask = ids, mask
+        with torch.no_grad():
+            # M-RoPE positions of each prompt once (transformers loops over rows in Python); the
+            # completion's text tokens then count on from the prompt's largest position
+            prompt_pos, _ = unwrap(model).model.get_rope_index(
+                prompt["input_ids"], prompt["mm_token_type_ids"], prompt["image_grid_thw"],
+                attention_mask=prompt["attention_mask"])  # (3, B, P)
+            prompt_pos = prompt_pos.repeat_interleave(group_size, 1)  # (3, N, P)
+            start = prompt_pos.amax(dim=(0, 2)) + 1  # (N,)
+            steps = torch.arange(ids.shape[1], device=ids.device)
+            completion_pos = (start[:, None] + steps[None, :]).expand(3, -1, -1)  # (3, N, T)
+            self.position_ids = torch.cat([prompt_pos, completion_pos], 2)  # (3, N, P + T)
+
+    def columns(self, start: int, size: int) -> tuple[int, int]:
+        """(first prompt column that any of rows start ... start+size uses, their longest completion):
+        every column outside is padding in all of these rows (prompts are left-padded to the step's
+        longest, completions right-padded to its longest), which costs compute and changes no log-prob."""
+        sl = slice(start, start + size)
+        first = int(self.prompt["attention_mask"][sl].any(0).int().argmax())
+        width = max(1, int(self.mask[sl].sum(1).max()))
+        return first, width
+
+    def prompt_part(self, start: int, size: int, first: int = 0) -> dict:
+        """The distinct prompts of rows start ... start+size (whole groups), one row each, from column `first`."""
+        return cut(self.unique_prompt, slice(start // self.group_size, (start + size) // self.group_size), first)
+
+    def features_part(self, start: int, size: int) -> dict:
+        sl = slice(start // self.group_size, (start + size) // self.group_size)
+        out = self.unique_features["image"]
+        return {"image": BaseModelOutputWithPooling(pooler_output=tuple(out.pooler_output[sl]))}
+
+    def part(self, start: int, size: int, first: int = 0, width: int | None = None) -> dict:
+        """Rows start ... start+size: prompts from column `first`, completions' first `width` tokens."""
+        sl, width = slice(start, start + size), width or self.ids.shape[1]
+        end = self.prompt["input_ids"].shape[1] + width
+        return dict(prompt=cut(self.prompt, sl, first), completion_ids=self.ids[sl, :width],
+                    completion_mask=self.mask[sl, :width], position_ids=self.position_ids[:, sl, first:end],
+                    features={"image": BaseModelOutputWithPooling(pooler_output=tuple(self.features[sl]))})
+
+    def logprobs(self, model, start: int, size: int, chunk_size: int, share_prompt: bool) -> torch.Tensor:
+        """log π of the completions of rows start ... start+size (whole groups) -> (size, T), zero
+        where the completion has ended. Columns that are padding in all these rows are left out.
+        share_prompt: each prompt runs once for its group (what the loop does); else every row in full
+        (the plain pass it equals, for tests)."""
+        first, width = self.columns(start, size)
+        if share_prompt:
+            part = self.part(start, size, first, width)
+            logp = shared_prompt_logprobs(model, self.prompt_part(start, size, first), self.features_part(start, size),
+                                          part["completion_ids"], part["completion_mask"], self.group_size,
+                                          part["position_ids"], chunk_size=chunk_size, **self.sampling)
+        else:
+            logp = completion_logprobs(model, **self.part(start, size, first, width), chunk_size=chunk_size,
+                                       **self.sampling)
+        return torch.nn.functional.pad(logp, (0, self.ids.shape[1] - width)) * self.mask[start:start + size]
+
+
+def cut(prompt: dict, rows: slice, first: int) -> dict:
+    """prompt[rows], token columns from `first` on (image_grid_thw has one row per image, no columns)."""
+    return {k: v[rows] if k == "image_grid_thw" else v[rows, first:] for k, v in prompt.items() if k != "pixel_values"}

@@ -37,10 +37,10 @@ from evaluation import evaluate, load_sets
 from grpo import equal_reward_groups, group_advantages, grpo_loss
 from judges import judge_down, judge_from_config
 from mcq import image_path, is_well_formed, parse_answer, prompt_messages
-from model import (completion_mask, count_params, encode_prompts, generation_config, image_features, load_model,
-                   special_token_ids, stop_token_ids, unwrap)
+from model import (completion_mask, count_params, encode_prompts, freeze_vision_copy, generation_config,
+                   image_features, load_model, special_token_ids, stop_token_ids)
 from rewards import score_completions
-from rollout import completion_logprobs, generate_groups, repeat_prompts, shared_prompt_logprobs
+from rollout import Rows, generate_groups, lora_merged, merge_while_sampling
 from training import (DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard,
                       save_checkpoint, save_trained)
 
@@ -67,7 +67,8 @@ def reference_context(model, reference: str):
         try:
             yield
         finally:
-            model.set_adapter("default")  # PEFT's set_adapter also makes 'default' trainable again
+            model.set_adapter("default")  # PEFT's set_adapter also makes 'default' trainable again...
+            freeze_vision_copy(model)  # ...and its trained vision tower, which GRPO does not train
     return use_sft_adapter()
 
 
@@ -75,33 +76,6 @@ def peak_memory_gib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process RSS)
-
-
-@contextlib.contextmanager
-def lora_merged(model, enabled: bool):
-    """Sample with the LoRA update folded into the base weights: one matmul per layer instead of
-    three (a quarter less sampling time on the demo). A 4-bit base cannot hold the sum, so it is only
-    done on unquantised bases. Unmerging subtracts the update back with rounding error, so the
-    original weights are copied back exactly, at the cost of one copy of the adapted layers."""
-    if not enabled:
-        yield
-        return
-    originals = [(p, p.detach().clone()) for name, p in model.named_parameters() if ".base_layer." in name]
-    model.merge_adapter()
-    try:
-        yield
-    finally:
-        model.unmerge_adapter()
-        with torch.no_grad():
-            for p, original in originals:
-                p.copy_(original)
-
-
-def merge_while_sampling(cfg, device) -> bool:
-    """merge_for_sampling=auto: on CPU only. The exact restore copies every adapted layer (~13 GB for
-    the unquantised 7B), which a GPU run would rather spend elsewhere; a 4-bit base cannot merge at all."""
-    merge = device.type == "cpu" if cfg.merge_for_sampling == "auto" else cfg.merge_for_sampling
-    return merge and cfg.quantization == "none"
 
 
 def sampling_config(cfg, tokenizer):
@@ -184,79 +158,6 @@ def informative_groups(sampled: dict, sample_more, cfg, procs, processor) -> tup
     return groups, filler, {"groups_drawn": drawn, "groups_dropped": dropped, "groups_short": int(filler.sum())}
 
 
-class Rows:
-    """The N = B*G sequences of a step, prompt + completion, with what every forward pass over them
-    shares: the vision features and the M-RoPE position ids, both computed once per step, and the
-    distribution the completions were sampled from (temperature, suppressed tokens), which every
-    log-prob pass scores. `part(i, n)` slices out a micro-batch of rows; `prompt_part`/`features_part`
-    its distinct prompts."""
-
-    def __init__(self, model, prompt, features, ids, mask, group_size, temperature=1.0, suppressed=None):
-        self.group_size, self.unique_prompt, self.unique_features = group_size, prompt, features
-        self.sampling = dict(temperature=temperature, suppressed=suppressed)
-        self.prompt = repeat_prompts(prompt, group_size)  # (N, P) rows aligned with the completions
-        self.features = [f for f in features["image"].pooler_output for _ in range(group_size)]
-        self.ids, self.mask = ids, mask
-        with torch.no_grad():
-            # M-RoPE positions of each prompt once (transformers loops over rows in Python); the
-            # completion's text tokens then count on from the prompt's largest position
-            prompt_pos, _ = unwrap(model).model.get_rope_index(
-                prompt["input_ids"], prompt["mm_token_type_ids"], prompt["image_grid_thw"],
-                attention_mask=prompt["attention_mask"])  # (3, B, P)
-            prompt_pos = prompt_pos.repeat_interleave(group_size, 1)  # (3, N, P)
-            start = prompt_pos.amax(dim=(0, 2)) + 1  # (N,)
-            steps = torch.arange(ids.shape[1], device=ids.device)
-            completion_pos = (start[:, None] + steps[None, :]).expand(3, -1, -1)  # (3, N, T)
-            self.position_ids = torch.cat([prompt_pos, completion_pos], 2)  # (3, N, P + T)
-
-    def columns(self, start: int, size: int) -> tuple[int, int]:
-        """(first prompt column that any of rows start ... start+size uses, their longest completion):
-        every column outside is padding in all of these rows (prompts are left-padded to the step's
-        longest, completions right-padded to its longest), which costs compute and changes no log-prob."""
-        sl = slice(start, start + size)
-        first = int(self.prompt["attention_mask"][sl].any(0).int().argmax())
-        width = max(1, int(self.mask[sl].sum(1).max()))
-        return first, width
-
-    def prompt_part(self, start: int, size: int, first: int = 0) -> dict:
-        """The distinct prompts of rows start ... start+size (whole groups), one row each, from column `first`."""
-        return cut(self.unique_prompt, slice(start // self.group_size, (start + size) // self.group_size), first)
-
-    def features_part(self, start: int, size: int) -> dict:
-        sl = slice(start // self.group_size, (start + size) // self.group_size)
-        out = self.unique_features["image"]
-        return {"image": BaseModelOutputWithPooling(pooler_output=tuple(out.pooler_output[sl]))}
-
-    def part(self, start: int, size: int, first: int = 0, width: int | None = None) -> dict:
-        """Rows start ... start+size: prompts from column `first`, completions' first `width` tokens."""
-        sl, width = slice(start, start + size), width or self.ids.shape[1]
-        end = self.prompt["input_ids"].shape[1] + width
-        return dict(prompt=cut(self.prompt, sl, first), completion_ids=self.ids[sl, :width],
-                    completion_mask=self.mask[sl, :width], position_ids=self.position_ids[:, sl, first:end],
-                    features={"image": BaseModelOutputWithPooling(pooler_output=tuple(self.features[sl]))})
-
-    def logprobs(self, model, start: int, size: int, chunk_size: int, share_prompt: bool) -> torch.Tensor:
-        """log π of the completions of rows start ... start+size (whole groups) -> (size, T), zero
-        where the completion has ended. Columns that are padding in all these rows are left out.
-        share_prompt: each prompt runs once for its group (what the loop does); else every row in full
-        (the plain pass it equals, for tests)."""
-        first, width = self.columns(start, size)
-        if share_prompt:
-            part = self.part(start, size, first, width)
-            logp = shared_prompt_logprobs(model, self.prompt_part(start, size, first), self.features_part(start, size),
-                                          part["completion_ids"], part["completion_mask"], self.group_size,
-                                          part["position_ids"], chunk_size=chunk_size, **self.sampling)
-        else:
-            logp = completion_logprobs(model, **self.part(start, size, first, width), chunk_size=chunk_size,
-                                       **self.sampling)
-        return torch.nn.functional.pad(logp, (0, self.ids.shape[1] - width)) * self.mask[start:start + size]
-
-
-def cut(prompt: dict, rows: slice, first: int) -> dict:
-    """prompt[rows], token columns from `first` on (image_grid_thw has one row per image, no columns)."""
-    return {k: v[rows] if k == "image_grid_thw" else v[rows, first:] for k, v in prompt.items() if k != "pixel_values"}
-
-
 @torch.no_grad()
 def logprobs_no_grad(model, rows: Rows, micro_batch: int, cfg) -> torch.Tensor:
     """Reference or old-policy log-probs, (N, T), each prompt run once for its G completions. In
@@ -287,6 +188,7 @@ def main(argv=None):
     if cfg.reference == "sft" and cfg.kl_coef != 0:
         model.load_adapter(cfg.init_adapter, adapter_name="reference", is_trainable=False)
         model.set_adapter("default")
+        freeze_vision_copy(model)
     procs.same_start([p for p in model.parameters() if p.requires_grad])
     device = next(model.parameters()).device
     tok = processor.tokenizer

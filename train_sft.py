@@ -9,6 +9,7 @@ Reads top to bottom: config -> data (over-long examples dropped and named) -> mo
 The loss is on the assistant's tokens only: prompt, image and padding tokens never enter it.
 """
 
+import gc
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 from config import InputError, SFTConfig, check_inputs, parse_args, save_config
 from mcq import Record, image_path, prompt_messages, target_text
-from model import count_params, encode_completions, encode_prompts, image_features, load_model, unwrap
+from model import compute_dtype, count_params, encode_completions, encode_prompts, image_features, load_model, unwrap
 from rollout import completion_logprobs
 from training import (DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard,
                       save_checkpoint, save_trained)
@@ -67,7 +68,7 @@ def heldout_loss(model, records, split_path, processor, device, batch_size, proc
 def main(argv=None):
     cfg = parse_args(SFTConfig, argv)
     check_inputs(cfg)  # splits, images, init_adapter, output_dir: named now, not after the model has loaded
-    procs = Processes()  # one, or N under torchrun / accelerate launch: each takes batch_size examples a micro-step
+    procs = Processes(cfg.collective_timeout)  # one, or N under torchrun / accelerate launch: each takes batch_size examples a micro-step
     ckpt.seed_everything(cfg.seed + 1000 * procs.rank)
     if procs.main:
         save_config(cfg, cfg.output_dir)
@@ -94,8 +95,9 @@ def main(argv=None):
         loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, procs.rank, procs.world_size)
         step, order = loop["step"], DataOrder(len(train), cfg.seed, **loop["data"])
         if procs.main:
-            ckpt.truncate_metrics(metrics_path, step)
             print(f"resumed from {resume_from} at step {step}")
+    if procs.main:  # the log holds the run being resumed or started: rows of a run not checkpointed go
+        ckpt.truncate_metrics(metrics_path, step)
     procs.barrier()  # metrics.jsonl is truncated before anyone appends
     log, tb = (ckpt.MetricsLog(metrics_path), open_tensorboard(cfg)) if procs.main else (None, None)
 
@@ -121,11 +123,12 @@ def main(argv=None):
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        cfg.grad_clip)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step's update used (the scheduler now moves on)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            row = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_s": n_tokens / (time.perf_counter() - t0), "epoch": order.epoch}
             if heldout and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 row["eval_loss"] = heldout_loss(model, heldout, cfg.eval_data, processor, device, cfg.batch_size, procs)
@@ -147,15 +150,28 @@ def main(argv=None):
     save(step)
     if procs.main:
         log.close()
+        if cfg.finetune == "full":  # fp32 master weights (model.keep_fp32_master_weights) saved as the base was
+            unwrap(model).to(compute_dtype(model))
         save_trained(model, processor, cfg.output_dir)
-        if cfg.merge_export and cfg.finetune == "lora":
-            export_merged(cfg)
         print(f"saved {'adapter' if cfg.finetune == 'lora' else 'model'} to {cfg.output_dir}")
+    if procs.main and cfg.merge_export and cfg.finetune == "lora":
+        # The merge loads a second, unquantised base (16.6 GB for the 7B). Everything of training that holds
+        # GPU memory goes first: the model, the optimizer (and the scheduler that refers to it), save() that
+        # closes over both, and the last loss, whose graph holds the trainable weights (tested). gc.collect()
+        # for whatever only a reference cycle still holds; empty_cache() hands the freed blocks back to the
+        # driver, so the merge's load is not refused for memory torch's allocator still reserves.
+        model = optimizer = scheduler = save = loss = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        export_merged(cfg)
 
 
 def export_merged(cfg):
     """Base + adapter as one plain model directory. The base is reloaded unquantised: merging into
-    4-bit weights would round the adapter away."""
+    4-bit weights would round the adapter away. Called once the trained model is freed (main); a paged
+    8-bit optimizer's states stay (bitsandbytes never frees them), a few hundred MB for a 7B adapter,
+    which CUDA moves to the CPU under memory pressure."""
     from dataclasses import replace
 
     merged_cfg = replace(cfg, quantization="none", gradient_checkpointing=False)

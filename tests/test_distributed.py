@@ -4,6 +4,7 @@ dead process that takes the run down with a message. The children run tests/dist
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -143,6 +144,43 @@ def test_a_killed_process_takes_the_run_down_with_a_message(demo_data, tmp_path)
                      "max_steps=50", f"output_dir={tmp_path}/g"], processes=2, env={"KILL_RANK": "1"}, timeout=300)
     assert result.returncode != 0 and time.monotonic() - start < 120
     assert "SIGKILL" in result.stderr and "local_rank: 1" in result.stderr  # torchrun names the process and why
+
+
+def sigterm_torchrun_after_first_step(args: list[str], out: str, shutdown_timeout: int) -> tuple[int, str]:
+    """torchrun --shutdown-timeout S with two processes running `args`; SIGTERM to torchrun itself (as a
+    cluster's preemption sends it) once the first step is logged. -> (exit code, stderr)."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "--shutdown-timeout", str(shutdown_timeout), CHILD,
+               *args]
+    with open(f"{out}.stderr", "w+") as err:
+        proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+        metrics, deadline = os.path.join(out, "metrics.jsonl"), time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if os.path.isfile(metrics) and open(metrics).read().count("\n") >= 1:
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=300)
+        err.seek(0)
+        return proc.returncode, err.read()
+
+
+def test_sigterm_to_torchrun_finishes_the_step_and_saves_when_its_shutdown_timeout_allows(demo_data, tmp_path):
+    """torchrun forwards the signal, then SIGKILLs its processes after --shutdown-timeout. Long enough (120 s):
+    every process finishes the step, they save one checkpoint together and stop, and what they print on the
+    signal names the flag. Too short (0 s): they are killed mid-step and nothing is saved."""
+    args = ["grpo", *GRPO, f"data={demo_data}/rl.jsonl", "init_adapter=null", "num_prompts=2", "max_steps=50",
+            "save_every=0"]
+    out = str(tmp_path / "long")
+    code, err = sigterm_torchrun_after_first_step([*args, f"output_dir={out}"], out, shutdown_timeout=120)
+    assert code != 0 and "SIGTERM: finishing this step" in err and "--shutdown-timeout" in err
+    [saved] = os.listdir(os.path.join(out, "checkpoints"))
+    stopped_at = int(saved.split("_")[1])
+    assert f"stopped by SIGTERM after step {stopped_at}: saved" in err
+    assert [r["step"] for r in rows(out)] == list(range(1, stopped_at + 1))
+    out = str(tmp_path / "short")
+    code, err = sigterm_torchrun_after_first_step([*args, f"output_dir={out}"], out, shutdown_timeout=0)
+    assert code != 0 and not os.path.exists(os.path.join(out, "checkpoints"))  # killed before a word or a save
 
 
 CACHE_WRITER = """

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import eval as eval_script
+import rollout
 import train_grpo
 import train_sft
 from config import GRPOConfig, ModelConfig
@@ -58,7 +59,7 @@ def test_sampler_draws_from_the_policy_the_loop_scores(hub_model, demo_data, tem
         mask = completion_mask(ids, stop_token_ids(tok))
         scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # (N, T, V)
         sampler = scores.gather(-1, ids[..., None]).squeeze(-1) * mask
-        rows = train_grpo.Rows(model, prompt, features, ids.masked_fill(mask == 0, tok.pad_token_id), mask,
+        rows = rollout.Rows(model, prompt, features, ids.masked_fill(mask == 0, tok.pad_token_id), mask,
                                cfg.group_size, temperature, special_token_ids(tok))
         with torch.no_grad():
             scored = rows.logprobs(model, 0, ids.shape[0], 1024, share_prompt=True)
