@@ -6,6 +6,7 @@ Ctrl-C or SIGTERM (`StopAfterStep`) lets the step in progress finish before the 
 checkpoint too is a step boundary and the resumed run equals the uninterrupted one.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 
 import numpy as np
 import torch
@@ -60,14 +62,19 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, ext
     final = step_dir(output_dir, step)
     tmp = os.path.join(root, f".tmp-step_{step:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": rng_states or [rng_state()]}, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "loop.json"), "w") as f:
-        json.dump({"step": step, **extra}, f)
-    if save_model is not None:
-        save_model(os.path.join(tmp, "model"))
+    try:
+        with saving(f"the checkpoint of step {step}", tmp, output_dir):
+            os.makedirs(tmp)
+            torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "rng": rng_states or [rng_state()]}, os.path.join(tmp, "state.pt"))
+            with open(os.path.join(tmp, "loop.json"), "w") as f:
+                json.dump({"step": step, **extra}, f)
+            if save_model is not None:
+                save_model(os.path.join(tmp, "model"))
+    except SaveFailed:
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial copy goes, so the disk keeps what space it had
+        raise
     previous = os.path.join(root, f".old-step_{step:07d}")
     if os.path.isdir(final):
         # this step saved before (a finished run run again saves its last step again): moved aside whole,
@@ -79,6 +86,100 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, ext
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class SaveFailed(BadInput):
+    """A checkpoint or the final model could not be written (disk full, read-only, quota): the run stops with
+    this message, the newest complete checkpoint untouched, rather than training on with nothing saved."""
+
+
+@contextlib.contextmanager
+def saving(what: str, path: str, output_dir: str):
+    """Turn a failed write into one message: what failed, where, why, and what there is to resume from."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        import resource
+
+        if isinstance(e, OSError):
+            why = str(e.strerror or e)
+        else:  # torch.save's zip writer says only "unexpected pos ..." when a write comes up short
+            why = ("the file stopped part-way: the disk is full, a quota or file-size limit was reached, or the "
+                   f"directory is no longer writable (torch: {str(e).splitlines()[0][:120]})")
+        free = shutil.disk_usage(output_dir if os.path.isdir(output_dir) else ".").free
+        if free < 100 * 2**20:
+            why += f"; {free / 2**20:.0f} MiB free on that disk"
+        file_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if file_limit != resource.RLIM_INFINITY:
+            why += f"; this process may not write files over {file_limit / 1024:.0f} KiB (ulimit -f)"
+        newest = list_checkpoints(output_dir)
+        keep = (f"the newest complete checkpoint, {newest[-1]}, is untouched: free space (or make the directory "
+                "writable) and run the same command to resume from it") if newest else "no checkpoint was saved yet"
+        raise SaveFailed(f"could not write {what} to {path} ({why}); {keep}") from None
+
+
+_CLAIMED = {}  # output_dir -> its open lock file, held until this process ends
+
+
+def claim_output_dir(output_dir: str):
+    """One run per output_dir: an exclusive lock on output_dir/.lock, held as long as this process lives
+    (the kernel drops it when the process ends, kill -9 included, so a stale lock never blocks a resume).
+    Two runs writing one directory would interleave their logs and overwrite each other's weights.
+    A process that claimed it already (a script's main() called again, as the tests do) keeps it."""
+    import fcntl
+
+    key = os.path.realpath(output_dir)
+    if key in _CLAIMED:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    handle = open(os.path.join(output_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise BadInput(f"output_dir {output_dir} is in use by {holder}: wait for that run to end, or give this "
+                       "one another output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    handle.flush()
+    _CLAIMED[key] = handle
+
+
+def release_output_dir(output_dir: str):
+    """At a run's normal end (a run that fails keeps its claim until its process ends)."""
+    handle = _CLAIMED.pop(os.path.realpath(output_dir), None)
+    if handle is not None:
+        handle.close()
+
+
+# What a resumed run may set differently from the run it continues: how long it goes on, how it logs and
+# saves, and how it reaches its judge. Anything else (lr, data, seed, LoRA rank, rewards ...) would make
+# the resumed run another experiment under the first one's name.
+RESUME_MAY_CHANGE = {"max_steps", "save_every", "keep_checkpoints", "resume", "eval_every", "eval_items", "sample_every",
+                     "log_groups", "tensorboard", "max_bad_steps", "collective_timeout", "output_dir",
+                     "judge_concurrency", "judge_timeout", "judge_deadline", "judge_max_retries", "judge_cache_dir",
+                     "judge_max_failure_share", "judge_failure_window"}
+
+
+def check_resume_config(checkpoint: str, cfg):
+    """Refuse to resume `checkpoint` with a config that differs from the one it was written with, naming
+    every differing key (older checkpoints without a config pass)."""
+    import dataclasses
+
+    with open(os.path.join(checkpoint, "loop.json")) as f:
+        saved = json.load(f).get("config")
+    if saved is None:
+        return
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as the saved copy has them
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if changed:
+        listed = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise BadInput(f"resume: {checkpoint} was written with other settings ({listed}). Resume with the "
+                       f"checkpoint's values, start a new output_dir, or resume=none to start afresh here. Keys that "
+                       f"may change on resume: {', '.join(sorted(RESUME_MAY_CHANGE))}")
 
 
 def list_checkpoints(output_dir: str) -> list[str]:

@@ -32,6 +32,7 @@ import time
 
 import yaml
 
+from checkpoint import claim_output_dir, release_output_dir
 from config import EvalConfig, InputError, check_inputs, parse_args, save_config
 from evaluation import control_name, control_sets, evaluate, load_sets, read_predictions
 from mcq import Record, option_lines, parse_answer
@@ -298,6 +299,7 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if procs.main:
+        claim_output_dir(cfg.output_dir)  # one evaluation per output_dir: two would append to one predictions.jsonl
         save_config(cfg, cfg.output_dir)
         with open(os.path.join(cfg.output_dir, "weights.json"), "w") as f:
             json.dump(fingerprints, f)
@@ -366,6 +368,7 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
     if judge is not None:
         print(format_reasoning_table(sets))
     print(f"wrote {cfg.output_dir}/metrics.json, predictions.jsonl" + (" and judgements.jsonl" if judge else ""))
+    release_output_dir(cfg.output_dir)
     return metrics
 
 

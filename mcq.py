@@ -99,8 +99,9 @@ def _norm(text: str) -> str:
 def parse_answer(completion: str, options: list[str]) -> str | None:
     """The letter chosen in the completion's <answer> block, or None when there is none or it is
     ambiguous. Never raises. Accepts 'C) text', 'C', '(C)', 'c.', 'C:', the letter with a paraphrase of
-    its own option, or the option text alone. None when the text after the letter names another option
-    (by its letter or its text) or negates the option ('not', 'neither … nor', 'rather than', …)."""
+    its own option, or the option text alone (exactly: 'A. fumigatus' is the option of that text, not A).
+    None when the text after the letter names another option (by its letter or its text) or negates the
+    option ('not', 'neither … nor', 'rather than', …)."""
     if not isinstance(completion, str) or not options:
         return None
     blocks = ANSWER_RE.findall(completion)
@@ -111,14 +112,22 @@ def parse_answer(completion: str, options: list[str]) -> str | None:
 
 
 def _parse_block(block: str, options: list[str]) -> str | None:
+    """Two readings of a block: as an option's exact text, and as a letter with the text after it. They part
+    when an option's text starts like a letter answer ("A. fumigatus", "E. coli", "H. pylori"). Exact evidence
+    beats a paraphrase: "A. fumigatus", when that is option B's text, is B, because reading it as A would take
+    "fumigatus" for a paraphrase of A's text, and a paraphrase is credited only on the word of its letter. Two
+    exact readings that disagree are ambiguous: "A" is the letter A and the text of option B in [O, A, B, AB]."""
     text = block.strip()
     valid = LETTERS[: len(options)]
     m = LETTER_RE.match(text)
-    if m and m.group(1).upper() in valid:
-        letter = m.group(1).upper()
-        return letter if _commits_to(valid.index(letter), m.group(2), options) else None
-    matches = [i for i, o in enumerate(options) if _norm(o) == _norm(text)]
-    return valid[matches[0]] if len(matches) == 1 else None
+    by_letter = valid.index(m.group(1).upper()) if m and m.group(1).upper() in valid else None
+    by_text = [i for i, o in enumerate(options) if _norm(o) == _norm(text)]
+    if len(by_text) == 1:
+        exact_letter = by_letter is not None and _norm(m.group(2)) in ("", _norm(options[by_letter]))
+        return None if exact_letter and by_letter != by_text[0] else valid[by_text[0]]
+    if by_letter is None:
+        return None
+    return valid[by_letter] if _commits_to(by_letter, m.group(2), options) else None
 
 
 def _commits_to(chosen: int, said: str, options: list[str]) -> bool:
@@ -130,11 +139,44 @@ def _commits_to(chosen: int, said: str, options: list[str]) -> bool:
     if not _norm(said) or _norm(said) == _norm(own):
         return True
     others = [i for i in range(len(options)) if i != chosen]
-    if (Counter(_markers(said)) - Counter(_markers(own))).keys() & {LETTERS[i] for i in others}:
+    # An option that starts like a letter answer carries its letter as part of a name: "B) A. fumigatus hyphae"
+    # repeats the name, "B) A" names option A.
+    markers = Counter(_markers(_drop_letter_head(said, own))) - Counter(_markers(_drop_letter_head(own, own)))
+    if markers.keys() & {LETTERS[i] for i in others}:
         return False  # "A) brown, B) blue"
     if any(_contains(said, options[i]) and not _contains(own, options[i]) for i in others):
         return False  # "A) blue" (letter and text disagree), "A) brown or blue"
+    # The letter and the words after it can spell another option whose text starts like a letter answer:
+    # with E) Enterococcus and A) E. coli, "E. coli infection" (or "E) coli, gram negative") is E) with a
+    # paraphrase or A's text with more words. Text alone is credited only when exact, so neither reading wins.
+    if any(_starts_with(said, rest) for rest in _letter_rests(options, chosen)):
+        return False
     return not Counter(_negations(said)) - Counter(_negations(own))  # "A) not brown", "A) brown is not it"
+
+
+def _letter_rests(options: list[str], chosen: int) -> list[str]:
+    """The text after the letter of each other option that reads as `chosen`'s letter: "coli" of "E. coli"."""
+    rests = []
+    for i, option in enumerate(options):
+        m = LETTER_RE.match(option.strip())
+        if i != chosen and m and m.group(1).upper() == LETTERS[chosen] and _norm(m.group(2)):
+            rests.append(m.group(2))
+    return rests
+
+
+def _drop_letter_head(text: str, option: str) -> str:
+    """`text` without the letter and first word of `option` where `option` starts like a letter answer:
+    "A. fumigatus hyphae" -> " hyphae" for the option "A. fumigatus"."""
+    m = LETTER_RE.match(option.strip())
+    first_word = re.match(r"\w+", m.group(2)) if m else None
+    if not first_word:
+        return text
+    head = rf"(?<![\w'’])\(?\s*{m.group(1)}\s*[).:]\s*{re.escape(first_word.group())}(?!\w)"
+    return re.sub(head, " ", text, flags=re.IGNORECASE)
+
+
+def _starts_with(text: str, words: str) -> bool:
+    return re.match(rf"{re.escape(_norm(words))}(?!\w)", _norm(text)) is not None
 
 
 def _markers(text: str) -> list[str]:

@@ -20,6 +20,7 @@ counts and rewards over all processes, gradients summed before clipping, one log
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -182,6 +183,11 @@ def main(argv=None):
         cfg.model, cfg.init_adapter = cfg.init_adapter, None
         cfg.reference = "base" if cfg.reference == "sft" else cfg.reference
     if procs.main:
+        ckpt.claim_output_dir(cfg.output_dir)  # one run per output_dir
+    resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
+    if resume_from:  # the same experiment, or a clear refusal naming what differs
+        ckpt.check_resume_config(resume_from, cfg)
+    if procs.main:
         save_config(cfg, cfg.output_dir)
 
     model, processor = load_model(cfg, adapter=cfg.init_adapter)
@@ -207,7 +213,6 @@ def main(argv=None):
     order, step, counters = DataOrder(len(train), cfg.seed), 0, {"bad_steps": 0, "skipped_steps": 0}
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     samples_path = os.path.join(cfg.output_dir, "samples.jsonl")
-    resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
     if resume_from:
         loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, procs.rank, procs.world_size)
         step, order, counters = loop["step"], DataOrder(len(train), cfg.seed, **loop["data"]), loop["counters"]
@@ -229,7 +234,8 @@ def main(argv=None):
         if judge:  # its counters go on from here after a resume, so the logged rows match an unbroken run
             counters["judge"] = judge.stats.as_dict()
         return save_checkpoint(procs, cfg.output_dir, at_step, model, optimizer, scheduler,
-                               {"data": order.state(), "counters": counters}, keep=cfg.keep_checkpoints,
+                               {"data": order.state(), "counters": counters, "config": dataclasses.asdict(cfg)},
+                               keep=cfg.keep_checkpoints,
                                save_model=lambda d: model.save_pretrained(d, selected_adapters=["default"]))
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", dynamic_ncols=True, disable=not procs.main)
@@ -386,8 +392,10 @@ def main(argv=None):
     if procs.main:
         log.close()
         samples.close()
-        save_trained(model, processor, cfg.output_dir, selected_adapters=["default"])  # the policy, not the reference
+        with ckpt.saving("the trained adapter", cfg.output_dir, cfg.output_dir):
+            save_trained(model, processor, cfg.output_dir, selected_adapters=["default"])  # the policy, not the reference
         print(f"saved the policy adapter to {cfg.output_dir}")
+        ckpt.release_output_dir(cfg.output_dir)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Reads top to bottom: config -> data (over-long examples dropped and named) -> mo
 The loss is on the assistant's tokens only: prompt, image and padding tokens never enter it.
 """
 
+import dataclasses
 import gc
 import os
 import sys
@@ -71,6 +72,11 @@ def main(argv=None):
     procs = Processes(cfg.collective_timeout)  # one, or N under torchrun / accelerate launch: each takes batch_size examples a micro-step
     ckpt.seed_everything(cfg.seed + 1000 * procs.rank)
     if procs.main:
+        ckpt.claim_output_dir(cfg.output_dir)  # one run per output_dir
+    resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
+    if resume_from:  # the same experiment, or a clear refusal naming what differs
+        ckpt.check_resume_config(resume_from, cfg)
+    if procs.main:
         save_config(cfg, cfg.output_dir)
 
     model, processor = load_model(cfg, adapter=cfg.init_adapter, lora=cfg.finetune == "lora",
@@ -90,7 +96,6 @@ def main(argv=None):
     scheduler = make_scheduler(cfg, optimizer)
     order, step = DataOrder(len(train), cfg.seed), 0
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
     if resume_from:
         loop = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, procs.rank, procs.world_size)
         step, order = loop["step"], DataOrder(len(train), cfg.seed, **loop["data"])
@@ -102,8 +107,8 @@ def main(argv=None):
     log, tb = (ckpt.MetricsLog(metrics_path), open_tensorboard(cfg)) if procs.main else (None, None)
 
     def save(at_step):
-        return save_checkpoint(procs, cfg.output_dir, at_step, model, optimizer, scheduler, {"data": order.state()},
-                               keep=cfg.keep_checkpoints)
+        return save_checkpoint(procs, cfg.output_dir, at_step, model, optimizer, scheduler,
+                               {"data": order.state(), "config": dataclasses.asdict(cfg)}, keep=cfg.keep_checkpoints)
 
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True, disable=not procs.main)
@@ -152,7 +157,8 @@ def main(argv=None):
         log.close()
         if cfg.finetune == "full":  # fp32 master weights (model.keep_fp32_master_weights) saved as the base was
             unwrap(model).to(compute_dtype(model))
-        save_trained(model, processor, cfg.output_dir)
+        with ckpt.saving("the trained model", cfg.output_dir, cfg.output_dir):
+            save_trained(model, processor, cfg.output_dir)
         print(f"saved {'adapter' if cfg.finetune == 'lora' else 'model'} to {cfg.output_dir}")
     if procs.main and cfg.merge_export and cfg.finetune == "lora":
         # The merge loads a second, unquantised base (16.6 GB for the 7B). Everything of training that holds
@@ -165,6 +171,8 @@ def main(argv=None):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         export_merged(cfg)
+    if procs.main:
+        ckpt.release_output_dir(cfg.output_dir)
 
 
 def export_merged(cfg):

@@ -7,7 +7,9 @@ Arranged for GRPO (the loop itself is not changed): a `length` reward that varie
 with SAMPLE_EACH_PROMPT=1, each prompt's group sampled from its own seed (the call and the prompt's
 image), so that a prompt gives the same completions whichever process, and beside whichever other
 prompts, samples it (a fresh run only: the call count restarts on resume); with KILL_RANK=r, process
-r kills itself (SIGKILL) as it starts sampling its second step.
+r kills itself (SIGKILL) as it starts sampling its second step. With RECORD_GRADIENTS=1 (any loop),
+process 0 saves the gradient each optimizer step is handed (summed over processes, clipped) to
+<output_dir>/step_gradients.pt: a list over steps of lists over trainable parameters.
 """
 
 import os
@@ -15,6 +17,7 @@ import signal
 import sys
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,6 +54,16 @@ def sample_each_prompt_alone(model, processor, prompt, features, cfg):
 
 
 train_grpo.sample_groups = sample_each_prompt_alone
+
+
+def record_into(steps: list):
+    """An optimizer step pre-hook that appends the gradients the step is handed to `steps`."""
+    def record(optimizer, _args, _kwargs):
+        steps.append([torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                      for group in optimizer.param_groups for p in group["params"]])
+    return record
+
+
 MAINS = {"grpo": train_grpo.main, "sft": train_sft.main, "eval": eval_script.main}
 
 if __name__ == "__main__":
@@ -62,7 +75,14 @@ if __name__ == "__main__":
         else:
             current.append(arg)
     for script, *args in runs:
+        steps = []
+        record = os.environ.get("RECORD_GRADIENTS") and os.environ.get("RANK", "0") == "0"
+        hook = register_optimizer_step_pre_hook(record_into(steps)) if record else None
         try:
             MAINS[script](args)
         except InputError as e:  # as the scripts' own __main__ blocks do
             sys.exit(f"error: {e}")
+        if hook:
+            hook.remove()
+            out = next(a.removeprefix("output_dir=") for a in args if a.startswith("output_dir="))
+            torch.save(steps, os.path.join(out, "step_gradients.pt"))

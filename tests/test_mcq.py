@@ -8,7 +8,8 @@ import datasets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcq import LETTERS, Record, check_record, is_well_formed, load_split, parse_answer, prompt_messages, target_text
+from mcq import (LETTERS, Record, _norm, check_record, is_well_formed, load_split, parse_answer, prompt_messages,
+                 target_text)
 from rewards import score_completions
 
 OPTIONS = ["brown", "blue", "mixed", "adenocarcinoma of the colon"]
@@ -73,38 +74,64 @@ def test_words_of_the_chosen_option_never_count_against_it():
         assert parse_answer(f"<answer>{text}</answer>", options) == want, text
 
 
+def test_an_option_that_starts_like_a_letter_answer_is_read_as_its_text():
+    # Species names in pathology options: "A. fumigatus" is option B's text, not the letter A with "fumigatus"
+    fungi = ["Candida albicans", "A. fumigatus", "Mucor", "Histoplasma"]
+    for text, want in [("A. fumigatus", "B"), ("B) A. fumigatus", "B"), ("B. A. fumigatus", "B"), ("A", "A"),
+                       ("A) Candida albicans", "A"), ("(A)", "A"), ("B) A. fumigatus infection", "B"),
+                       ("A) A. fumigatus", None),  # letter and option text disagree
+                       ("A. fumigatus infection", None),  # A) and a paraphrase, or B's text and more words
+                       ("A. fumigatus, not Candida albicans", None)]:
+        assert parse_answer(f"<answer>{text}</answer>", fungi) == want, text
+    bacteria = ["E. coli", "Klebsiella", "Proteus", "Pseudomonas", "Enterococcus"]
+    for text, want in [("E. coli", "A"), ("A) E. coli", "A"), ("E", "E"), ("E) Enterococcus", "E"),
+                       ("E) E. coli", None), ("E. coli infection", None), ("E) coli", None), ("e: coli sepsis", None),
+                       ("E) Enterococcus faecalis", "E")]:
+        assert parse_answer(f"<answer>{text}</answer>", bacteria) == want, text
+    # two exact readings that disagree: "A" is the letter A and option B's text
+    for text, want in [("A", None), ("B) A", "B"), ("AB", "D"), ("O", "A")]:
+        assert parse_answer(f"<answer>{text}</answer>", ["O", "A", "B", "AB"]) == want, text
+    assert parse_answer("<answer>A</answer>", ["A", "B", "AB", "O"]) == "A"  # both readings agree
+    assert parse_answer("<answer>A. fumigatus</answer>", ["fumigatus", "A. fumigatus"]) is None
+
+
 # Every way the contract accepts a letter {L} ({l} in lower case) with or without its option text {T}, and
-# the text alone (not among LETTER_FORMS: an option whose text is "B" reads as the letter B)
+# the text alone (not among LETTER_FORMS: where option A's text is "B", a block "B" is ambiguous)
 LETTER_FORMS = ["{L}) {T}", "{L}", "({L})", "({L}) {T}", "{l}) {T}", "  {L}.  ", "{l}.", "{L}:", "{l}: {T}"]
 ACCEPTED_FORMS = LETTER_FORMS + ["{T}"]
 
+NEGATING_WORDS = {"not", "no", "neither", "nor", "none", "except", "rather", "than", "instead", "of", "is"}
+word = st.text(alphabet=string.ascii_lowercase, min_size=2, max_size=8).filter(lambda w: w not in NEGATING_WORDS)
+# An option that starts like a letter answer, as species names do ("H. pylori"), its letter often a valid one
+letter_like = st.builds("{}. {}".format, st.sampled_from(LETTERS[:5]), word)
 option_text = st.text(alphabet=st.characters(whitelist_categories=("Ll", "Lu", "Nd"), whitelist_characters=" -"),
                       min_size=1, max_size=20).filter(lambda s: s.strip())
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(option_text, min_size=2, max_size=5, unique_by=lambda s: " ".join(s.lower().split())),
-       st.data())
+@given(st.lists(st.one_of(option_text, letter_like), min_size=2, max_size=5,
+                unique_by=lambda s: " ".join(s.lower().split())), st.data())
 def test_parser_recovers_the_letter(options, data):
     i = data.draw(st.integers(0, len(options) - 1))
     letter = LETTERS[i]
-    form = data.draw(st.sampled_from(LETTER_FORMS))
-    text = f"<think>reasons</think><answer>{form.format(L=letter, l=letter.lower(), T=options[i])}</answer>"
-    assert parse_answer(text, options) == letter
+    block = data.draw(st.sampled_from(LETTER_FORMS)).format(L=letter, l=letter.lower(), T=options[i])
+    # a block that is also another option's exact text ("B" beside an option "B") has two readings
+    ambiguous = any(_norm(o) == _norm(block) for j, o in enumerate(options) if j != i)
+    assert parse_answer(f"<think>reasons</think><answer>{block}</answer>", options) == (None if ambiguous else letter)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=80), st.lists(option_text, min_size=0, max_size=4))
+@given(st.text(max_size=80), st.lists(st.one_of(option_text, letter_like), min_size=0, max_size=4))
 def test_parser_never_raises(text, options):
     result = parse_answer(text, options)
     assert result is None or result in LETTERS[: len(options)]
 
 
 # Options made of words (none of them a word the negated forms below use, which an option's own text may
-# hold), no option's words inside another's: a block built from two of them names two options.
-NEGATING_WORDS = {"not", "no", "neither", "nor", "none", "except", "rather", "than", "instead", "of", "is"}
-word = st.text(alphabet=string.ascii_lowercase, min_size=2, max_size=8).filter(lambda w: w not in NEGATING_WORDS)
-distinct_options = st.lists(st.lists(word, min_size=1, max_size=3).map(" ".join), min_size=2, max_size=5, unique=True
+# hold), some starting like a letter answer ("C. word"), no option's words inside another's: a block built
+# from two of them names two options.
+distinct_options = st.lists(st.one_of(st.lists(word, min_size=1, max_size=3).map(" ".join), letter_like),
+                            min_size=2, max_size=5, unique=True
                             ).filter(lambda opts: not any(f" {a} " in f" {b} " for a, b in permutations(opts, 2)))
 SEPARATORS = [" ", ", ", ",", " or ", " and ", "/", " / ", "; ", "\n", " | ", " & ", " vs ", " - ", " or maybe ", ". "]
 
