@@ -381,3 +381,6 @@ if __name__ == "__main__":
         main()
     except InputError as e:  # the model name (model.check_model) or the judge's key refused mid-run (judges.py)
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # every answer so far is in predictions.jsonl, flushed as it came
+        sys.exit("\nstopped: the answers so far are saved in predictions.jsonl; run the same command again to "
+                 "answer the rest")

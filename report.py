@@ -74,8 +74,36 @@ def load_run(run_dir: str) -> dict:
     pred_path = os.path.join(run_dir, "predictions.jsonl")
     preds = read_jsonl(pred_path) if os.path.isfile(pred_path) else []
     name = metrics.get("run") or os.path.basename(os.path.normpath(run_dir))
+    config_path = os.path.join(run_dir, "config.yaml")
+    config = {}
+    if os.path.isfile(config_path):
+        import yaml
+
+        with open(config_path) as f:
+            config = yaml.safe_load(f) or {}
     return {"name": name, "metrics": metrics, "correct": {(p["set"], p["id"]): bool(p["correct"]) for p in preds},
-            "confusion": {s: confusion([p for p in preds if p["set"] == s]) for s in metrics["sets"]}}
+            "confusion": {s: confusion([p for p in preds if p["set"] == s]) for s in metrics["sets"]},
+            "config": config}
+
+
+# eval settings that change the answers themselves: runs that differ in them are not compared like for like
+ANSWER_SETTINGS = ("max_new_tokens", "limit", "min_pixels", "max_pixels", "quantization", "dtype")
+
+
+def caveats(runs: list[dict]) -> list[str]:
+    """What a reader must know before comparing these rows: settings that differ between runs, and runs of
+    the embedded tiny model beside the paper's 7B numbers."""
+    notes = []
+    for key in ANSWER_SETTINGS:
+        values = {r["name"]: r["config"].get(key) for r in runs if key in r["config"]}
+        if len(set(map(str, values.values()))) > 1:
+            notes.append(f"**{key} differs between runs** ({', '.join(f'{n}: {v}' for n, v in values.items())}): "
+                         "their accuracies are not measured alike.")
+    tiny = [r["name"] for r in runs if str(r["config"].get("model", r["metrics"].get("model"))).startswith("tiny")]
+    if tiny:
+        notes.append(f"{', '.join(tiny)}: the embedded tiny model (a few million parameters, random vision tower). "
+                     "The paper's rows are Qwen2.5-VL-7B's: they are beside it for the layout, not as a target.")
+    return notes
 
 
 def set_names(runs: list[dict]) -> list[str]:
@@ -297,10 +325,18 @@ def write_report(run_dirs: list[str], out_dir: str, train_dirs: tuple[str, ...] 
     each training output_dir in train_dirs, its main curves, in out_dir. -> the path of report.md."""
     runs = [load_run(d) for d in run_dirs]
     os.makedirs(out_dir, exist_ok=True)
+    # a report replaces the one there: its pictures go too, or those of runs no longer in it would stay
+    stale = [n for n in os.listdir(out_dir) if n == "report.md" or n.endswith(".png")]
+    if stale:
+        print(f"replacing the report in {out_dir} (give --out for another directory)")
+    for name in stale:
+        os.remove(os.path.join(out_dir, name))
     plot_accuracy(runs, os.path.join(out_dir, "accuracy.png"))
+    notes = caveats(runs)
     parts = ["# Evaluation report", "",
              "Accuracy %, Wilson 95% interval in brackets. Paper rows: PathVLM-R1 Table V (PathMMU) and "
              "Table IV (OmniMedVQA, out of distribution; its base model is Qwen2.5-VL-7B).", "",
+             *[f"> {note}\n" for note in notes],
              accuracy_table(runs), "", "![accuracy per set](accuracy.png)", ""]
     controls = controls_table(runs)
     if controls is not None:

@@ -269,6 +269,13 @@ def test_report_from_two_tiny_runs(tiny, data, tmp_path):
     assert "| base | b | pathmmu | 5 |" in md and "| base | b | chest_ct | 4 |" in md
     with Image.open(tmp_path / "report" / "accuracy.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
+    # what a reader must know: the runs answered different items, and a tiny model sits beside the paper's 7B
+    assert "**limit differs between runs** (base: 0, b: 5)" in md and "base, b: the embedded tiny model" in md
+    # the report replaces the one there, pictures included
+    (tmp_path / "report" / "confusion_gone-run.png").write_bytes(b"a picture of a run no longer in the report")
+    report.main([str(tmp_path / "a"), "--out", str(tmp_path / "report")])
+    assert not (tmp_path / "report" / "confusion_gone-run.png").exists()
+    assert "differs between runs" not in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_mcnemar_table_pairs_by_set_and_id(tmp_path):
