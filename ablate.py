@@ -1,10 +1,11 @@
 """Ablations on the demo: named variants x seeds, one table (accuracy mean ± sd, per seed, format rate,
-completion length, the reasoning checks and image controls where the eval had them, CPU minutes, McNemar
-against the baseline on the pooled test items).
+completion length, the reasoning checks and image controls where the eval had them, CPU minutes, and the
+difference from the baseline with its 95% interval and p over seeds and items, Holm-corrected: stats.py).
 
     python ablate.py configs/ablations/demo.yaml                      # seeds 0 1 2
     python ablate.py configs/ablations/demo.yaml --seeds 0 --out runs/ablate-quick
     python ablate.py configs/ablations/demo.yaml --only "R1 process reward"   # one variant beside the baseline
+    python ablate.py --power --diff 3 --seed-sd 4 --items 300         # seeds needed for 80% power (simulated)
 
 The YAML's `variants` maps a name to overrides of configs/demo_grpo.yaml, as `key=value` would give them.
 Two keys are the runner's own:
@@ -28,9 +29,11 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import yaml
 
-from evaluation import mcnemar, read_jsonl
+from evaluation import read_jsonl
+from stats import Difference, holm, seed_item_test, seeds_needed
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_")
@@ -94,22 +97,33 @@ def mean_or_dash(values: list, scale: float = 1.0) -> str:
     return "–" if None in values else f"{scale * statistics.mean(values):.0f}"
 
 
+def paired(base_runs: list[dict], runs: list[dict], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The baseline's and a variant's answers as (seeds, items) right/wrong arrays: row s from seed s's SFT
+    model in both, columns the items every run answered, in one order."""
+    ids = sorted(set.intersection(*({i for _, i in r["correct"]} for r in base_runs + runs)))
+    return tuple(np.array([[r["correct"][(s, i)] for i in ids] for s, r in zip(seeds, rs)]) for rs in (base_runs, runs))
+
+
+def difference_cells(d: Difference, p_holm: float) -> str:
+    """The table's two test columns: difference in points (95% interval) | Holm-corrected p."""
+    if d.seeds < 2:  # one trained model per variant: its training randomness is not measured
+        return f"{d.diff:+.1f} (1 seed: no interval) | –"
+    return f"{d.diff:+.1f} ({d.low:+.1f} to {d.high:+.1f}) | {p_holm:.2g}"
+
+
 def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
     baseline = next(iter(results))
-    base_correct = {k: v for r in results[baseline] for k, v in r["correct"].items()}
+    tests = {name: seed_item_test(*paired(results[baseline], runs, seeds)) for name, runs in results.items()
+             if name != baseline}
+    # every variant is tested against the same baseline: Holm keeps the chance of any false positive at 5%
+    p_holm = dict(zip(tests, holm([t.p for t in tests.values()])))
     lines = ["| variant | accuracy % (mean ± sd) | per seed " + " / ".join(map(str, seeds)) + " | format | tokens | "
              "image stated right % | reasoning agrees % | blank image % | shuffled image % | "
-             "CPU min | vs baseline: b / c, McNemar p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "CPU min | difference vs baseline (95% CI) | p (Holm) |", "|---" * 12 + "|"]
     for name, runs in results.items():
         acc = [r["accuracy"] for r in runs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        correct = {k: v for r in runs for k, v in r["correct"].items()}
-        keys = sorted(k for k in correct if k in base_correct)
-        if name == baseline:
-            test = "-"
-        else:  # b: items the baseline got right and this variant wrong; c: the other way round
-            t = mcnemar([base_correct[k] for k in keys], [correct[k] for k in keys])
-            test = f"{t.b} / {t.c}, p = {t.p_exact:.2g}"
+        test = "- | -" if name == baseline else difference_cells(tests[name], p_holm[name])
         lines.append(f"| {name} | {statistics.mean(acc):.1f} ± {sd:.1f} | {' / '.join(f'{a:.1f}' for a in acc)} | "
                      f"{statistics.mean(r['format_rate'] for r in runs):.2f} | "
                      f"{statistics.mean(r['length'] for r in runs):.1f} | "
@@ -117,6 +131,17 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
                      f"{mean_or_dash([r['agrees'] for r in runs], 100)} | "
                      f"{mean_or_dash([r['blank'] for r in runs])} | {mean_or_dash([r['shuffled'] for r in runs])} | "
                      f"{statistics.mean(r['cpu_minutes'] for r in runs):.1f} | {test} |")
+    return "\n".join(lines)
+
+
+def power_table(diff: float, seed_sd: float, items: int, shared: float, sims: int, max_seeds: int) -> str:
+    """--power: seeds needed for 80% power at 5% (stats.seeds_needed), with the power at each count tried."""
+    needed, tried = seeds_needed(diff, seed_sd, items, sims=sims, max_seeds=max_seeds, shared=shared)
+    lines = [f"true difference {diff:g} points, seed sd {seed_sd:g} points per variant ({shared:.0%} of it shared "
+             f"through the seed's SFT model), {items} items; {sims} simulated ablations per row", "seeds  power"]
+    lines += [f"{n:5d}  {power:.2f}" for n, power in tried]
+    lines.append(f"{needed} seeds per variant give 80% power" if needed else
+                 f"more than {max_seeds} seeds per variant: 80% power is out of reach")
     return "\n".join(lines)
 
 
@@ -142,12 +167,26 @@ def plot(results: dict[str, list[dict]], path: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("variants", help="YAML file: variants (name -> overrides) and optional defaults")
+    p.add_argument("variants", nargs="?", help="YAML file: variants (name -> overrides) and optional defaults")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/ablate")
     p.add_argument("--only", nargs="+", metavar="VARIANT",
                    help="run these variants only (and the baseline, the YAML's first, which they are tested against)")
+    power = p.add_argument_group("--power: how many seeds an ablation needs, from stats.simulate (no training)")
+    power.add_argument("--power", action="store_true", help="print the seeds needed for 80%% power and stop")
+    power.add_argument("--diff", type=float, default=3.0, help="the true difference to detect, accuracy points")
+    power.add_argument("--seed-sd", type=float, default=4.0, help="sd over seeds of a variant's accuracy, points")
+    power.add_argument("--items", type=int, default=300, help="test items")
+    power.add_argument("--shared", type=float, default=0.8,
+                       help="correlation of two variants' per-seed accuracies through the shared SFT model")
+    power.add_argument("--sims", type=int, default=400, help="simulated ablations per seed count")
+    power.add_argument("--max-seeds", type=int, default=40)
     args = p.parse_args(argv)
+    if args.power:
+        print(power_table(args.diff, args.seed_sd, args.items, args.shared, args.sims, args.max_seeds))
+        return
+    if args.variants is None:
+        p.error("the variants YAML is required (e.g. configs/ablations/demo.yaml), unless --power")
     if not os.path.isfile(args.variants):
         sys.exit(f"error: {args.variants} not found (e.g. configs/ablations/demo.yaml)")
     with open(args.variants) as f:

@@ -32,8 +32,110 @@ def test_ablation_runs_variants_shares_sft_and_skips_what_is_done(demo_data, tmp
     assert sum("eval.py" in line for line in launched) == 3
     table = first.stdout[first.stdout.index("| variant"):].splitlines()
     assert [row.split(" | ")[0].lstrip("| ") for row in table[2:5]] == ["baseline", "kl_coef=0", "γ more SFT"]
-    assert table[2].endswith("| - |") and ", p = " in table[3]  # McNemar against the baseline
+    assert table[2].endswith("| - | - |") and "(1 seed: no interval) | – |" in table[3]  # one seed: no test
     assert (out / "ablation.md").is_file() and (out / "ablation.png").stat().st_size > 0
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ python" not in again.stdout  # everything was done: nothing runs
     assert again.stdout[again.stdout.index("| variant"):] == first.stdout[first.stdout.index("| variant"):]
+
+
+# ----------------------------------------------------------------------------------------------
+# The statistics (stats.py), checked by hand and on simulated ablations where the truth is known
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ablate import power_table, table  # noqa: E402
+from evaluation import mcnemar  # noqa: E402
+from stats import (holm, rejection_rate, seed_item_p, seed_item_test, seeds_needed, t_quantile,  # noqa: E402
+                   t_two_sided_p)
+
+
+def test_t_distribution_matches_printed_tables():
+    assert t_two_sided_p(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| > 1) = 1/2
+    assert t_two_sided_p(2.0, 2) == pytest.approx(1 - 2 / math.sqrt(6))  # df 2: 1 - t/sqrt(t² + 2)
+    assert t_two_sided_p(0.0, 5) == 1.0 and t_two_sided_p(math.inf, 3) == 0.0
+    for df, printed in [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (30, 2.042)]:
+        assert t_quantile(0.975, df) == pytest.approx(printed, abs=5e-4)
+
+
+def test_seed_item_test_worked_by_hand():
+    # the baseline gets 4 items wrong in 3 seeds; the variant gets 2, 1, 0 of them right
+    base = np.zeros((3, 4), dtype=bool)
+    variant = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=bool)
+    # d_s = .5 .25 0 -> var .0625/3 = .020833; item means 2/3 1/3 0 0 -> var .101852/4 = .025463;
+    # cells: 3 ones in 12 -> var .204545/12 = .017045; SE² = .020833 + (.025463 - .017045) = .029251
+    d = seed_item_test(base, variant)
+    assert d.diff == pytest.approx(25.0) and (d.seeds, d.items) == (3, 4)
+    se = 100 * math.sqrt(0.0625 / 3 + 0.30556 / 3 / 4 - 2.25 / 11 / 12)
+    assert se == pytest.approx(17.10, abs=0.01)
+    assert d.p == pytest.approx(1 - (25 / se) / math.sqrt((25 / se) ** 2 + 2), abs=1e-4)  # t = 1.46, df 2: p = .28
+    assert (d.low, d.high) == pytest.approx((25 - 4.3027 * se, 25 + 4.3027 * se), abs=0.01)
+    one_seed = seed_item_test(base[:1], variant[:1])  # training randomness unmeasured: no interval, no p
+    assert one_seed.diff == 50.0 and math.isnan(one_seed.p) and math.isnan(one_seed.low)
+    assert seed_item_test(base, base).p == 1.0
+
+
+def test_holm_steps_down_and_skips_untested():
+    adjusted = holm([0.01, 0.04, 0.03, math.nan])  # sorted .01 .03 .04, times 3 2 1, made non-decreasing
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
+
+
+def pooled_mcnemar(base, variant):  # what ablate.py did: every (seed, item) pair as an independent one
+    return mcnemar(base.ravel().tolist(), variant.ravel().tolist()).p_exact
+
+
+def paired_t_over_seeds(base, variant):  # seed_item_test without its item term
+    d = variant.mean(1) - base.mean(1)
+    return t_two_sided_p(d.mean() / (d.std(ddof=1) / math.sqrt(len(d))), len(d) - 1)
+
+
+def test_false_positives_and_power_on_simulated_ablations():
+    """stats.simulate as the README's run: seed sd 4 points, 80% of it shared through the SFT model, 300 items.
+    300 simulated ablations per figure: a true 5% reads below 8.5% (3 sd of 1.3%)."""
+    demo = {"items": 300, "seed_sd": 4}
+    for seeds in (3, 10):
+        assert rejection_rate(seed_item_p, 300, seed=seeds, seeds=seeds, diff=0, **demo) <= 0.085
+        assert rejection_rate(pooled_mcnemar, 300, seed=seeds, seeds=seeds, diff=0, **demo) >= 0.10  # ~17%
+    assert rejection_rate(seed_item_p, 300, seed=1, seeds=3, diff=3, **demo) <= 0.3  # ~16%: 3 seeds can't see 3 points
+    assert 0.55 <= rejection_rate(seed_item_p, 300, seed=2, seeds=10, diff=3, **demo) <= 0.9  # ~74%
+    assert rejection_rate(seed_item_p, 300, seed=3, seeds=10, diff=6, **demo) >= 0.9  # ~100%
+    # items one variant is better at in every seed: the seeds' spread misses them, the item term does not
+    items_matter = {"items": 300, "seed_sd": 1, "variant_item_sd": 1.5, "seeds": 10, "diff": 0}
+    assert rejection_rate(seed_item_p, 300, seed=4, **items_matter) <= 0.085
+    assert rejection_rate(paired_t_over_seeds, 300, seed=4, **items_matter) >= 0.13  # ~21%
+
+
+def test_seeds_needed_grows_as_the_difference_shrinks():
+    big, tried = seeds_needed(8, 4, 300, sims=100, max_seeds=10)
+    assert big is not None and tried[-1] == (big, tried[-1][1]) and tried[-1][1] >= 0.8
+    assert seeds_needed(3, 4, 300, sims=100, max_seeds=big)[0] is None  # 3 points need more than 8 points do
+    printed = power_table(8, 4, 300, shared=0.8, sims=100, max_seeds=10)
+    assert printed.splitlines()[1] == "seeds  power" and printed.endswith(f"{big} seeds per variant give 80% power")
+
+
+def fake_run(seed: int, answers: list[int]) -> dict:
+    return {"accuracy": 100 * sum(answers) / len(answers), "format_rate": 1.0, "length": 35.0, "cpu_minutes": 2.0,
+            "correct": {(seed, f"item{i}"): bool(a) for i, a in enumerate(answers)},
+            "image_right": None, "agrees": None, "blank": None, "shuffled": None}
+
+
+def test_table_gives_difference_interval_and_holm_p():
+    rng = np.random.default_rng(0)
+    baseline = [rng.random(60) < 0.6 for _ in range(3)]
+    results = {"baseline": [fake_run(s, a) for s, a in enumerate(baseline)],
+               "same": [fake_run(s, a) for s, a in enumerate(baseline)],
+               "worse": [fake_run(s, a & (rng.random(60) < 0.5)) for s, a in enumerate(baseline)]}
+    rows = table(results, [0, 1, 2]).splitlines()
+    assert rows[0].endswith("| CPU min | difference vs baseline (95% CI) | p (Holm) |")
+    assert rows[1].count("|---") == rows[0].count(" | ") + 1
+    assert rows[2].endswith("| - | - |") and rows[3].endswith("| +0.0 (+0.0 to +0.0) | 1 |")
+    worse = seed_item_test(*(np.array([list(r["correct"].values()) for r in results[name]])
+                             for name in ("baseline", "worse")))
+    holm_p = min(1, 2 * worse.p)  # two variants tested; "same" has p = 1, so "worse" is the smaller
+    assert rows[4].endswith(f"| {worse.diff:+.1f} ({worse.low:+.1f} to {worse.high:+.1f}) | {holm_p:.2g} |")
+    one_seed = table({name: runs[:1] for name, runs in results.items()}, [0]).splitlines()
+    assert one_seed[4].endswith("(1 seed: no interval) | – |")
