@@ -2,13 +2,16 @@
 
     python train_grpo.py configs/grpo.yaml lr=1e-6 group_size=8
 
-Every key is read once, here; scripts get a `cfg` an editor can follow. An unknown key or a value
-of the wrong type stops the run with a message naming the key and the file it came from.
+Every key is read once, here; scripts get a `cfg` an editor can follow. An unknown key, a value of the
+wrong type, outside its range (RANGES) or not among its allowed values (CHOICES), a key written twice in
+a YAML file, or a file that is not YAML stops the run with one message naming the key and the file.
 """
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import sys
 import types
 import typing
@@ -45,7 +48,7 @@ class ModelConfig:
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
+    return {float: "a number", str: "a string"}.get(tp) or getattr(tp, "__name__", str(tp))
 
 
 def _coerce(value, tp, key: str, source: str):
@@ -66,18 +69,24 @@ def _coerce(value, tp, key: str, source: str):
         raise ConfigError(f"{source}: key '{key}' must be {tp}, got {value!r}")
     if origin in (list, dict):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_yaml(value, f"{source}: key '{key}'", with_line=False)
         if not isinstance(value, origin):
             raise ConfigError(f"{source}: key '{key}' must be a {origin.__name__}, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is list and args:  # list[str]: each item
+            return [_coerce(item, args[0], f"{key}[{i}]", source) for i, item in enumerate(value)]
+        if origin is dict and args:  # dict[str, float]: each name and value, named key.name
+            return {_coerce(k, args[0], key, source): _coerce(v, args[1], f"{key}.{k}", source)
+                    for k, v in value.items()}
         return value
     if isinstance(value, str) and tp is float:
         try:
             return float(value)  # YAML 1.1 reads "3e-6" (no dot) as a string
         except ValueError:
-            raise ConfigError(f"{source}: key '{key}' must be a float, got {value!r}") from None
+            raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}") from None
     if isinstance(value, str) and tp is not str:
         # command-line overrides arrive as strings; YAML's parser gives them their natural type
-        value = yaml.safe_load(value)
+        value = _parse_yaml(value, f"{source}: key '{key}'", with_line=False)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool):
@@ -95,31 +104,34 @@ def _apply(cfg, updates: dict, source: str):
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     hints = typing.get_type_hints(type(cfg))
     for key, value in updates.items():
+        key = str(key)  # YAML reads `1: x` as an int key
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
-        setattr(cfg, key, _coerce(value, hints[key], key, source))
+            raise ConfigError(f"{source}: unknown config key '{_shown(key)}'{hint}")
+        value = _coerce(value, hints[key], key, source)
+        check_value(key, value, source)  # now, while we know which file or argument it came from
+        setattr(cfg, key, value)
 
 
 def load_config(cls, path: str | None, overrides: list[str] = ()):
     """Defaults of `cls`, then the YAML file, then each `key=value` in order."""
     cfg = cls()
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = _read_yaml_file(path)
+        if data is None:  # an empty file (or only comments)
+            data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
         _apply(cfg, data, path)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"command line: expected key=value, got '{item}'")
+            raise ConfigError(f"command line: expected key=value, got '{_shown(item)}'")
         key, value = item.split("=", 1)
         _apply(cfg, {key.strip(): value}, "command line")
-    if not cfg.collective_timeout > 0:
-        raise ConfigError(f"collective_timeout must be a positive number of seconds, got {cfg.collective_timeout}")
+    if cfg.min_pixels > cfg.max_pixels:
+        raise ConfigError(f"min_pixels={cfg.min_pixels} exceeds max_pixels={cfg.max_pixels}: the processor resizes "
+                          "every image to between the two; lower min_pixels or raise max_pixels")
     if isinstance(cfg, JudgeConfig):
         cfg.validate_judge()
     if hasattr(cfg, "validate"):
@@ -146,7 +158,219 @@ def save_config(cfg, output_dir: str, name: str = "config.yaml"):
 
 
 __all__ = ["ConfigError", "ModelConfig", "JudgeConfig", "EvalConfig", "SFTConfig", "GRPOConfig", "load_config",
-           "parse_args", "save_config", "InputError", "MissingInput", "BadInput", "check_inputs", "check_split"]
+           "parse_args", "save_config", "CHOICES", "RANGES", "check_value", "InputError", "MissingInput", "BadInput",
+           "check_inputs", "check_split"]
+
+
+# ----------------------------------------------------------------------------------------------
+# What each key may hold: checked as the key is read (the message names the file or the command line), so
+# a bad value stops the run before anything loads, not at step 1. A new key with a set of values or a range
+# gets one line here; tests/test_config.py fails for a numeric or enumerated key that has none.
+
+def _reward_names():
+    from rewards import REWARDS  # read when checked (a test may add a reward); rewards -> judges imports config
+
+    return tuple(REWARDS)
+
+
+def _image_controls():
+    from evaluation import IMAGE_CONTROLS
+
+    return IMAGE_CONTROLS
+
+
+# key -> its allowed values (for a dict its names, for a list its items). "cuda:N": cuda:0, cuda:1, ...
+CHOICES = {
+    "device": ("auto", "cpu", "cuda", "cuda:N"),
+    "dtype": ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"),
+    "quantization": ("none", "4bit", "8bit"),
+    "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "backend": ("hf", "unsloth"),
+    "judge": ("none", "api", "self", "rule"),
+    "optimizer": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
+    "lr_schedule": ("cosine", "constant"),
+    "finetune": ("lora", "full"),
+    "reference": ("sft", "base", "none"),
+    "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+    "scale_rewards": ("group", "batch", "none"),
+    "merge_for_sampling": (True, False, "auto"),
+    "rewards": _reward_names,
+    "image_controls": _image_controls,
+}
+
+# key -> the interval its number must lie in: [ ] includes the bound, ( ) excludes it. A float must also be
+# finite (nan and inf are refused) unless its interval ends in "inf]".
+RANGES = {
+    # ModelConfig
+    "seed": "[0, 2147483647]", "min_pixels": "[1, inf)", "max_pixels": "[1, inf)", "lora_r": "[1, inf)",
+    "lora_alpha": "[1, inf)", "lora_dropout": "[0, 1)", "collective_timeout": "(0, inf)",
+    # JudgeConfig
+    "judge_concurrency": "[1, inf)", "judge_timeout": "(0, inf)", "judge_max_retries": "[0, inf)",
+    "judge_deadline": "(0, inf)", "judge_max_failure_share": "[0, 1]", "judge_failure_window": "[1, inf)",
+    # EvalConfig, TrainConfig, SFTConfig
+    "batch_size": "[1, inf)", "max_new_tokens": "[1, inf)", "limit": "[0, inf)", "max_steps": "[1, inf)",
+    "lr": "(0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
+    "warmup_steps": "[0, inf)", "grad_clip": "(0, inf]", "save_every": "[0, inf)", "keep_checkpoints": "[0, inf)",
+    "eval_items": "[0, inf)", "eval_every": "[0, inf)", "grad_accum": "[1, inf)", "max_len": "[1, inf)",
+    # GRPOConfig
+    "num_prompts": "[1, inf)", "group_size": "[2, inf)", "max_prompt_len": "[1, inf)", "temperature": "(0, inf)",
+    "top_p": "(0, 1]", "max_sampling_rounds": "[1, inf)", "clip_eps": "(0, 1)", "clip_eps_high": "(0, inf)",
+    "kl_coef": "[0, inf)", "num_iterations": "[1, inf)", "micro_batch_size": "[1, inf)", "logprob_chunk": "[1, inf)",
+    "sample_every": "[0, inf)", "log_groups": "[0, inf)", "max_bad_steps": "[1, inf)",
+}
+
+# why a range is what it is, where the bound alone does not say
+WHY = {
+    "group_size": "advantages compare the completions of one prompt with each other",
+    "temperature": "GRPO samples its groups from softmax(logits / T): at T=0 sampling is greedy, a group's "
+                   "completions are all alike and the log-probs divide by zero",
+    "grad_clip": "the largest gradient norm (inf: no clipping; 0 would zero every update)",
+    "max_steps": "fewer would save the untrained starting point as the result",
+    "clip_eps": "the ratio is clipped to [1 - ε, 1 + ε]",
+    "seed": "numpy takes seeds below 2^32 (each process adds 1000 x its rank)",
+}
+
+MAY_BE_EMPTY = {"run_name"}  # "" = its default; every other string key must say something
+
+
+def _shown(text: str) -> str:
+    """A command-line word as a message may quote it: one that may be a pasted secret is not shown."""
+    secret = text.startswith(("sk-", "hf_", "ghp_")) or (len(text) >= 32 and re.fullmatch(r"[\w\-.]+", text)
+                                                        and not re.search(r"[/=]|\.ya?ml$", text))
+    return "<a value that looks like a secret, not shown>" if secret else text
+
+
+def _looks_like_variable_name(text: str) -> bool:
+    """OPENAI_API_KEY, HF_TOKEN, my_key: a name in one case; not sk-..., not 40 random letters and digits."""
+    return (re.fullmatch(r"[A-Z_][A-Z0-9_]{0,63}|[a-z_][a-z0-9_]{0,63}", text) is not None
+            and ("_" in text or len(text) <= 16))
+
+
+def _allowed(value, choice) -> bool:
+    if isinstance(choice, str) and choice.endswith(":N"):
+        return isinstance(value, str) and re.fullmatch(re.escape(choice[:-1]) + r"\d+", value) is not None
+    return value == choice and type(value) is type(choice)  # True is not "true", 1 is not True
+
+
+def _in_range(value, spec: str) -> bool:
+    low_bracket, low, high, high_bracket = re.fullmatch(r"([\[(])(.+), (.+)([\])])", spec).groups()
+    low, high = float(low), float(high)
+    if math.isnan(value):
+        return False
+    return ((low <= value if low_bracket == "[" else low < value)
+            and (value <= high if high_bracket == "]" else value < high))
+
+
+def _describe(spec: str, value) -> str:
+    """"[1, inf)" -> "at least 1" (an int), "(0, inf)" -> "a finite number > 0", "[0, 1]" -> "a number between 0
+    and 1"."""
+    low_bracket, low, high, high_bracket = re.fullmatch(r"([\[(])(.+), (.+)([\])])", spec).groups()
+    if isinstance(value, int) and low_bracket == "[" and high == "inf":
+        return f"at least {low}"
+    if isinstance(value, int):
+        noun = "an int"
+    else:
+        noun = "a finite number" if high == "inf" and high_bracket == ")" else "a number"
+    if low_bracket == "[" and high_bracket == "]" and high != "inf":
+        return f"{noun} between {low} and {high}"
+    bounds = [f"{'>=' if low_bracket == '[' else '>'} {low}"]
+    if high != "inf":
+        bounds.append(f"{'<=' if high_bracket == ']' else '<'} {high}")
+    return f"{noun} {' and '.join(bounds)}"
+
+
+def check_value(key: str, value, source: str):
+    """One key's value against MAY_BE_EMPTY, CHOICES and RANGES -> ConfigError naming the key and the source."""
+    where = f"{source}: key '{key}'"
+    if value is None:  # a `str | None` key left at none
+        return
+    if isinstance(value, str) and not value.strip() and key not in MAY_BE_EMPTY:
+        raise ConfigError(f"{where} is empty: give it a value, or leave it out for its default")
+    if key == "judge_api_key_env" and not _looks_like_variable_name(value):  # never echo it: it may be the key
+        raise ConfigError(f"{where} must name an environment variable (like OPENAI_API_KEY), not hold the key "
+                          "itself: export the key as that variable and give its name (the value given is not shown)")
+    choices = CHOICES.get(key)
+    if choices is not None:
+        choices = choices() if callable(choices) else choices
+        shown = ", ".join(str(c).lower() if isinstance(c, bool) else c for c in choices)
+        for item in value if isinstance(value, (list, dict)) else [value]:
+            if not any(_allowed(item, c) for c in choices):
+                close = difflib.get_close_matches(str(item), [str(c) for c in choices], n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                if isinstance(value, (list, dict)):
+                    noun = {"rewards": "reward", "image_controls": "control"}.get(key, "name")
+                    raise ConfigError(f"{where}: unknown {noun} {item!r}; allowed: {shown}{hint}")
+                raise ConfigError(f"{where} must be one of {shown}; got {item!r}{hint}")
+    numbers = value.items() if isinstance(value, dict) else [(None, value)]
+    for name, number in numbers:
+        if isinstance(number, float) and not math.isfinite(number) and not (name is None and key in RANGES):
+            shown_key = f"{key}.{name}" if name else key
+            raise ConfigError(f"{source}: key '{shown_key}' must be a finite number, got {number!r}")
+    if key in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not _in_range(value, RANGES[key]):
+            why = f": {WHY[key]}" if key in WHY else ""
+            raise ConfigError(f"{where} must be {_describe(RANGES[key], value)}, got {value!r}{why}")
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML: PyYAML's safe loader (plain values only, never Python objects), refusing a key written twice in one
+# mapping, which PyYAML would otherwise resolve silently by keeping the last
+
+class _StrictLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader, node, deep=False):
+    first_line = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` is meant to be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (first on line {first_line[key] + 1}) and YAML would keep "
+                    "only the last: delete one", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key: construct_mapping says so
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str, where: str, with_line: bool = True):
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f", line {mark.line + 1}" if with_line and mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        tag = re.search(r"constructor for the tag '(.+?)'", problem)
+        if tag:
+            problem = (f"the tag {tag.group(1).replace('tag:yaml.org,2002:', '!!')} is not read: a config holds plain "
+                       "values (numbers, strings, lists, mappings), never Python objects")
+        elif not isinstance(e, yaml.constructor.ConstructorError):
+            problem = f"not valid YAML: {problem}"
+        raise ConfigError(f"{where}{line}: {problem}") from None
+
+
+def _read_yaml_file(path: str):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {_shown(path)}" + (" (a directory)" if os.path.isdir(path) else ""))
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#x}): save the file as "
+                          "UTF-8") from None
+    return _parse_yaml(text, path)
 
 
 @dataclass
@@ -171,18 +395,10 @@ class JudgeConfig:
     judge_failure_window: int = 64
 
     def validate_judge(self):
-        if self.judge not in ("none", "api", "self", "rule"):
-            raise ConfigError(f"judge must be none, api, self or rule, got '{self.judge}'")
-        for key in ("judge_timeout", "judge_deadline"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be a positive number of seconds, got {getattr(self, key)}")
-        if not 0 <= self.judge_max_failure_share <= 1:
-            raise ConfigError(f"judge_max_failure_share must be between 0 and 1, got {self.judge_max_failure_share}")
-        for key in ("judge_failure_window", "judge_concurrency"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.judge_max_retries < 0:
-            raise ConfigError(f"judge_max_retries must be 0 or more, got {self.judge_max_retries}")
+        """The judge keys against CHOICES and RANGES: load_config checks each as it is read; this checks a
+        config built in code."""
+        for f in dataclasses.fields(JudgeConfig):
+            check_value(f.name, getattr(self, f.name), "config")
 
 
 @dataclass
@@ -199,13 +415,7 @@ class EvalConfig(JudgeConfig, ModelConfig):
     # A model that reads the image falls to chance on both; each costs as much generation as the real set
     image_controls: list[str] = field(default_factory=list)
 
-    def validate(self):
-        from evaluation import IMAGE_CONTROLS
-
-        for control in self.image_controls:
-            if control not in IMAGE_CONTROLS:
-                raise ConfigError(f"key 'image_controls': unknown control {control!r}; "
-                                  f"allowed: {', '.join(IMAGE_CONTROLS)}")
+    def validate(self):  # each control is checked against evaluation.IMAGE_CONTROLS by CHOICES
         if len(set(self.image_controls)) < len(self.image_controls):
             raise ConfigError(f"key 'image_controls' names a control twice: {self.image_controls}")
 
@@ -244,8 +454,10 @@ class SFTConfig(TrainConfig):
     merge_export: bool = False  # also write output_dir/merged: base + adapter as one model (for vLLM etc.)
 
     def validate(self):
-        if self.finetune not in ("lora", "full"):
-            raise ConfigError(f"finetune must be lora or full, got '{self.finetune}'")
+        if self.eval_data is not None and (self.eval_every < 1 or self.eval_items < 1):
+            raise ConfigError(f"eval_every={self.eval_every}, eval_items={self.eval_items}: SFT computes the held-out "
+                              "loss on eval_items items every eval_every steps, so both must be at least 1 (for no "
+                              "held-out loss: eval_data=none)")
         if self.backend == "unsloth" and (self.finetune == "full" or self.train_vision):
             raise ConfigError("backend=unsloth trains LoRA on the language model only: use backend=hf for "
                               "finetune=full or train_vision=true")
@@ -271,7 +483,7 @@ class GRPOConfig(JudgeConfig, TrainConfig):
     temperature: float = 1.0
     top_p: float = 1.0  # < 1: the sampler truncates, the log-prob passes score the full softmax (as TRL)
     # rewards: name -> weight (rewards.REWARDS); the paper sums them with equal weight
-    rewards: dict = field(default_factory=lambda: {"format": 1.0, "accuracy": 1.0})
+    rewards: dict[str, float] = field(default_factory=lambda: {"format": 1.0, "accuracy": 1.0})
     accuracy_requires_format: bool = False
     # objective (grpo.py)
     scale_rewards: str = "group"  # group | batch | none
@@ -297,9 +509,9 @@ class GRPOConfig(JudgeConfig, TrainConfig):
     max_bad_steps: int = 5  # stop (with a checkpoint) after this many NaN/inf steps in a row
 
     def validate(self):
-        if self.group_size < 2:
-            raise ConfigError(f"group_size must be at least 2, got {self.group_size}: advantages compare the "
-                              "completions of one prompt with each other")
+        if not self.rewards or not any(self.rewards.values()):
+            raise ConfigError(f"rewards={self.rewards}: name at least one reward with a weight other than 0, e.g. "
+                              "rewards={format: 1, accuracy: 1}; with none every advantage is 0 and nothing is learnt")
         if self.lora_dropout != 0:
             raise ConfigError(f"lora_dropout must be 0 in GRPO, got {self.lora_dropout}: the policy pass (train "
                               "mode) and the sampling, old and reference passes (eval mode) must be one network, or "
@@ -311,12 +523,6 @@ class GRPOConfig(JudgeConfig, TrainConfig):
             raise ConfigError("backend=unsloth is for SFT only: GRPO samples each group from one shared prompt "
                               "cache, which Unsloth's static-cache generate cannot take; use backend=hf for GRPO "
                               "(4-bit QLoRA works there: quantization=4bit)")
-        if self.max_sampling_rounds < 1:
-            raise ConfigError(f"max_sampling_rounds must be at least 1, got {self.max_sampling_rounds}")
-        if self.merge_for_sampling not in (True, False, "auto"):
-            raise ConfigError(f"merge_for_sampling must be true, false or auto, got {self.merge_for_sampling!r}")
-        if self.reference not in ("sft", "base", "none"):
-            raise ConfigError(f"reference must be sft, base or none, got '{self.reference}'")
         if self.reference == "sft" and self.init_adapter is None and self.kl_coef != 0:
             raise ConfigError("reference=sft needs init_adapter (the SFT adapter); or use reference=base")
         if self.reference == "none" and self.kl_coef != 0:
@@ -329,10 +535,6 @@ class GRPOConfig(JudgeConfig, TrainConfig):
                               f"in a step ({judge_wait:g} s: judge_deadline x batches of judge requests) by a "
                               "minute, or one process's slow judge stops every process: raise collective_timeout "
                               "or lower judge_deadline")
-        for key, allowed in [("loss_type", ("grpo", "bnpo", "dapo", "dr_grpo")),
-                             ("scale_rewards", ("group", "batch", "none"))]:
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,8 +556,14 @@ class BadInput(InputError, ValueError):
 
 def check_inputs(cfg):
     """Everything a script's config points at: output_dir can be made, every split parses and every record
-    (image included) is usable, adapter directories hold an adapter, judge=api has its key."""
+    (image included) is usable, adapter directories hold an adapter, judge=api has its key, the device exists."""
+    check_device(cfg.device)
     check_output_dir(cfg.output_dir)
+    resume = getattr(cfg, "resume", "none")  # a training script's
+    if resume not in ("auto", "none") and not os.path.isfile(os.path.join(resume, "state.pt")):
+        raise MissingInput(f"key 'resume': no checkpoint at {resume} (no state.pt there): give a checkpoint "
+                           "directory (<output_dir>/checkpoints/step_N), or resume=auto (the newest in output_dir) "
+                           "| none")
     if isinstance(cfg, EvalConfig):
         for spec in cfg.sets:  # a malformed spec is evaluation.load_sets' to name
             name, sep, path = spec.partition("=")
@@ -373,18 +581,45 @@ def check_inputs(cfg):
                        f"set: export {cfg.judge_api_key_env}=... (or judge=self | rule)")
 
 
+def check_device(device: str):
+    """device=cuda (or cuda:N) needs a GPU torch can see: said now, not as a CUDA error inside the model load."""
+    if not device.startswith("cuda"):
+        return
+    import torch  # here: config.py itself stays light (the scripts have imported torch already)
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if count == 0:
+        raise BadInput(f"key 'device': device={device}, but torch sees no CUDA GPU (check the driver, "
+                       "CUDA_VISIBLE_DEVICES and that torch is a CUDA build: README, GPU); or use device=auto | cpu")
+    if index >= count:
+        raise BadInput(f"key 'device': device={device}, but torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
+
+
 def check_output_dir(path: str):
+    if not path.strip():
+        raise BadInput("key 'output_dir' is empty: give the directory the run writes to (e.g. runs/my-run)")
+    real = os.path.realpath(path)
+    for system in ("/proc", "/sys", "/dev"):
+        if real == system or real.startswith(system + "/"):
+            raise BadInput(f"key 'output_dir': {path} is in {system}, a file system the kernel makes up, not a disk: "
+                           "give a directory on a disk (e.g. runs/my-run)")
     existing = path
     while existing and not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if existing and not os.path.isdir(existing):
         raise BadInput(f"key 'output_dir': {existing} is a file, so output_dir={path} cannot be a directory")
+    if not os.access(existing or ".", os.W_OK | os.X_OK):
+        raise BadInput(f"key 'output_dir': {os.path.abspath(existing or '.')} is not writable by this user, so "
+                       f"output_dir={path} cannot be made there: choose another directory")
 
 
 def check_split(key: str, path: str):
     """A prepared JSONL split as a training or test set: each record as the data preparers leave it
-    (mcq.check_record: unique id, a question, >= 2 options, the answer among them, an image that opens)."""
-    from mcq import check_record, load_split
+    (mcq.check_record: fields of their types, unique id, a question, >= 2 options, the answer among them, an
+    image that decodes to the end with an aspect ratio the processor takes). Images outside the split's folder
+    (absolute, ../, a symlink) are allowed in a split written by hand, with a note: the API judge uploads them."""
+    from mcq import check_records, load_split
 
     try:
         records = load_split(path)
@@ -396,17 +631,19 @@ def check_split(key: str, path: str):
     except ValueError as e:
         raise BadInput(f"key '{key}': {e}") from None
     root = os.path.dirname(os.path.abspath(path))
+    real_root = os.path.realpath(root)
+    elsewhere = [r for r in records
+                 if os.path.commonpath([os.path.realpath(os.path.join(root, r.image)), real_root]) != real_root]
+    if elsewhere:
+        print(f"note: key '{key}': {len(elsewhere)} of {len(records)} records in {path} name an image outside its "
+              f"folder (absolute, ../ or a symlink), e.g. '{elsewhere[0].id}': {elsewhere[0].image}; they are used "
+              "as named, and an API judge uploads each image a record names", file=sys.stderr)
     missing = [r for r in records if not os.path.isfile(os.path.join(root, r.image))]
     if missing:
         example = os.path.join(root, missing[0].image)
         raise MissingInput(f"key '{key}': {path}: {len(missing)} images missing, e.g. {example} (record "
                            f"'{missing[0].id}'); re-run the data preparation")
-    seen, bad = set(), []
-    for r in records:
-        reason = check_record(r, root, seen)
-        seen.add(r.id)
-        if reason:
-            bad.append(f"'{r.id}': {reason}")
+    bad = [f"'{r.id}': {reason}" for r, reason in zip(records, check_records(records, root)) if reason]
     if bad:
         raise BadInput(f"key '{key}': {path}: {len(bad)} of {len(records)} records cannot be used ({'; '.join(bad[:3])}"
                        f"{' ...' if len(bad) > 3 else ''}); the data preparers drop such records (and list them in "

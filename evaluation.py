@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from mcq import LETTERS, THINK_RE, Record, image_path, is_well_formed, load_split, parse_answer, prompt_messages
+from mcq import (LETTERS, THINK_RE, Record, image_path, is_well_formed, load_split, open_image, parse_answer,
+                 prompt_messages)
 
 
 def load_sets(specs: list[str], limit: int = 0) -> dict[str, list[Record]]:
@@ -214,7 +215,7 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
                 batch = todo[i:i + step][procs.rank::procs.world_size]  # this process's share of the round
                 preds = []
                 if batch:
-                    images = [Image.open(r.image).convert("RGB") for r in batch]
+                    images = [open_image(r.image) for r in batch]
                     inputs = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
                     ids, texts = generate(model, processor, inputs, max_new_tokens, temperature=0.0)  # (B, T)
                     lengths = completion_mask(ids, stop_ids).sum(1).tolist()  # tokens up to and including EOS

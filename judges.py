@@ -344,8 +344,7 @@ class SelfJudge:
         return replies
 
     def _generate(self, requests: list[JudgeRequest]) -> list[str]:
-        from PIL import Image
-
+        from mcq import open_image
         from model import completion_mask, encode_prompts, generate, stop_token_ids
 
         messages, images = [], []
@@ -353,7 +352,7 @@ class SelfJudge:
             user = [{"type": "text", "text": r.user}]
             if r.image is not None:
                 user.insert(0, {"type": "image"})
-                images.append(Image.open(r.image).convert("RGB"))
+                images.append(open_image(r.image))
             messages.append([{"role": "system", "content": r.system}, {"role": "user", "content": user}])
         device = next(self.model.parameters()).device
         inputs = encode_prompts(self.processor, messages, images or None, device)

@@ -8,12 +8,15 @@ A record is one JSON line, its image a file beside the JSONL (any `datasets.load
 The model is asked to reason inside <think>...</think> and answer inside <answer>B) blue</answer>.
 """
 
+import difflib
+import functools
 import json
 import os
 import re
 import string
+import typing
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 LETTERS = string.ascii_uppercase
 
@@ -194,59 +197,218 @@ def _contains(text: str, option: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# Images: one reader for training, evaluation and the judges, one check for the preparers and config
+
+# Qwen2.5-VL's image processor refuses an image whose long side is over 200 times its short side
+# (transformers' qwen2_vl smart_resize: "absolute aspect ratio must be smaller than 200").
+MAX_ASPECT_RATIO = 200
+# Modes whose pixels do not fit 8 bits: 16-bit PNG/TIFF (I;16*), 32-bit integer (I) and float (F).
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def open_image(path):
+    """The image at `path` (a path or a binary file object), decoded to the end, as 8-bit RGB (to_rgb)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()  # decode now: a truncated file fails here, not later in a batch
+        return to_rgb(image)
+
+
+def to_rgb(image):
+    """A PIL image of any mode as 8-bit RGB. convert("RGB") alone clips 16-bit and 32-bit pixels at 255 (a
+    16-bit scan comes out almost white) and drops transparency onto black. Here wide modes are stretched
+    from their own minimum to their own maximum, as an image viewer windows them, and transparent pixels
+    (RGBA, LA, PA, a palette or grey with a transparent colour) are laid on white, a slide's background."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in WIDE_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = pixels.min(), pixels.max()
+        image = Image.fromarray(np.round((pixels - low) * 255 / ((high - low) or 1)).astype(np.uint8), "L")
+    if image.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def image_problem(source, name: str) -> str | None:
+    """Why the image `source` (a path or a binary file object; `name` says which in the reason) cannot be
+    shown to the model, or None. It must decode to its last byte, which Image.verify() does not check (a
+    truncated JPEG passes it and fails in training when drawn), and convert to RGB; its aspect ratio must
+    be one Qwen2.5-VL's processor takes."""
+    try:
+        width, height = open_image(source).size
+    except Exception as e:  # any decoder error means the image is unusable
+        detail = str(e).replace(repr(source), "the file")[:120]  # not "<_io.BytesIO object at 0x7f...>"
+        return f"image unreadable: {name} ({type(e).__name__}: {detail})"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (f"image too elongated: {name} is {width}x{height} px, an aspect ratio above {MAX_ASPECT_RATIO}, "
+                "which Qwen2.5-VL's image processor refuses: crop it into parts or pad it")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _file_image_problem(path: str, size: int, mtime_ns: int, name: str) -> str | None:
+    """image_problem of a file, once per version of the file: a preparer checks a record twice (before
+    dealing and when writing), and questions share images."""
+    return image_problem(path, name)
+
+
+# ----------------------------------------------------------------------------------------------
 # Reading and writing prepared splits
 
+FIELD_TYPES = typing.get_type_hints(Record)  # {"id": str, ..., "options": list[str], "image_facts": dict}
+REQUIRED = [f.name for f in fields(Record) if f.default is MISSING and f.default_factory is MISSING]
+WANTED = {str: "a string", list[str]: "a list of strings", dict: 'a mapping such as {"stain": "blue"}'}
+
+
+def field_problem(values: dict) -> str | None:
+    """The first field whose value is not of the type Record declares for it, named with the type found and
+    the type wanted: one rule for every field, read from the annotations. `values`: a record's fields."""
+    for name, wanted in FIELD_TYPES.items():
+        if name not in values:
+            continue
+        value, item_type = values[name], (typing.get_args(wanted) or [None])[0]
+        if not isinstance(value, typing.get_origin(wanted) or wanted):
+            return f"wrong type: '{name}' is {_json_type(value)}, expected {WANTED[wanted]}"
+        for position, item in enumerate(value if item_type else []):
+            if not isinstance(item, item_type):
+                return f"wrong type: '{name}' item {position} is {_json_type(item)}, expected {WANTED[wanted]}"
+    return None
+
+
+def _json_type(value) -> str:
+    text = repr(value)
+    return "null" if value is None else f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def record_from_json(data) -> Record:
+    """A JSON line's object as a Record; ValueError naming the key when it is not one."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a record is a JSON object {{\"id\": ..., \"image\": ..., ...}}, got {_json_type(data)}")
+    for key in data:
+        if key not in FIELD_TYPES:
+            close = difflib.get_close_matches(key, FIELD_TYPES, n=1)
+            raise ValueError(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else
+                                                       f"; a record's keys are {', '.join(FIELD_TYPES)}"))
+    missing = [name for name in REQUIRED if name not in data]
+    if missing:
+        raise ValueError(f"missing key{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}")
+    problem = field_problem(data)
+    if problem:
+        raise ValueError(problem)
+    return Record(**data)
+
+
 def load_split(path: str) -> list[Record]:
-    """Read a prepared JSONL split. Errors name the file and line."""
+    """Read a prepared JSONL split. Errors name the file, the line, the record and the key."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path} (run the matching data/<name>/prepare.py first)")
+        raise FileNotFoundError(f"data file not found: {path} ({_not_prepared_hint(path)})")
     records = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                records.append(Record(**json.loads(line)))
-            except (json.JSONDecodeError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: not a valid record ({e})") from None
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a valid record (not JSON: {e})") from None
+            try:
+                records.append(record_from_json(data))
+            except ValueError as e:
+                record_id = data.get("id") if isinstance(data, dict) else None
+                which = f"record '{record_id}'" if isinstance(record_id, str) else "record"
+                raise ValueError(f"{path}:{n}: {which}: {e}") from None
     if not records:
-        raise ValueError(f"{path}: the split is empty")
+        report = _report_of(path)
+        raise ValueError(f"{path}: the split is empty" + (f"; {report} says what the preparation kept and skipped"
+                                                           if report else ""))
     return records
+
+
+def _report_of(split_path: str) -> str | None:
+    """The preparer's report beside a split: report-<split>.json (PathVQA) or report.json."""
+    folder, split = os.path.dirname(split_path), os.path.splitext(os.path.basename(split_path))[0]
+    for name in (f"report-{split}.json", "report.json"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def _not_prepared_hint(split_path: str) -> str:
+    """For a split file that does not exist: a preparer writes no file for a split that came out empty, so
+    when its report is there, say which splits it wrote rather than to run it."""
+    report = _report_of(split_path)
+    try:
+        with open(report) as f:
+            counts = json.load(f)["counts"]
+    except (TypeError, OSError, ValueError, KeyError):  # no report, or not one of ours
+        return "run the matching data/<name>/prepare.py first"
+    split = os.path.splitext(os.path.basename(split_path))[0]
+    written = ", ".join(f"{name} ({n})" for name, n in counts.items()) or "none"
+    return (f"the preparation's {report} lists the splits it wrote: {written}; a split that comes out empty is "
+            f"not written, so '{split}' was empty or misnamed: see the report's skipped and filtered records, and "
+            f"the preparer's sizes and subsets")
 
 
 def image_path(split_path: str, record: Record) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(split_path)), record.image)
 
 
-def check_record(record: Record, root: str, seen_ids: set) -> str | None:
-    """Why a record cannot be used, or None. `root` is the directory its image path is relative to."""
+def check_fields(record: Record, seen_ids: set) -> str | None:
+    """Why a record's text fields make it unusable, or None: check_record without the image."""
+    problem = field_problem(vars(record))
+    if problem:
+        return problem
     if record.id in seen_ids:
         return "duplicate id"
-    if not isinstance(record.question, str) or not record.question.strip():
+    if not record.question.strip():
         return "empty question"
-    if not isinstance(record.options, list) or len(record.options) < 2:
+    if len(record.options) < 2:
         return "fewer than two options"
     if len(record.options) > len(LETTERS):
         return "too many options"
-    if any(not isinstance(o, str) or not o.strip() for o in record.options):
+    if any(not o.strip() for o in record.options):
         return "empty option"
     # one letter of the options: `in` on the string of letters alone would also let "" and "AB" through
-    letters = LETTERS[: len(record.options)]
-    if not (isinstance(record.answer, str) and len(record.answer) == 1 and record.answer in letters):
+    if not (len(record.answer) == 1 and record.answer in LETTERS[: len(record.options)]):
         return f"answer {record.answer!r} is not among the options"
-    if not isinstance(record.image_facts, dict):
-        return f"image_facts must be a mapping (e.g. {{\"stain\": \"blue\"}}), got {type(record.image_facts).__name__}"
+    return None
+
+
+def check_record(record: Record, root: str, seen_ids: set) -> str | None:
+    """Why a record cannot be used, or None. `root` is the directory its image path is relative to."""
+    return check_fields(record, seen_ids) or check_image(record, root)
+
+
+def check_image(record: Record, root: str) -> str | None:
+    """Why the image a record (of well-typed fields) names cannot be used, or None (image_problem)."""
+    if not record.image.strip():
+        return "image missing: the record names no image"
     path = os.path.join(root, record.image)
     if not os.path.isfile(path):
         return f"image missing: {record.image}"
-    try:
-        from PIL import Image
+    stat = os.stat(path)
+    return _file_image_problem(os.path.abspath(path), stat.st_size, stat.st_mtime_ns, record.image)
 
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:  # any decoder error means the image is unusable
-        return f"image unreadable: {record.image} ({type(e).__name__})"
-    return None
+
+def check_records(records: list[Record], root: str) -> list[str | None]:
+    """check_record of each record in turn (a repeated id is the later record's problem), the images decoded
+    on several threads: Pillow's decoders release the GIL, and a split of 5,000 photos takes a minute on one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen, reasons = set(), []
+    for record in records:
+        reasons.append(check_fields(record, seen))
+        if isinstance(record.id, str):  # a list id is reported, not hashed
+            seen.add(record.id)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(lambda r, reason: None if reason else check_image(r, root), records, reasons))
+    return [reason or image for reason, image in zip(reasons, images)]
 
 
 class SplitWriter:

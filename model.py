@@ -9,6 +9,7 @@ own machinery (a group's sampling with one prefill, chunked log-probs) is in rol
 import contextlib
 import logging
 import os
+import warnings
 
 import torch
 from transformers import (
@@ -28,6 +29,22 @@ from tiny import CHAT_TEMPLATE, TINY_SIZES, resolve_model_path
 # Hugging Face hub with the `kernels` package and warns when it cannot. We never run that kernel (see
 # keep_one_4bit_layout), and nothing may be downloaded at run time, so the warning only misleads.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft 0.21's PeftModel.__init__ reads model.is_gradient_checkpointing, which transformers 5 deprecated for
+# is_activation_checkpointing: a FutureWarning on every run about code not ours (until peft reads the new name).
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+class _GreedyTopKFilter(logging.Filter):
+    """generation_config gives top_k=0 for greedy decoding too: left at its default (50), top_k would be
+    replaced by the model's own (Qwen2.5-VL-Instruct ships top_k=1), so it is set, and transformers then warns
+    that greedy decoding ignores it, which is the point. Only that warning is dropped; others about flags stay."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("The following generation flags are not valid and may be "
+                                                  "ignored: ['top_k'].")
+
+
+logging.getLogger("transformers.generation.configuration_utils").addFilter(_GreedyTopKFilter())
 
 # LoRA goes on the language model only: the vision blocks reuse the names q_proj/.../down_proj,
 # so we match on the module path, not on the name alone.

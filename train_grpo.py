@@ -28,7 +28,6 @@ import sys
 import time
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -37,7 +36,7 @@ from config import GRPOConfig, InputError, check_inputs, parse_args, save_config
 from evaluation import evaluate, load_sets
 from grpo import equal_reward_groups, group_advantages, grpo_loss
 from judges import judge_down, judge_from_config
-from mcq import image_path, is_well_formed, parse_answer, prompt_messages
+from mcq import image_path, is_well_formed, open_image, parse_answer, prompt_messages
 from model import (completion_mask, count_params, encode_prompts, freeze_vision_copy, generation_config,
                    image_features, load_model, special_token_ids, stop_token_ids)
 from rewards import score_completions
@@ -105,7 +104,7 @@ def sample_groups(model, processor, prompt, features, cfg):
 
 def encode_batch(batch, processor, cfg, device) -> dict:
     """B records -> their prompts with their images, left-padded to the longest."""
-    images = [Image.open(image_path(cfg.data, r)).convert("RGB") for r in batch]
+    images = [open_image(image_path(cfg.data, r)) for r in batch]
     return encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
 
 

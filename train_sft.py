@@ -16,12 +16,11 @@ import sys
 import time
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import checkpoint as ckpt
 from config import InputError, SFTConfig, check_inputs, parse_args, save_config
-from mcq import Record, image_path, prompt_messages, target_text
+from mcq import Record, image_path, open_image, prompt_messages, target_text
 from model import compute_dtype, count_params, encode_completions, encode_prompts, image_features, load_model, unwrap
 from rollout import completion_logprobs
 from training import (DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard,
@@ -34,7 +33,7 @@ from training import (DataOrder, Processes, load_examples, make_optimizer, make_
 def batch_tensors(records: list[Record], split_path: str, processor, device):
     """-> prompt inputs (left-padded), completion ids and mask (right-padded). The loss mask is the
     completion mask: exactly the assistant's tokens, EOS included."""
-    images = [Image.open(image_path(split_path, r)).convert("RGB") for r in records]
+    images = [open_image(image_path(split_path, r)) for r in records]
     prompt = encode_prompts(processor, [prompt_messages(r) for r in records], images, device)
     completion_ids, completion_mask = encode_completions(processor.tokenizer, [target_text(r) for r in records], device)
     return prompt, completion_ids, completion_mask

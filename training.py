@@ -7,6 +7,7 @@ train_sft.py and train_grpo.py import these; neither imports the other.
 import math
 import os
 import sys
+import warnings
 
 import torch
 from PIL import Image
@@ -14,6 +15,10 @@ from PIL import Image
 import checkpoint as ckpt
 from config import BadInput
 from mcq import Record, image_path, load_split, prompt_messages, target_text
+
+# optimizer=paged_adamw_8bit on the CPU: bitsandbytes falls back to the unpaged AdamW8bit (paging moves optimizer
+# state between GPU and CPU memory; on a CPU there is nothing to page) and warns at every parameter's first step.
+warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from config import ModelConfig  # noqa: E402
-from mcq import Record, format_prompt_text, image_path, load_split, target_text  # noqa: E402
+from mcq import Record, format_prompt_text, image_path, load_split, open_image, target_text  # noqa: E402
 from model import LORA_TARGET, load_model, special_token_ids  # noqa: E402
 
 
@@ -65,10 +65,8 @@ def lora_config(r: int = 8, alpha: int = 16):
 
 
 def _record_columns(r: Record, split_path: str) -> dict:
-    from PIL import Image
-
     return {"id": r.id, "question": r.question, "options": r.options, "answer": r.answer,
-            "image": Image.open(image_path(split_path, r)).convert("RGB")}
+            "image": open_image(image_path(split_path, r))}
 
 
 def trl_grpo_dataset(split_path: str):

@@ -38,7 +38,8 @@ SFT = ["configs/sft.yaml", "eval_data=none"]
 GRPO = ["configs/grpo.yaml", "init_adapter=none", "reference=base"]
 EVAL = ["configs/eval.yaml"]
 TINY_GRPO = ["configs/demo_grpo.yaml", "model=tiny", "init_adapter=none", "reference=base", "eval_every=0",
-             "max_steps=0"]
+             "max_steps=1", "num_prompts=2", "group_size=2", "max_new_tokens=8"]
+FAKE_KEY = "sk-proj-EXAMPLE0EXAMPLE0EXAMPLE0EXAMPLE0"  # an OpenAI key's shape, pasted where the variable's name goes
 
 
 @dataclass
@@ -100,6 +101,72 @@ CASES = [
          script="eval.py", args=[*EVAL, "sets=[t={ws}/good/split.jsonl]", "model={ws}/empty_dir"]),
     Case("output_dir is a file", r"^error: key 'output_dir': <tmp>/a_file\.txt is a file", script="train_sft.py",
          args=[*SFT, "data={ws}/good/split.jsonl", "output_dir={ws}/a_file.txt"]),
+    Case("output_dir inside a file", r"^error: key 'output_dir': <tmp>/a_file\.txt is a file, so "
+         r"output_dir=<tmp>/a_file\.txt/run cannot be a directory", script="train_grpo.py",
+         args=[*GRPO, "data={ws}/good/split.jsonl", "output_dir={ws}/a_file.txt/run"]),
+    Case("output_dir empty", r"^config error: command line: key 'output_dir' is empty: give it a value",
+         script="train_sft.py", args=[*SFT, "output_dir="]),
+    Case("output_dir on /proc", r"^error: key 'output_dir': /proc/pathvlm-run is in /proc, a file system the kernel "
+         r"makes up, not a disk", script="eval.py", args=[*EVAL, "sets=[t={ws}/good/split.jsonl]",
+                                                          "output_dir=/proc/pathvlm-run"]),
+    Case("resume names a directory without a checkpoint", r"^error: key 'resume': no checkpoint at <tmp>/empty_dir "
+         r"\(no state\.pt there\)", script="train_sft.py",
+         args=[*SFT, "data={ws}/good/split.jsonl", "resume={ws}/empty_dir"]),
+    Case("device=cuda on a machine without a GPU", r"^error: key 'device': device=cuda, but torch sees no CUDA GPU",
+         script="train_sft.py", args=[*SFT, "device=cuda"], subprocess=True, env={"CUDA_VISIBLE_DEVICES": ""}),
+    # config: each value checked as it is read (config.CHOICES, config.RANGES), before anything loads
+    Case("misspelt reward name", r"^config error: command line: key 'rewards': unknown reward 'acuracy'; allowed: "
+         r"format, accuracy, process \(did you mean 'accuracy'\?\)", script="train_grpo.py",
+         args=[*GRPO, "rewards={format: 1, acuracy: 1}"]),
+    Case("reward weight a string (YAML)", r"^config error: <tmp>/reward_string\.yaml: key 'rewards\.accuracy' must "
+         r"be a number, got 'one'", script="train_grpo.py", args=["{ws}/reward_string.yaml", "reference=base"]),
+    Case("reward weight a mapping", r"^config error: command line: key 'rewards\.format' must be a number, got "
+         r"\{'weight': 1\}", script="train_grpo.py", args=[*GRPO, "rewards={format: {weight: 1}}"]),
+    Case("every reward weight 0", r"^config error: rewards=\{'format': 0\.0, 'accuracy': 0\.0\}: name at least one "
+         r"reward with a weight other than 0", script="train_grpo.py",
+         args=[*GRPO, "rewards={format: 0, accuracy: 0}"]),
+    Case("temperature=0 in GRPO", r"^config error: command line: key 'temperature' must be a finite number > 0, got "
+         r"0\.0: GRPO samples its groups", script="train_grpo.py", args=[*GRPO, "temperature=0"]),
+    Case("negative max_steps", r"^config error: command line: key 'max_steps' must be at least 1, got -3",
+         script="train_sft.py", args=[*SFT, "max_steps=-3"]),
+    Case("num_prompts=0", r"^config error: command line: key 'num_prompts' must be at least 1, got 0",
+         script="train_grpo.py", args=[*GRPO, "num_prompts=0"]),
+    Case("batch_size=0", r"^config error: command line: key 'batch_size' must be at least 1, got 0",
+         script="eval.py", args=[*EVAL, "batch_size=0"]),
+    Case("lr=nan", r"^config error: command line: key 'lr' must be a finite number > 0, got nan", script="train_sft.py",
+         args=[*SFT, "lr=nan"]),
+    Case("lr=inf", r"^config error: command line: key 'lr' must be a finite number > 0, got inf",
+         script="train_grpo.py", args=[*GRPO, "lr=inf"]),
+    Case("negative lr", r"^config error: command line: key 'lr' must be a finite number > 0, got -0\.0002",
+         script="train_sft.py", args=[*SFT, "lr=-2e-4"]),
+    Case("adam_beta2=1 (torch refuses it after the model loads)", r"^config error: command line: key 'adam_beta2' "
+         r"must be a number >= 0 and < 1, got 1\.0", script="train_sft.py", args=[*SFT, "adam_beta2=1"]),
+    Case("top_p above 1", r"^config error: command line: key 'top_p' must be a number > 0 and <= 1, got 1\.5",
+         script="train_grpo.py", args=[*GRPO, "top_p=1.5"]),
+    Case("group_size=1", r"^config error: command line: key 'group_size' must be at least 2, got 1: advantages "
+         r"compare the completions of one prompt", script="train_grpo.py", args=[*GRPO, "group_size=1"]),
+    Case("quantization=4-bit", r"^config error: command line: key 'quantization' must be one of none, 4bit, 8bit; "
+         r"got '4-bit' \(did you mean '4bit'\?\)", script="train_sft.py", args=[*SFT, "quantization=4-bit"]),
+    Case("misspelt optimizer (YAML)", r"^config error: <tmp>/optimizer\.yaml: key 'optimizer' must be one of adamw, "
+         r"adamw_8bit, paged_adamw_8bit; got 'adamw8bit' \(did you mean 'adamw_8bit'\?\)", script="train_sft.py",
+         args=["{ws}/optimizer.yaml"]),
+    Case("misspelt device", r"^config error: command line: key 'device' must be one of auto, cpu, cuda, cuda:N; got "
+         r"'gpu'", script="eval.py", args=[*EVAL, "device=gpu"]),
+    Case("misspelt loss_type", r"^config error: command line: key 'loss_type' must be one of grpo, bnpo, dr_grpo, "
+         r"dapo; got 'dr-grpo' \(did you mean 'dr_grpo'\?\)", script="train_grpo.py",
+         args=[*GRPO, "loss_type=dr-grpo"]),
+    Case("an API key pasted into judge_api_key_env (never shown)", r"^config error: command line: key "
+         r"'judge_api_key_env' must name an environment variable \(like OPENAI_API_KEY\), not hold the key itself",
+         script="train_grpo.py", args=[*GRPO, f"judge_api_key_env={FAKE_KEY}"]),
+    Case("YAML key given twice", r"^config error: <tmp>/duplicate_key\.yaml, line 3: key 'max_steps' is given twice "
+         r"\(first on line 1\)", script="train_sft.py", args=["{ws}/duplicate_key.yaml"]),
+    Case("YAML syntax error", r"^config error: <tmp>/syntax_error\.yaml, line 2: not valid YAML: ",
+         script="train_grpo.py", args=["{ws}/syntax_error.yaml"]),
+    Case("YAML with a !!python/object tag", r"^config error: <tmp>/python_tag\.yaml, line 1: the tag "
+         r"!!python/object/apply:os\.system is not read: a config holds plain values", script="train_sft.py",
+         args=["{ws}/python_tag.yaml"]),
+    Case("YAML not UTF-8 (Latin-1)", r"^config error: <tmp>/latin1\.yaml, line 2: not UTF-8 text \(byte 0xe9\): save "
+         r"the file as UTF-8", script="eval.py", args=["{ws}/latin1.yaml"]),
     # prompt length
     Case("a prompt longer than max_prompt_len (image tokens included)", r"^<tmp>/long_prompt/split\.jsonl: dropped 1 "
          r"examples longer than max_prompt_len=400 tokens \(image tokens included", outcome="skip",
@@ -187,6 +254,12 @@ def make_workspace(ws: str):
     Path(f"{ws}/whole_model/config.json").write_text("{}")
     Path(f"{ws}/a_file.txt").write_text("not a directory\n")
     Path(f"{ws}/misspelt.yaml").write_text("max_step: 10\n")
+    Path(f"{ws}/reward_string.yaml").write_text("rewards: {format: 1, accuracy: one}\n")
+    Path(f"{ws}/optimizer.yaml").write_text("optimizer: adamw8bit\n")
+    Path(f"{ws}/duplicate_key.yaml").write_text("max_steps: 100\nlr: 1.0e-4\nmax_steps: 200\n")
+    Path(f"{ws}/syntax_error.yaml").write_text("max_steps: [100\nlr: 1.0e-4\n")
+    Path(f"{ws}/python_tag.yaml").write_text("max_steps: !!python/object/apply:os.system ['echo run']\n")
+    Path(f"{ws}/latin1.yaml").write_text("model: tiny\nrun_name: café\n", encoding="latin-1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +342,10 @@ def run_judge(settings: dict, ws: str) -> Result:
 
 
 def fill(text: str, ws: str, case_index: int, hub: str = "") -> str:
-    return text.format(ws=ws, out=f"{ws}/out/{case_index}", hub=hub)
+    """The placeholders filled in; other braces (`rewards={format: 1}`) are the case's own YAML."""
+    for name, value in [("ws", ws), ("out", f"{ws}/out/{case_index}"), ("hub", hub)]:
+        text = text.replace("{" + name + "}", value)
+    return text
 
 
 def script_args(case: Case, ws: str, case_index: int) -> list[str]:
@@ -336,6 +412,7 @@ def test_bad_input(case, results):
     result = results[case.input]
     assert result.traceback is None, result.traceback
     assert "Traceback" not in result.output, result.output
+    assert FAKE_KEY not in result.output, "a pasted key was shown"
     assert message_line(case, result) is not None, f"no line matches /{case.expect}/ in:\n{result.output}"
     assert (result.rc != 0) == (case.outcome == "error"), f"exit status {result.rc}:\n{result.output}"
 

@@ -40,8 +40,13 @@ def test_cross_key_checks():
         load_config(GRPOConfig, None, ["reference=sft"])
     with pytest.raises(ConfigError, match="process reward needs a judge"):
         load_config(GRPOConfig, None, ["reference=base", "rewards={process: 1}"])
-    with pytest.raises(ConfigError, match="loss_type must be one of grpo, bnpo, dapo, dr_grpo, got 'ppo'"):
-        load_config(GRPOConfig, None, ["reference=base", "loss_type=ppo"])
+    with pytest.raises(ConfigError, match="rewards=.*name at least one reward with a weight other than 0"):
+        load_config(GRPOConfig, None, ["reference=base", "rewards={format: 0}"])
+    with pytest.raises(ConfigError, match="min_pixels=5000 exceeds max_pixels=4000"):
+        load_config(SFTConfig, None, ["min_pixels=5000", "max_pixels=4000"])
+    with pytest.raises(ConfigError, match="eval_every=0, eval_items=64: SFT computes the held-out loss"):
+        load_config(SFTConfig, None, ["eval_every=0"])
+    assert load_config(SFTConfig, None, ["eval_every=0", "eval_data=none"]).eval_every == 0
 
 
 def test_missing_file_and_cli_exit(tmp_path):
@@ -95,13 +100,16 @@ def test_judge_keys_are_checked_and_the_collective_timeout_outlasts_the_judge():
         load_config(GRPOConfig, "configs/grpo_process.yaml", ["collective_timeout=100"])
     with pytest.raises(ConfigError, match=r"must exceed .* \(360 s"):  # three sampling rounds, three batches
         load_config(GRPOConfig, "configs/grpo_process.yaml", ["dynamic_sampling=true", "collective_timeout=400"])
-    for bad, message in [("judge_deadline=0", "judge_deadline must be a positive"),
-                         ("judge_max_failure_share=1.5", "judge_max_failure_share must be between 0 and 1"),
-                         ("judge_failure_window=0", "judge_failure_window must be at least 1"),
-                         ("judge=gpt", "judge must be none, api, self or rule"),
-                         ("collective_timeout=-1", "collective_timeout must be a positive")]:
+    for bad, message in [("judge_deadline=0", "'judge_deadline' must be a finite number > 0"),
+                         ("judge_max_failure_share=1.5", "'judge_max_failure_share' must be a number between 0 and 1"),
+                         ("judge_failure_window=0", "'judge_failure_window' must be at least 1"),
+                         ("judge=gpt", "'judge' must be one of none, api, self, rule; got 'gpt'"),
+                         ("collective_timeout=-1", "'collective_timeout' must be a finite number > 0")]:
         with pytest.raises(ConfigError, match=message):
             load_config(GRPOConfig, "configs/grpo_process.yaml", [bad])
+    judge = GRPOConfig(judge="gpt")  # built in code, not loaded: validate_judge runs the same checks
+    with pytest.raises(ConfigError, match="config: key 'judge' must be one of"):
+        judge.validate_judge()
 
 
 def test_grpo_refuses_the_unsloth_backend_at_start_up():
@@ -109,3 +117,87 @@ def test_grpo_refuses_the_unsloth_backend_at_start_up():
     with pytest.raises(ConfigError, match="backend=unsloth is for SFT only"):
         load_config(GRPOConfig, "configs/grpo.yaml", ["backend=unsloth"])
     assert load_config(SFTConfig, "configs/sft.yaml", ["backend=unsloth"]).backend == "unsloth"
+
+
+def test_every_numeric_and_enumerated_key_has_its_range_or_choices():
+    """The tables are the mechanism: a new numeric key without a RANGES line, or a key whose comment lists its
+    values (`a | b`) without a CHOICES line, fails here rather than at step 1 of someone's run."""
+    import dataclasses
+    import types
+    import typing
+
+    from config import CHOICES, RANGES, EvalConfig
+
+    for cls in (SFTConfig, GRPOConfig, EvalConfig):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            optional = typing.get_origin(tp) in (typing.Union, types.UnionType)  # float | None
+            numeric = tp in (int, float) or (optional and float in typing.get_args(tp))
+            assert not numeric or f.name in RANGES, f"{cls.__name__}.{f.name}: numeric, but no RANGES entry"
+    for key in ("device", "dtype", "quantization", "attn_implementation", "backend", "judge", "optimizer",
+                "lr_schedule", "finetune", "reference", "loss_type", "scale_rewards", "merge_for_sampling", "rewards",
+                "image_controls"):
+        assert key in CHOICES, key
+    for cls, path in [(SFTConfig, "configs/sft.yaml"), (GRPOConfig, "configs/grpo.yaml")]:  # defaults and shipped
+        for key in RANGES.keys() & {f.name for f in dataclasses.fields(cls)}:
+            load_config(cls, path, [f"{key}={getattr(load_config(cls, path), key)}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_steps=-3", r"command line: key 'max_steps' must be at least 1, got -3"),
+    ("num_prompts=0", r"key 'num_prompts' must be at least 1, got 0"),
+    ("lr=nan", r"key 'lr' must be a finite number > 0, got nan"),
+    ("lr=inf", r"key 'lr' must be a finite number > 0, got inf"),
+    ("lr=-1e-4", r"key 'lr' must be a finite number > 0, got -0\.0001"),
+    ("temperature=0", r"key 'temperature' must be a finite number > 0, got 0\.0: GRPO samples its groups"),
+    ("top_p=1.5", r"key 'top_p' must be a number > 0 and <= 1, got 1\.5"),
+    ("adam_beta2=1", r"key 'adam_beta2' must be a number >= 0 and < 1, got 1\.0"),
+    ("grad_clip=0", r"key 'grad_clip' must be a number > 0, got 0\.0"),
+    ("seed=-1", r"key 'seed' must be an int between 0 and 2147483647, got -1"),
+    ("quantization=4-bit", r"key 'quantization' must be one of none, 4bit, 8bit; got '4-bit' "
+                           r"\(did you mean '4bit'\?\)"),
+    ("device=gpu", r"key 'device' must be one of auto, cpu, cuda, cuda:N; got 'gpu'"),
+    ("optimizer=adam", r"key 'optimizer' must be one of adamw, adamw_8bit, paged_adamw_8bit; got 'adam'"),
+    ("merge_for_sampling=maybe", r"key 'merge_for_sampling' must be one of true, false, auto; got 'maybe'"),
+    ("rewards={acuracy: 1}", r"key 'rewards': unknown reward 'acuracy'; allowed: format, accuracy, process "
+                             r"\(did you mean 'accuracy'\?\)"),
+    ("rewards={format: one}", r"key 'rewards\.format' must be a number, got 'one'"),
+    ("rewards={format: {weight: 1}}", r"key 'rewards\.format' must be a number, got \{'weight': 1\}"),
+    ("rewards={format: .nan}", r"key 'rewards\.format' must be a finite number, got nan"),
+    ("rewards={format: [}", r"key 'rewards': not valid YAML"),
+    ("output_dir=", r"key 'output_dir' is empty"),
+])
+def test_each_value_is_checked_as_it_is_read(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(GRPOConfig, None, ["reference=base", override])
+    assert load_config(GRPOConfig, None, ["reference=base", "device=cuda:1", "grad_clip=inf"]).grad_clip == float("inf")
+
+
+def test_a_pasted_key_is_refused_and_never_shown():
+    secret = "sk-proj-" + "a1B2c3D4" * 6
+    for value in (secret, "0123456789abcdef0123456789abcdef"):
+        with pytest.raises(ConfigError) as e:
+            load_config(GRPOConfig, None, ["reference=base", f"judge_api_key_env={value}"])
+        assert "must name an environment variable (like OPENAI_API_KEY), not hold the key itself" in str(e.value)
+        assert value not in str(e.value)
+    with pytest.raises(ConfigError) as e:  # the key alone, its `=` forgotten
+        load_config(GRPOConfig, None, [secret])
+    assert secret not in str(e.value)
+    for name in ("OPENAI_API_KEY", "HF_TOKEN", "my_judge_key"):
+        assert load_config(GRPOConfig, None, ["reference=base", f"judge_api_key_env={name}"]).judge_api_key_env == name
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"lr: 1.0e-4\nmax_steps: 3\nlr: 2.0e-4\n", r"c\.yaml, line 3: key 'lr' is given twice \(first on line 1\)"),
+    (b"rewards: {format: 1, format: 2}\n", r"c\.yaml, line 1: key 'format' is given twice"),
+    (b"lr: 1.0e-4\nmax_steps: [3\nseed: 1\n", r"c\.yaml, line 3: not valid YAML: expected ',' or ']'"),
+    (b"lr: !!python/object/apply:os.system ['true']\n", r"c\.yaml, line 1: the tag !!python/object/apply:os\.system "
+                                                        r"is not read: a config holds plain values"),
+    (b"max_steps: 3\noutput_dir: runs/caf\xe9\n", r"c\.yaml, line 2: not UTF-8 text \(byte 0xe9\): save the file "
+                                                r"as UTF-8"),
+])
+def test_a_yaml_file_that_cannot_be_read_as_written_is_one_message(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(GRPOConfig, str(path), ["reference=base"])

@@ -441,7 +441,7 @@ def test_kl_is_zero_at_the_first_step_after_sft_with_dropout(demo_data, tmp_path
 def test_grpo_refuses_what_would_make_its_numbers_meaningless():
     from config import ConfigError, GRPOConfig, load_config
 
-    with pytest.raises(ConfigError, match="group_size must be at least 2"):
+    with pytest.raises(ConfigError, match="group_size' must be at least 2"):
         load_config(GRPOConfig, None, ["group_size=1", "reference=base"])
     with pytest.raises(ConfigError, match="lora_dropout must be 0"):
         load_config(GRPOConfig, None, ["lora_dropout=0.05", "reference=base"])

@@ -34,7 +34,7 @@ from skimage import data as skdata
 from skimage.color import rgb2hed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from data.common import write_report  # noqa: E402
+from data.common import out_folder, write_report  # noqa: E402
 from mcq import Record, SplitWriter  # noqa: E402
 
 CLASSES = ["brown", "blue", "mixed"]
@@ -118,7 +118,7 @@ def take_patch(pool: list, start: int, split: str, split_of: dict) -> int | None
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="data/demo/prepared")
+    p.add_argument("--out", type=out_folder, default="data/demo/prepared")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sft-size", type=int, default=1500)
     p.add_argument("--rl-size", type=int, default=900)
@@ -169,7 +169,8 @@ def main(argv=None):
                                      answer="ABC"[options.index(given)], explanation=explanation(given),
                                      source=f"demo/stain/{label}", image_facts=image_facts(patch, label)))
     write_report(writer, Counter(), list(wanted), seed=args.seed, sft_blue_as_mixed=args.sft_blue_as_mixed,
-                 patches_in_another_split_passed_over=passed_over)
+                 patches_in_another_split_passed_over=passed_over,
+                 empty_hint=f"The sizes asked were {wanted}: raise --sft-size, --rl-size or --test-size.")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Download (open): OmniMedVQA.zip from https://huggingface.co/datasets/foreverbeliever/OmniMedVQA, then unzip:
 
-    huggingface-cli download foreverbeliever/OmniMedVQA OmniMedVQA.zip --repo-type dataset --local-dir ~/datasets
+    hf download foreverbeliever/OmniMedVQA OmniMedVQA.zip --repo-type dataset --local-dir ~/datasets
     unzip ~/datasets/OmniMedVQA.zip -d ~/datasets        # -> ~/datasets/OmniMedVQA/{Images,QA_information}
 
 Prepare, from the repo root:
@@ -17,7 +17,8 @@ Each set is a JSON list in QA_information/Open-access/<set>.json; an item:
      "option_C": "CT", "option_D": "Fluoroscopy", "modality_type": "CT"}
 
 gt_answer is the text of an option; option_C and option_D may be absent; image_path is relative to the
-OmniMedVQA folder. Each set becomes one split, named by its slug (SETS below): chest_ct.jsonl (871 questions
+OmniMedVQA folder (an item whose image_path leads out of it, absolute, through ../ or a symlink, is skipped and
+nothing is copied). Each set becomes one split, named by its slug (SETS below): chest_ct.jsonl (871 questions
 in the release), isic2020.jsonl (1,580), oct_c8.jsonl (4,016), diabetic_retinopathy.jsonl (2,051). All four
 are test splits and nothing is dealt, so no image can land in training. --root may also be OmniMedVQA.zip
 itself, read in place without unzipping.
@@ -31,16 +32,16 @@ from collections import Counter
 
 # Run as `python data/omnimedvqa/prepare.py` only this folder is on sys.path; add the repo root for mcq and data.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-from data.common import (answer_letter, answer_problem, image_path_in, parse_json, require, save_image,  # noqa: E402
-                         shape_error, short, write_report)
-from mcq import Record, SplitWriter  # noqa: E402
+from data.common import (answer_letter, answer_problem, copy_image, image_path_in, out_folder, outside,  # noqa: E402
+                         outside_reason, parse_json, require, shape_error, short, write_report)
+from mcq import Record, SplitWriter, check_fields  # noqa: E402
 
 # The set's file name in QA_information/Open-access -> the split it becomes.
 SETS = {"Chest CT Scan": "chest_ct", "ISIC2020": "isic2020", "Retinal OCT-C8": "oct_c8",
         "Diabetic Retinopathy": "diabetic_retinopathy"}
 OPTION_KEYS = ["option_A", "option_B", "option_C", "option_D"]
 HOW_TO_GET = """Download OmniMedVQA.zip from https://huggingface.co/datasets/foreverbeliever/OmniMedVQA (open access), e.g.
-    huggingface-cli download foreverbeliever/OmniMedVQA OmniMedVQA.zip --repo-type dataset --local-dir ~/datasets
+    hf download foreverbeliever/OmniMedVQA OmniMedVQA.zip --repo-type dataset --local-dir ~/datasets
     unzip ~/datasets/OmniMedVQA.zip -d ~/datasets
 and pass the folder that holds QA_information/ and Images/: --root ~/datasets/OmniMedVQA
 (or the zip itself: --root ~/datasets/OmniMedVQA.zip)"""
@@ -59,13 +60,16 @@ def main(argv=None) -> dict:
             record = to_record(item, name, position, files, writer)
             if record is not None:
                 writer.add(SETS[name], record)
-    return write_report(writer, Counter(), list(SETS.values()), sets={name: SETS[name] for name in args.sets})
+    return write_report(writer, Counter(), list(SETS.values()), sets={name: SETS[name] for name in args.sets},
+                        wanted=[SETS[name] for name in args.sets],
+                        empty_hint="Its set file holds no item, or every item was skipped.")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="the OmniMedVQA folder (holds QA_information/ and Images/)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepared"))
+    p.add_argument("--out", type=out_folder,
+                   default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepared"))
     p.add_argument("--sets", nargs="+", default=list(SETS), metavar="SET",
                    help=f"set names or slugs, default all: {', '.join(f'{n!r} ({s})' for n, s in SETS.items())}")
     args = p.parse_args(argv)
@@ -92,8 +96,9 @@ def set_items(files: "OmniMedVQAFiles", name: str) -> list[dict]:
 
 
 def to_record(item: dict, name: str, position: int, files: "OmniMedVQAFiles", writer: SplitWriter) -> Record | None:
-    """The item as a Record with its image copied into the prepared folder; None (skipped, quoting the answer)
-    when gt_answer is not one of its options. The writer checks everything else (question, options, image)."""
+    """The item as a Record with its image copied into the prepared folder; None (skipped, with the reason)
+    when gt_answer is not one of its options, a field is unusable, or image_path does not lead to a decodable
+    image inside the OmniMedVQA folder. Nothing is copied for a skipped item; the writer checks duplicate ids."""
     record_id = f"omnimedvqa-{SETS[name]}-{item.get('question_id', position)}"
     options = [str(item[key]) for key in OPTION_KEYS if item.get(key) is not None]
     answer = str(item.get("gt_answer", ""))
@@ -107,11 +112,16 @@ def to_record(item: dict, name: str, position: int, files: "OmniMedVQAFiles", wr
         return None
     # Keep the source's folders (file names repeat across class folders); drop the common "Images/".
     image = image_path_in(source_path.removeprefix("Images/"))
-    data = files.read(source_path)
-    if data is not None:  # a missing image is reported by the writer
-        save_image(writer.out_dir, image, data)
-    return Record(id=record_id, image=image, question=str(item.get("question") or "").strip(), options=options,
-                  answer=letter, source=f"omnimedvqa/{name}")
+    record = Record(id=record_id, image=image, question=str(item.get("question") or "").strip(), options=options,
+                    answer=letter, source=f"omnimedvqa/{name}")
+    problem = check_fields(record, set()) or files.outside(source_path)
+    data = None if problem else files.read(source_path)
+    if data is not None:  # a missing image is reported by the writer, which finds no file
+        problem = copy_image(writer.out_dir, image, data, source_path)
+    if problem:
+        writer.skip(record_id, problem)
+        return None
+    return record
 
 
 class OmniMedVQAFiles:
@@ -134,6 +144,15 @@ class OmniMedVQAFiles:
     def where(self, path: str) -> str:
         """How a message names the file: its path on disk, or zip:member."""
         return f"{self.root}:{self.prefix}{path}" if self.zip else os.path.join(self.root, path)
+
+    def outside(self, path: str) -> str | None:
+        """The skip reason when image_path leads out of the OmniMedVQA folder: absolute, through "..", or
+        through a symlink. A zip's members are all inside it, but such a path is refused there too."""
+        if self.zip:
+            climbs = path.startswith("/") or ".." in path.replace("\\", "/").split("/")
+            return outside_reason(path, self.where("")) if climbs else None
+        real = outside(self.root, path)
+        return real and outside_reason(path, self.root, real)
 
     def exists(self, path: str) -> bool:
         return self.prefix + path in self.names if self.zip else os.path.isfile(os.path.join(self.root, path))

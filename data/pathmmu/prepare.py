@@ -1,8 +1,9 @@
 """PathMMU -> sft / rl / test JSONL splits, as PathVLM-R1 uses it.
 
-Download (gated): accept the licence at https://huggingface.co/datasets/jamessyx/PathMMU, then
+Download (gated): accept the licence at https://huggingface.co/datasets/jamessyx/PathMMU, log in with
+`hf auth login` (a token of that account), then
 
-    huggingface-cli download jamessyx/PathMMU data.json images.zip --repo-type dataset --local-dir ~/datasets/PathMMU
+    hf download jamessyx/PathMMU data.json images.zip --repo-type dataset --local-dir ~/datasets/PathMMU
 
 Prepare, from the repo root:
 
@@ -36,9 +37,9 @@ from collections import Counter
 
 # Run as `python data/pathmmu/prepare.py` only this folder is on sys.path; add the repo root for mcq and data.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-from data.common import (answer_letter, answer_problem, file_hash, image_path_in, read_json, require,  # noqa: E402
-                         save_image, shape_error, short, write_report)
-from mcq import Record, SplitWriter, check_record  # noqa: E402
+from data.common import (answer_letter, answer_problem, copy_image, file_hash, image_path_in, out_folder,  # noqa: E402
+                         outside, outside_reason, read_json, require, shape_error, short, write_report)
+from mcq import Record, SplitWriter, check_fields, check_record  # noqa: E402
 
 PAPER_SUBSETS = ["PubMed", "EduContent"]
 SPLITS = ["sft", "rl", "test"]
@@ -47,8 +48,8 @@ TRAIN_SHARE = (PAPER_SFT + PAPER_RL) / PAPER_TOTAL  # 74.3% trains, 25.7% (1,385
 DATA_SHAPE = '{subset: {split: [item]}}, an item {"No": 1, "img": ..., "question": ..., "options": [...], ...}'
 OPTION_PREFIX = re.compile(r"^\s*[A-Z]\)\s*")  # "B) Skeletal muscle" -> "Skeletal muscle"
 HOW_TO_GET = """PathMMU is gated on Hugging Face: accept its licence at https://huggingface.co/datasets/jamessyx/PathMMU,
-download the two files data.json and images.zip, for example
-    huggingface-cli download jamessyx/PathMMU data.json images.zip --repo-type dataset --local-dir ~/datasets/PathMMU
+log in with `hf auth login` and download the two files data.json and images.zip, for example
+    hf download jamessyx/PathMMU data.json images.zip --repo-type dataset --local-dir ~/datasets/PathMMU
 and pass them: --data-json ~/datasets/PathMMU/data.json --images ~/datasets/PathMMU/images.zip"""
 
 
@@ -86,14 +87,18 @@ def main(argv=None) -> dict:
         for record in dealt[split]:
             writer.add(split, record)
     return write_report(writer, filtered, SPLITS, seed=args.seed, subsets=args.subsets, split_by=args.split_by,
-                        planned_sizes=sizes, **image_counts(dealt, image_of))
+                        planned_sizes=sizes, **image_counts(dealt, image_of),
+                        empty_hint=f"The sizes planned were {sizes}, of {len(items)} questions in --subsets "
+                                   f"{' '.join(args.subsets)}, and the skipped records come out of test: raise "
+                                   "--sft-size / --rl-size, add subsets, or fix what was skipped.")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-json", required=True, help="PathMMU's data.json")
     p.add_argument("--images", required=True, help="PathMMU's images.zip, or the folder it extracts to")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepared"))
+    p.add_argument("--out", type=out_folder,
+                   default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepared"))
     p.add_argument("--seed", type=int, default=0, help="decides which items go to sft, rl and test")
     p.add_argument("--sft-size", type=int, default=PAPER_SFT)
     p.add_argument("--rl-size", type=int, default=PAPER_RL)
@@ -224,8 +229,9 @@ def image_counts(dealt: dict, image_of: dict) -> dict:
 
 
 def to_record(item: dict, images: "ImageStore", writer: SplitWriter) -> Record | None:
-    """The item as a Record with its image copied into the prepared folder; None (skipped, quoting the answer)
-    when its answer is not one of its options. valid_records checks the rest (question, options, image)."""
+    """The item as a Record with its image copied into the prepared folder; None (skipped, with the reason)
+    when its answer is not one of its options, a field is unusable or its image is not a decodable file inside
+    --images. Nothing is copied for a skipped item. valid_records checks duplicate ids and the copy."""
     options = [OPTION_PREFIX.sub("", str(o)).strip() for o in item.get("options") or []]
     answer = OPTION_PREFIX.sub("", str(item.get("answer", "")))
     letter = answer_letter(answer, options)
@@ -236,19 +242,23 @@ def to_record(item: dict, images: "ImageStore", writer: SplitWriter) -> Record |
         writer.skip(item["id"], f"no image named: img is {short(item.get('img'))}")
         return None
     image = image_path_in(image_name(item.get("img")))
-    data = images.read(item.get("img"))
+    record = Record(id=item["id"], image=image, question=str(item.get("question") or "").strip(), options=options,
+                    answer=letter, explanation=str(item.get("explanation") or "").strip(), source=item["source"])
+    problem = check_fields(record, set()) or images.outside(item.get("img"))
+    data = None if problem else images.read(item.get("img"))
     if data is not None:  # a missing image is reported by the writer, which finds no file
-        save_image(writer.out_dir, image, data)
-    return Record(id=item["id"], image=image, question=str(item.get("question") or "").strip(),
-                  options=options, answer=letter, explanation=str(item.get("explanation") or "").strip(),
-                  source=item["source"])
+        problem = copy_image(writer.out_dir, image, data, str(item.get("img")))
+    if problem:
+        writer.skip(item["id"], problem)
+        return None
+    return record
 
 
 class ImageStore:
     """PathMMU images by file name, read from images.zip in place (no extraction) or from a folder."""
 
     def __init__(self, path: str):
-        self.zip = None
+        self.root, self.zip = path, None
         if os.path.isdir(path):
             self.paths = {name: os.path.join(d, name) for d, _, names in os.walk(path) for name in names}
         elif zipfile.is_zipfile(path):
@@ -260,6 +270,12 @@ class ImageStore:
 
     def has(self, img) -> bool:
         return image_name(img) in self.paths
+
+    def outside(self, img) -> str | None:
+        """The skip reason when the file of that name in the --images folder is a symlink out of it."""
+        found = self.paths.get(image_name(img))
+        real = None if found is None or self.zip is not None else outside(self.root, found)
+        return real and outside_reason(found, self.root, real)
 
     def read(self, img) -> bytes | None:
         found = self.paths.get(image_name(img))

@@ -2,7 +2,7 @@
 
 Download (open): the parquet files of https://huggingface.co/datasets/flaviagiammarino/path-vqa, e.g. the test split
 
-    huggingface-cli download flaviagiammarino/path-vqa --repo-type dataset --include "data/test-*" \
+    hf download flaviagiammarino/path-vqa --repo-type dataset --include "data/test-*" \
         --local-dir ~/datasets/path-vqa
 
 Prepare, from the repo root:
@@ -28,18 +28,17 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 # Run as `python data/pathvqa/prepare.py` only this folder is on sys.path; add the repo root for mcq and data.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-from data.common import image_path_in, require, save_image, write_report  # noqa: E402
-from mcq import Record, SplitWriter  # noqa: E402
+from data.common import image_path_in, out_folder, require, save_image, write_report  # noqa: E402
+from mcq import Record, SplitWriter, image_problem, open_image  # noqa: E402
 
 OPTIONS = ["yes", "no"]
 OPEN_QUESTION = "open question (not yes/no)"
 COLUMNS = ["image", "question", "answer"]
 HOW_TO_GET = """Download the PathVQA parquet files from https://huggingface.co/datasets/flaviagiammarino/path-vqa, e.g.
-    huggingface-cli download flaviagiammarino/path-vqa --repo-type dataset --include "data/test-*" --local-dir ~/datasets/path-vqa
+    hf download flaviagiammarino/path-vqa --repo-type dataset --include "data/test-*" --local-dir ~/datasets/path-vqa
 and pass a file or the folder holding them: --parquet ~/datasets/path-vqa/data --split test"""
 
 
@@ -61,14 +60,17 @@ def main(argv=None) -> dict:
                                           options=list(OPTIONS), answer="AB"[OPTIONS.index(answer)],
                                           source=f"pathvqa/{args.split}"))
     return write_report(writer, filtered, [args.split], report_name=f"report-{args.split}.json", split=args.split,
-                        parquet_files=[os.path.basename(f) for f in files])
+                        parquet_files=[os.path.basename(f) for f in files],
+                        empty_hint=f"No row of {args.split}-*.parquet is a yes/no question with a readable image: "
+                                   "check --parquet and --split.")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parquet", required=True, help="a parquet file, or a folder searched for <split>-*.parquet")
     p.add_argument("--split", default="test", help="which split's files to read from a folder; names the output")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepared"))
+    p.add_argument("--out", type=out_folder,
+                   default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepared"))
     return p.parse_args(argv)
 
 
@@ -115,22 +117,21 @@ def read_rows(files: list[str]):
 
 
 def png_image(image: dict | None, record_id: str, writer: SplitWriter, written: set) -> str | None:
-    """The row's image written as PNG into the prepared folder, or None (and the row skipped, with the
-    reason) when it has no bytes or they do not decode."""
+    """The row's image written as 8-bit RGB PNG into the prepared folder, or None (and the row skipped, with
+    the reason) when it has no bytes or mcq.image_problem finds one (they do not decode to the end, or the
+    image is too elongated for the processor)."""
     data = (image or {}).get("bytes")
     if not data:
         writer.skip(record_id, "image missing: no bytes in the parquet row")
         return None
     path = image_path_in(hashlib.sha1(data).hexdigest()[:16] + ".png")
     if path not in written:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                png = io.BytesIO()
-                im.convert("RGB").save(png, format="PNG")  # RGB: a CMYK JPEG cannot be saved as PNG
-        except Exception as e:  # any decoder error means the image is unusable
-            writer.skip(record_id, f"image unreadable: parquet row {record_id}, {len(data)} bytes starting "
-                                   f"{data[:16]!r} ({type(e).__name__})")
+        problem = image_problem(io.BytesIO(data), f"parquet row {record_id}, {len(data)} bytes starting {data[:16]!r}")
+        if problem:
+            writer.skip(record_id, problem)
             return None
+        png = io.BytesIO()
+        open_image(io.BytesIO(data)).save(png, format="PNG")  # 8-bit RGB whatever the source's mode (mcq.to_rgb)
         save_image(writer.out_dir, path, png.getvalue())
         written.add(path)
     return path
