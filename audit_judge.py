@@ -35,7 +35,8 @@ import statistics
 import sys
 
 import mcq
-from config import BadInput, GRPOConfig, InputError, check_adapter, check_split, parse_args
+from config import GRPOConfig, parse_args
+from inputs import BadInput, InputError, check_adapter, check_split
 from judges import judge_from_config
 from rewards import process_reward
 

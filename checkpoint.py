@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from config import BadInput
+from inputs import BadInput
 
 CKPT_DIR = "checkpoints"
 

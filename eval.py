@@ -33,8 +33,9 @@ import time
 import yaml
 
 from checkpoint import claim_output_dir, release_output_dir
-from config import EvalConfig, InputError, check_inputs, parse_args, save_config
+from config import EvalConfig, parse_args, save_config
 from evaluation import control_name, control_sets, evaluate, load_sets, read_predictions
+from inputs import InputError, check_inputs
 from mcq import Record, option_lines, parse_answer
 from model import load_model
 from training import Processes

@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from mcq import (LETTERS, THINK_RE, Record, image_path, is_well_formed, load_split, open_image, parse_answer,
-                 prompt_messages)
+from images import open_image
+from mcq import LETTERS, THINK_RE, Record, image_path, is_well_formed, load_split, parse_answer, prompt_messages
 
 
 def load_sets(specs: list[str], limit: int = 0) -> dict[str, list[Record]]:

@@ -29,7 +29,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
-from config import InputError
+from inputs import InputError
 
 
 @dataclass(frozen=True)
@@ -344,7 +344,7 @@ class SelfJudge:
         return replies
 
     def _generate(self, requests: list[JudgeRequest]) -> list[str]:
-        from mcq import open_image
+        from images import open_image
         from model import completion_mask, encode_prompts, generate, stop_token_ids
 
         messages, images = [], []

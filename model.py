@@ -22,7 +22,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from config import MissingInput
+from inputs import MissingInput
 from tiny import CHAT_TEMPLATE, TINY_SIZES, resolve_model_path
 
 # On CPUs with AVX512-BF16, importing bitsandbytes (peft does) tries to fetch an inference kernel from the

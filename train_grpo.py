@@ -32,11 +32,13 @@ from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import checkpoint as ckpt
-from config import GRPOConfig, InputError, check_inputs, parse_args, save_config
+from config import GRPOConfig, parse_args, save_config
 from evaluation import evaluate, load_sets
 from grpo import equal_reward_groups, group_advantages, grpo_loss
+from inputs import InputError, check_inputs
 from judges import judge_down, judge_from_config
-from mcq import image_path, is_well_formed, open_image, parse_answer, prompt_messages
+from images import open_image
+from mcq import image_path, is_well_formed, parse_answer, prompt_messages
 from model import (completion_mask, count_params, encode_prompts, freeze_vision_copy, generation_config,
                    image_features, load_model, special_token_ids, stop_token_ids)
 from rewards import score_completions

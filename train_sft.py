@@ -19,8 +19,10 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from config import InputError, SFTConfig, check_inputs, parse_args, save_config
-from mcq import Record, image_path, open_image, prompt_messages, target_text
+from config import SFTConfig, parse_args, save_config
+from inputs import InputError, check_inputs
+from images import open_image
+from mcq import Record, image_path, prompt_messages, target_text
 from model import compute_dtype, count_params, encode_completions, encode_prompts, image_features, load_model, unwrap
 from rollout import completion_logprobs
 from training import (DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard,

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import checkpoint as ckpt
-from config import BadInput
+from inputs import BadInput
 from mcq import Record, image_path, load_split, prompt_messages, target_text
 
 # optimizer=paged_adamw_8bit on the CPU: bitsandbytes falls back to the unpaged AdamW8bit (paging moves optimizer
@@ -39,7 +39,7 @@ def example_length(processor, record: Record, split_path: str, with_target: bool
 
 def load_examples(path: str, processor, max_len: int, with_target: bool = True, max_len_key: str = "max_len"
                   ) -> list[Record]:
-    """The split's records (config.check_split has checked them and their images) without those longer
+    """The split's records (inputs.check_split has checked them and their images) without those longer
     than max_len tokens: dropped, counted and named on stdout, never cut."""
     records = load_split(path)
     kept, dropped = [], []

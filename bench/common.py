@@ -25,7 +25,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from config import ModelConfig  # noqa: E402
-from mcq import Record, format_prompt_text, image_path, load_split, open_image, target_text  # noqa: E402
+from images import open_image  # noqa: E402
+from mcq import Record, format_prompt_text, image_path, load_split, target_text  # noqa: E402
 from model import LORA_TARGET, load_model, special_token_ids  # noqa: E402
 
 

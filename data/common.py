@@ -11,7 +11,8 @@ import os
 import sys
 from collections import Counter
 
-from mcq import LETTERS, SplitWriter, image_problem
+from images import image_problem
+from mcq import LETTERS, SplitWriter
 
 NOT_AN_OPTION = "answer not among the options"
 SEVERAL_OPTIONS = "answer matches several identical options"
@@ -85,7 +86,7 @@ def outside_reason(path: str, root: str, real: str = "") -> str:
 
 
 def copy_image(out_dir: str, image: str, data: bytes, source: str) -> str | None:
-    """save_image when the bytes decode (mcq.image_problem); else nothing is written and the reason, naming
+    """save_image when the bytes decode (images.image_problem); else nothing is written and the reason, naming
     `source` (where the bytes came from), is returned for the writer's skip."""
     problem = image_problem(io.BytesIO(data), source)
     if problem is None:

@@ -22,10 +22,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import eval as eval_script  # noqa: E402
+from inputs import InputError  # noqa: E402
 import rewards  # noqa: E402
 import train_grpo  # noqa: E402
 import train_sft  # noqa: E402
-from config import InputError  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 rewards.REWARDS["length"] = lambda completions, records, **_: [len(c) / 50 for c in completions]

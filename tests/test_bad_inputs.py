@@ -320,7 +320,7 @@ def run_script(script: str, argv: list[str]) -> Result:
 def run_judge(settings: dict, ws: str) -> Result:
     """The process reward of one well-formed, right completion, as train_grpo scores it -> the reward and the
     judge's counters that moved. An InputError is printed as the scripts print it."""
-    from config import InputError
+    from inputs import InputError
     from rewards import process_reward
 
     settings = dict(settings)

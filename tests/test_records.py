@@ -1,6 +1,6 @@
 """Bad records and bad images, each written as a real file in the real format: every one ends in a message
-naming the file, the record and the key (load_split, check_record, config.check_split) or in a skip the
-preparer counts in report.json, never a traceback and never a silent wrong result. Then: mcq.open_image turns
+naming the file, the record and the key (load_split, check_record, inputs.check_split) or in a skip the
+preparer counts in report.json, never a traceback and never a silent wrong result. Then: images.open_image turns
 an image of every mode into the 8-bit RGB the model sees, and the preparers read images only from inside
 the dataset they were given, warn of an empty split, refuse an --out that is a file, and print download
 commands the pinned huggingface_hub can run."""
@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from config import BadInput, MissingInput, check_split
 from data.omnimedvqa import prepare as omnimedvqa
 from data.pathmmu import prepare as pathmmu
 from data.pathvqa import prepare as pathvqa
-from mcq import MAX_ASPECT_RATIO, Record, check_record, load_split, open_image, to_rgb
+from inputs import BadInput, MissingInput, check_split
+from images import MAX_ASPECT_RATIO, open_image, to_rgb
+from mcq import Record, check_record, load_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 # Run as `python data/pathvqa/prepare.py` only this folder is on sys.path; add the repo root for mcq and data.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from data.common import image_path_in, out_folder, require, save_image, write_report  # noqa: E402
-from mcq import Record, SplitWriter, image_problem, open_image  # noqa: E402
+from images import image_problem, open_image  # noqa: E402
+from mcq import Record, SplitWriter  # noqa: E402
 
 OPTIONS = ["yes", "no"]
 OPEN_QUESTION = "open question (not yes/no)"
@@ -118,7 +119,7 @@ def read_rows(files: list[str]):
 
 def png_image(image: dict | None, record_id: str, writer: SplitWriter, written: set) -> str | None:
     """The row's image written as 8-bit RGB PNG into the prepared folder, or None (and the row skipped, with
-    the reason) when it has no bytes or mcq.image_problem finds one (they do not decode to the end, or the
+    the reason) when it has no bytes or images.image_problem finds one (they do not decode to the end, or the
     image is too elongated for the processor)."""
     data = (image or {}).get("bytes")
     if not data:
@@ -131,7 +132,7 @@ def png_image(image: dict | None, record_id: str, writer: SplitWriter, written: 
             writer.skip(record_id, problem)
             return None
         png = io.BytesIO()
-        open_image(io.BytesIO(data)).save(png, format="PNG")  # 8-bit RGB whatever the source's mode (mcq.to_rgb)
+        open_image(io.BytesIO(data)).save(png, format="PNG")  # 8-bit RGB whatever the source's mode (images.to_rgb)
         save_image(writer.out_dir, path, png.getvalue())
         written.add(path)
     return path
