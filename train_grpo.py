@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import resource
 import sys
 import time
 
@@ -43,14 +42,8 @@ from model import (completion_mask, count_params, encode_prompts, freeze_vision_
                    image_features, load_model, special_token_ids, stop_token_ids)
 from rewards import score_completions
 from rollout import Rows, generate_groups, lora_merged, merge_while_sampling
-from training import (DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard,
-                      save_checkpoint, save_trained)
-
-
-def mean_of_scored(values: list) -> float | None:
-    """The mean over the completions that have a value (a process-reward component is None where unscored)."""
-    scored = [v for v in values if v is not None]
-    return sum(scored) / len(scored) if scored else None
+from training import (DataOrder, Processes, load_examples, make_optimizer, make_scheduler, mean_of_scored,
+                      open_tensorboard, peak_memory_gib, save_checkpoint, save_trained)
 
 
 def is_full_model(path: str) -> bool:
@@ -72,12 +65,6 @@ def reference_context(model, reference: str):
             model.set_adapter("default")  # PEFT's set_adapter also makes 'default' trainable again...
             freeze_vision_copy(model)  # ...and its trained vision tower, which GRPO does not train
     return use_sft_adapter()
-
-
-def peak_memory_gib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process RSS)
 
 
 def sampling_config(cfg, tokenizer):

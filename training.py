@@ -6,6 +6,7 @@ train_sft.py and train_grpo.py import these; neither imports the other.
 
 import math
 import os
+import resource
 import sys
 import warnings
 
@@ -242,3 +243,18 @@ class Processes:
     def barrier(self):
         if self.world_size > 1:
             self.dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# What the loops log
+
+def mean_of_scored(values: list) -> float | None:
+    """The mean over the completions that have a value (a process-reward component is None where unscored)."""
+    scored = [v for v in values if v is not None]
+    return sum(scored) / len(scored) if scored else None
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process RSS)
