@@ -62,6 +62,7 @@ Grade the reasoning, not just the final answer: a right answer reached by wrong 
 End your reply with this JSON object; only the last JSON object of your reply is read:
 {"integrity_score": <number>, "knowledge_score": <number>}"""
 
+
 def process_request(record: mcq.Record, completion: str, image_path: str) -> JudgeRequest | None:
     """The judge's view of one completion, or None when it has no (non-empty) <think> block.
     The policy's text is untrusted: it goes in last, as JSON string values, where json.dumps escapes every
