@@ -1,26 +1,36 @@
-"""Ablations on the demo: named variants x seeds, one table (accuracy mean ± sd, per seed, format rate,
-completion length, the reasoning checks and image controls where the eval had them, CPU minutes, and the
-difference from the baseline with its 95% interval and p over seeds and items, Holm-corrected: stats.py).
+"""Ablations: named variants x seeds, one table (accuracy mean ± sd, per seed, format rate, completion length,
+the reasoning checks and image controls where the eval had them, each other test set's accuracy, CPU minutes,
+and the difference from the baseline with its 95% interval and p over seeds and items, Holm-corrected: stats.py).
 
     python ablate.py configs/ablations/demo.yaml                      # seeds 0 1 2
     python ablate.py configs/ablations/demo.yaml --seeds 0 --out runs/ablate-quick
     python ablate.py configs/ablations/demo.yaml --only "R1 process reward"   # one variant beside the baseline
+    python ablate.py configs/ablations/pathmmu.yaml --out runs/ablate-pathmmu  # the 7B on PathMMU (a GPU)
     python ablate.py --power --diff 3 --seed-sd 4 --items 300         # seeds needed for 80% power (simulated)
 
-The YAML's `variants` maps a name to overrides of configs/demo_grpo.yaml, as `key=value` would give them.
-Two keys are the runner's own:
-    stage: grpo (default) | sft   sft: train_sft.py with configs/demo_sft.yaml and these overrides instead
-    start: sft (default) | base   from the seed's demo SFT model, or from the base (the random-init tiny-small)
-The first variant is the baseline the others are tested against. `defaults` (optional) holds overrides for
-every run of a script: {sft: {...}, grpo: {...}, eval: {...}}, e.g. fewer steps for a quick look.
+The YAML file's keys (an unknown one stops the run, with a did-you-mean):
+    variants      name -> overrides of the GRPO config, as `key=value` would give them. The first is the baseline
+                  the others are tested against. Two keys are the runner's own:
+                      stage: grpo (default) | sft   sft: train_sft.py with the SFT config and these overrides
+                      start: sft (default) | base   from the seed's SFT model, or from the base model
+    sft, grpo, eval   the base config of each script (default: configs/demo_sft.yaml, demo_grpo.yaml, demo_eval.yaml)
+    defaults      (optional) overrides for every run of a script: {sft: {...}, grpo: {...}, eval: {...}}, e.g. fewer
+                  steps for a quick look. The base model is the SFT config's (defaults: {sft: {model: ...}}); the
+                  runner passes it, and seed and output_dir, to every run itself
+    primary_set   the eval set whose accuracy the table tests (default: the eval config's first set); each other
+                  set's mean accuracy gets a column
 
-Per seed, the demo SFT model is trained once (configs/demo_sft.yaml, seed=s) and shared by every variant
-that starts from it. Each stage is the script itself, run as its own process; a variant whose evaluation
-exists (<out>/<variant>/seed<s>/eval/metrics.json) is not run again, so an interrupted ablation goes on
-where it stopped. Writes <out>/ablation.md and <out>/ablation.png and prints the table.
+Every run's config is resolved (config.load_config) before the first one starts, so a misspelt key in the last
+variant stops the ablation at once, not hours in. Per seed, the SFT model is trained once (the SFT config,
+seed=s) and shared by every variant that starts from it: a finetune=full SFT writes a model, which GRPO puts
+a new LoRA on (the demo); a LoRA SFT writes an adapter, which GRPO trains further (PathMMU's α -> β). Each
+stage is the script itself, run as its own process; a variant whose evaluation exists
+(<out>/<variant>/seed<s>/eval/metrics.json) is not run again, so an interrupted ablation goes on where it
+stopped. Writes <out>/ablation.md and <out>/ablation.png and prints the table.
 """
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -28,21 +38,162 @@ import resource
 import statistics
 import subprocess
 import sys
+from typing import NamedTuple
 
 import numpy as np
-import yaml
 
+# config.py's strict YAML reader: a variant named twice would otherwise keep only the last, silently
+from config import ConfigError, EvalConfig, GRPOConfig, SFTConfig, _read_yaml_file, load_config
 from evaluation import read_jsonl
 from stats import Difference, holm, seed_item_test, seeds_needed
+
+SCRIPTS = {"sft": ("train_sft.py", SFTConfig), "grpo": ("train_grpo.py", GRPOConfig), "eval": ("eval.py", EvalConfig)}
+DEMO_CONFIGS = {"sft": "configs/demo_sft.yaml", "grpo": "configs/demo_grpo.yaml", "eval": "configs/demo_eval.yaml"}
+YAML_KEYS = ["variants", "defaults", *SCRIPTS, "primary_set"]
+RUNNER_KEYS = {"stage": ["grpo", "sft"], "start": ["sft", "base"]}  # the first value is the default
+# keys the runner sets in every run of a script: in `defaults` they would be overwritten, so they are refused
+SET_BY_RUNNER = {"sft": ["seed", "output_dir"], "grpo": ["seed", "output_dir", "model", "init_adapter"],
+                 "eval": ["seed", "output_dir", "model", "adapter"]}
+
+
+class Ablation(NamedTuple):
+    """The YAML file, read and checked."""
+    path: str
+    variants: dict  # name -> overrides, stage and start included
+    configs: dict  # sft / grpo / eval -> the base config's path
+    defaults: dict  # sft / grpo / eval -> overrides for every run of that script
+    base_model: str  # the SFT config's model: what the SFT trains, and what a LoRA adapter sits on
+    sft_full: bool  # the SFT writes a whole model (finetune=full), not a LoRA adapter
+    sets: list  # the eval's set names, in its order
+    primary: str  # the set whose accuracy the table tests
+
+
+class Run(NamedTuple):
+    stage: str  # sft | grpo | eval
+    overrides: dict
+    shared: bool  # the seed's SFT model: run once for every variant, its CPU minutes in none of theirs
+
+
+def did_you_mean(word, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_")
 
 
+def as_args(overrides: dict) -> list[str]:
+    """{key: value} -> the key=value arguments config.py reads: None as null, mappings and lists as JSON."""
+    return [f"{k}={'null' if v is None else json.dumps(v) if isinstance(v, (dict, list)) else v}"
+            for k, v in overrides.items()]
+
+
+def resolve(configs: dict, stage: str, overrides: dict):
+    """The config a run of `stage` with these overrides would read (the script's own load_config)."""
+    return load_config(SCRIPTS[stage][1], configs[stage], as_args(overrides))
+
+
+def read_ablation(path: str) -> Ablation:
+    """The YAML file -> Ablation; anything wrong stops here, named (ConfigError), before a run starts."""
+    spec = _read_yaml_file(path) or {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping with `variants:` at the top level")
+    for key in spec:
+        if key not in YAML_KEYS:
+            raise ConfigError(f"{path}: unknown key '{key}'{did_you_mean(key, YAML_KEYS)}; its keys: "
+                              f"{', '.join(YAML_KEYS)}")
+    variants = spec.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise ConfigError(f"{path}: expected `variants:`, a mapping of name -> {{key: value}} overrides")
+    variants = {str(name): variant or {} for name, variant in variants.items()}  # YAML reads `1:` as an int
+    folders = {}  # each variant's runs live in <out>/<its name's A-Z, a-z, 0-9 and _.=->
+    for name, variant in variants.items():
+        if not isinstance(variant, dict):
+            raise ConfigError(f"{path}: variant '{name}': expected a mapping of key: value overrides, got {variant!r}")
+        for key, allowed in RUNNER_KEYS.items():
+            if variant.get(key, allowed[0]) not in allowed:
+                raise ConfigError(f"{path}: variant '{name}': {key}: {variant[key]!r} is not one of "
+                                  f"{' | '.join(allowed)}{did_you_mean(variant[key], allowed)}")
+        folder = slug(name)
+        if not folder:
+            raise ConfigError(f"{path}: variant '{name}' has no letter A-Z or digit to name its folder: add a word")
+        if folder in folders:
+            raise ConfigError(f"{path}: variants '{folders[folder]}' and '{name}' would share the folder "
+                              f"<out>/{folder}: rename one")
+        folders[folder] = name
+    configs = {stage: spec.get(stage, DEMO_CONFIGS[stage]) for stage in SCRIPTS}
+    for stage, config in configs.items():
+        if not isinstance(config, str) or not os.path.isfile(config):
+            raise ConfigError(f"{path}: {stage}: {config!r} is not a config file (e.g. {DEMO_CONFIGS[stage]})")
+    defaults = spec.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: defaults: expected {{sft: {{...}}, grpo: {{...}}, eval: {{...}}}}")
+    for stage, overrides in defaults.items():
+        if stage not in SCRIPTS:
+            raise ConfigError(f"{path}: defaults: unknown script '{stage}'{did_you_mean(stage, SCRIPTS)}; "
+                              f"its keys: {', '.join(SCRIPTS)}")
+        if not isinstance(overrides or {}, dict):
+            raise ConfigError(f"{path}: defaults: {stage}: expected a mapping of key: value overrides")
+        for key in overrides or {}:
+            if key in SET_BY_RUNNER[stage]:
+                why = " (the base model is the SFT config's: defaults: {sft: {model: ...}})" if key == "model" else ""
+                raise ConfigError(f"{path}: defaults: {stage}: '{key}' is set by ablate.py for each run{why}")
+    defaults = {stage: defaults.get(stage) or {} for stage in SCRIPTS}
+    try:
+        sft, evaluation = resolve(configs, "sft", defaults["sft"]), resolve(configs, "eval", defaults["eval"])
+    except ConfigError as e:
+        raise ConfigError(f"{path}: defaults: {e}") from None
+    sets = [s.partition("=")[0].strip() for s in evaluation.sets]  # name=path.jsonl
+    primary = spec.get("primary_set", sets[0])
+    if primary not in sets:
+        raise ConfigError(f"{path}: primary_set: no set '{primary}' in {configs['eval']}'s sets "
+                          f"({', '.join(sets)}){did_you_mean(primary, sets)}")
+    return Ablation(path, variants, configs, defaults, sft.model, sft.finetune == "full", sets, primary)
+
+
+def run_dirs(out: str, name: str, seed: int) -> tuple[str, str, str]:
+    root = os.path.join(out, slug(name), f"seed{seed}")
+    return root, os.path.join(root, "train"), os.path.join(root, "eval")
+
+
+def plan(name: str, variant: dict | None, seed: int, out: str, ab: Ablation) -> list[Run]:
+    """The runs that train and evaluate one variant for one seed, in order."""
+    variant = dict(variant or {})
+    stage, start = variant.pop("stage", "grpo"), variant.pop("start", "sft")
+    _, train_dir, eval_dir = run_dirs(out, name, seed)
+    sft_dir = os.path.join(out, "_sft", f"seed{seed}")
+    runs = [Run("sft", {**ab.defaults["sft"], "seed": seed, "output_dir": sft_dir}, True)] if start == "sft" else []
+    # the weights a LoRA adapter trained here sits on: a finetune=full SFT's model, else the base model
+    under = sft_dir if start == "sft" and ab.sft_full else ab.base_model
+    if stage == "sft":  # more SFT: the full SFT's model trained further, or its LoRA adapter (configs/sft_more.yaml)
+        start_keys = {"model": under} if start == "base" or ab.sft_full else {"model": under, "init_adapter": sft_dir}
+        overrides = {**ab.defaults["sft"], **start_keys, **variant, "seed": seed, "output_dir": train_dir}
+        full = resolve(ab.configs, "sft", overrides).finetune == "full"  # then its output is a model, not an adapter
+        evaluated = {"model": train_dir} if full else {"model": under, "adapter": train_dir}
+    else:
+        # train_grpo.py takes a full model in init_adapter as its base, with a new LoRA on it
+        start_keys = ({"init_adapter": sft_dir} if ab.sft_full else {"model": under, "init_adapter": sft_dir}
+                      ) if start == "sft" else {"model": under, "init_adapter": None, "reference": "base"}
+        overrides = {**ab.defaults["grpo"], **start_keys, **variant, "seed": seed, "output_dir": train_dir}
+        evaluated = {"model": under, "adapter": train_dir}
+    return runs + [Run(stage, overrides, False),
+                   Run("eval", {**ab.defaults["eval"], **evaluated, "seed": seed, "output_dir": eval_dir}, False)]
+
+
+def check_variants(ab: Ablation, out: str):
+    """Every run's config as its script will read it: a wrong key or value stops the ablation now."""
+    for name, variant in ab.variants.items():
+        for run in plan(name, variant, 0, out, ab):
+            try:
+                resolve(ab.configs, run.stage, run.overrides)
+            except ConfigError as e:
+                raise ConfigError(f"{ab.path}: variant '{name}', {SCRIPTS[run.stage][0]}: {e}") from None
+
+
 def run(script: str, config: str, overrides: dict) -> float:
     """python <script> <config> key=value ... in its own process -> the CPU minutes it used."""
-    args = [f"{k}={'null' if v is None else json.dumps(v) if isinstance(v, (dict, list)) else v}"
-            for k, v in overrides.items()]
+    args = as_args(overrides)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"$ python {script} {config} {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, script, config, *args], check=True)
@@ -50,51 +201,46 @@ def run(script: str, config: str, overrides: dict) -> float:
     return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / 60
 
 
-def run_variant(name: str, spec: dict, seed: int, out: str, defaults: dict) -> dict:
+def trained(output_dir: str) -> bool:
+    """A training script writes its model (config.json) or adapter (adapter_config.json) last, once finished."""
+    return any(os.path.isfile(os.path.join(output_dir, f)) for f in ("config.json", "adapter_config.json"))
+
+
+def run_variant(name: str, variant: dict | None, seed: int, out: str, ab: Ablation) -> dict:
     """Train and evaluate one variant for one seed (unless its evaluation exists) -> its summary."""
-    spec = dict(spec)
-    stage, start = spec.pop("stage", "grpo"), spec.pop("start", "sft")
-    root = os.path.join(out, slug(name), f"seed{seed}")
-    train_dir, eval_dir = os.path.join(root, "train"), os.path.join(root, "eval")
-    sft_dir = os.path.join(out, "_sft", f"seed{seed}")
-    base_model = defaults.get("sft", {}).get("model", "tiny-small")  # configs/demo_sft.yaml's
-    minutes = 0.0
+    root, _, eval_dir = run_dirs(out, name, seed)
     if not os.path.isfile(os.path.join(eval_dir, "metrics.json")):
-        if start == "sft" and not os.path.isfile(os.path.join(sft_dir, "config.json")):
-            run("train_sft.py", "configs/demo_sft.yaml",  # shared by the variants: not counted in theirs
-                {**defaults.get("sft", {}), "seed": seed, "output_dir": sft_dir})
-        start_model = sft_dir if start == "sft" else base_model
-        if stage == "sft":  # the demo SFT trains the whole language model: its output is a model
-            minutes += run("train_sft.py", "configs/demo_sft.yaml", {**defaults.get("sft", {}), **spec, "seed": seed,
-                                                                     "model": start_model, "output_dir": train_dir})
-            evaluated = {"model": train_dir}
-        else:
-            start_keys = ({"init_adapter": sft_dir} if start == "sft"
-                          else {"model": base_model, "init_adapter": None, "reference": "base"})
-            minutes += run("train_grpo.py", "configs/demo_grpo.yaml", {**defaults.get("grpo", {}), **start_keys,
-                                                                       **spec, "seed": seed, "output_dir": train_dir})
-            evaluated = {"model": start_model, "adapter": train_dir}
-        minutes += run("eval.py", "configs/demo_eval.yaml", {**defaults.get("eval", {}), **evaluated, "seed": seed,
-                                                             "output_dir": eval_dir})
+        minutes = 0.0
+        for stage, overrides, shared in plan(name, variant, seed, out, ab):
+            if shared and trained(overrides["output_dir"]):
+                continue
+            used = run(SCRIPTS[stage][0], ab.configs[stage], overrides)
+            minutes += 0.0 if shared else used
         with open(os.path.join(root, "cpu_minutes.json"), "w") as f:
             json.dump({"cpu_minutes": minutes}, f)
     with open(os.path.join(eval_dir, "metrics.json")) as f:
-        metrics = json.load(f)["sets"]["demo"]
+        sets = json.load(f)["sets"]
+    if ab.primary not in sets:
+        raise SystemExit(f"error: {eval_dir} holds sets {', '.join(sets)}, not {ab.primary}: it was evaluated under "
+                         f"another eval config; move {root} away to run the variant again")
+    metrics = sets[ab.primary]
     with open(os.path.join(root, "cpu_minutes.json")) as f:
         minutes = json.load(f)["cpu_minutes"]
-    correct = {(seed, p["id"]): bool(p["correct"]) for p in read_jsonl(os.path.join(eval_dir, "predictions.jsonl"))}
+    correct = {(seed, p["id"]): bool(p["correct"]) for p in read_jsonl(os.path.join(eval_dir, "predictions.jsonl"))
+               if p.get("set", ab.primary) == ab.primary}
     controls = metrics.get("controls", {})
     return {"accuracy": 100 * metrics["accuracy"], "format_rate": metrics["format_rate"],
             "length": metrics["mean_completion_tokens"], "cpu_minutes": minutes, "correct": correct,
             # the reasoning checks (evaluation.score) and the image-reliance controls, where the eval had them
             "image_right": metrics.get("image_stated_right"), "agrees": metrics.get("reasoning_agrees"),
             **{c: 100 * controls[c]["accuracy"] if "accuracy" in controls.get(c, {}) else None
-               for c in ("blank", "shuffled")}}
+               for c in ("blank", "shuffled")},
+            "sets": {n: 100 * m["accuracy"] for n, m in sets.items() if n != ab.primary}}  # the other sets
 
 
-def mean_or_dash(values: list, scale: float = 1.0) -> str:
+def mean_or_dash(values: list, scale: float = 1.0, digits: int = 0) -> str:
     """The mean of the seeds' values as a percentage, or – where an evaluation did not measure it."""
-    return "–" if None in values else f"{scale * statistics.mean(values):.0f}"
+    return "–" if None in values else f"{scale * statistics.mean(values):.{digits}f}"
 
 
 def paired(base_runs: list[dict], runs: list[dict], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -112,14 +258,18 @@ def difference_cells(d: Difference, p_holm: float) -> str:
 
 
 def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
+    """The accuracy columns and the test are the primary set's; each other set the eval had, its mean accuracy
+    in a column of its own (before CPU min, so the test's columns stay last)."""
     baseline = next(iter(results))
     tests = {name: seed_item_test(*paired(results[baseline], runs, seeds)) for name, runs in results.items()
              if name != baseline}
     # every variant is tested against the same baseline: Holm keeps the chance of any false positive at 5%
     p_holm = dict(zip(tests, holm([t.p for t in tests.values()])))
+    others = list(results[baseline][0].get("sets", {}))
     lines = ["| variant | accuracy % (mean ± sd) | per seed " + " / ".join(map(str, seeds)) + " | format | tokens | "
              "image stated right % | reasoning agrees % | blank image % | shuffled image % | "
-             "CPU min | difference vs baseline (95% CI) | p (Holm) |", "|---" * 12 + "|"]
+             + "".join(f"{name} % | " for name in others) +
+             "CPU min | difference vs baseline (95% CI) | p (Holm) |", "|---" * (12 + len(others)) + "|"]
     for name, runs in results.items():
         acc = [r["accuracy"] for r in runs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
@@ -130,6 +280,8 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
                      f"{mean_or_dash([r['image_right'] for r in runs], 100)} | "
                      f"{mean_or_dash([r['agrees'] for r in runs], 100)} | "
                      f"{mean_or_dash([r['blank'] for r in runs])} | {mean_or_dash([r['shuffled'] for r in runs])} | "
+                     + "".join(f"{mean_or_dash([r.get('sets', {}).get(other) for r in runs], digits=1)} | "
+                               for other in others) +
                      f"{statistics.mean(r['cpu_minutes'] for r in runs):.1f} | {test} |")
     return "\n".join(lines)
 
@@ -145,7 +297,7 @@ def power_table(diff: float, seed_sd: float, items: int, shared: float, sims: in
     return "\n".join(lines)
 
 
-def plot(results: dict[str, list[dict]], path: str):
+def plot(results: dict[str, list[dict]], path: str, primary: str = "demo"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,7 +310,7 @@ def plot(results: dict[str, list[dict]], path: str):
         ax.bar(i, statistics.mean(acc), color="#9bb7d4")
         ax.scatter([i] * len(acc), acc, color="black", s=12, zorder=3)  # one dot per seed
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("demo test accuracy (%)")
+    ax.set_ylabel(f"{primary} test accuracy (%)")
     ax.set_ylim(0, 100)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -167,7 +319,8 @@ def plot(results: dict[str, list[dict]], path: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("variants", nargs="?", help="YAML file: variants (name -> overrides) and optional defaults")
+    p.add_argument("variants", nargs="?", help="YAML file: variants (name -> overrides), optional configs, defaults "
+                                               "and primary_set (this docstring)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/ablate")
     p.add_argument("--only", nargs="+", metavar="VARIANT",
@@ -189,32 +342,35 @@ def main(argv=None):
         p.error("the variants YAML is required (e.g. configs/ablations/demo.yaml), unless --power")
     if not os.path.isfile(args.variants):
         sys.exit(f"error: {args.variants} not found (e.g. configs/ablations/demo.yaml)")
-    with open(args.variants) as f:
-        spec = yaml.safe_load(f) or {}
-    if not isinstance(spec.get("variants"), dict) or not spec["variants"]:
-        sys.exit(f"error: {args.variants}: expected `variants:`, a mapping of name -> {{key: value}} overrides")
+    try:
+        ab = read_ablation(args.variants)
+        check_variants(ab, args.out)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
-    variants = spec["variants"]
+    variants = ab.variants
     if args.only:
         unknown = [v for v in args.only if v not in variants]
         if unknown:
-            sys.exit(f"error: --only: no variant {unknown[0]!r} in {args.variants}; its variants: {', '.join(variants)}")
+            sys.exit(f"error: --only: no variant {unknown[0]!r} in {args.variants}{did_you_mean(unknown[0], variants)}"
+                     f"; its variants: {', '.join(variants)}")
         baseline = next(iter(variants))
         variants = {k: v for k, v in variants.items() if k == baseline or k in args.only}
     results = {}
     try:
-        for name, overrides in variants.items():
-            results[name] = [run_variant(name, overrides or {}, seed, args.out, spec.get("defaults", {}))
-                             for seed in args.seeds]
+        for name, variant in variants.items():
+            results[name] = [run_variant(name, variant, seed, args.out, ab) for seed in args.seeds]
     except subprocess.CalledProcessError as e:  # the script has printed why; finished variants are kept
         sys.exit(f"error: `{' '.join(e.cmd[1:3])} ...` failed (exit {e.returncode}); run the same command again "
                  "to go on from the variants already finished")
     markdown = table(results, args.seeds)
     os.makedirs(args.out, exist_ok=True)
+    other_sets = [name for name in ab.sets if name != ab.primary]
+    columns = f"; {', '.join(f'{name} %' for name in other_sets)}: mean accuracy on that set" if other_sets else ""
     with open(os.path.join(args.out, "ablation.md"), "w") as f:
-        f.write(f"Ablations of {args.variants}, seeds {' '.join(map(str, args.seeds))}\n\n{markdown}\n\n"
-                "![accuracy](ablation.png)\n")
-    plot(results, os.path.join(args.out, "ablation.png"))
+        f.write(f"Ablations of {args.variants}, seeds {' '.join(map(str, args.seeds))}: accuracy and its test on the "
+                f"{ab.primary} set{columns}\n\n{markdown}\n\n![accuracy](ablation.png)\n")
+    plot(results, os.path.join(args.out, "ablation.png"), ab.primary)
     print(markdown)
     print(f"wrote {args.out}/ablation.md and ablation.png")
 

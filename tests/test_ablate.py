@@ -1,11 +1,15 @@
 """ablate.py on the tiny model: variants x seeds run the real scripts, share the SFT model, skip what is
 finished, and the table holds every column it promises."""
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import yaml
+
+from ablate import check_variants, main, read_ablation, run_variant, slug, table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,15 +43,135 @@ def test_ablation_runs_variants_shares_sft_and_skips_what_is_done(demo_data, tmp
     assert again.stdout[again.stdout.index("| variant"):] == first.stdout[first.stdout.index("| variant"):]
 
 
+def test_ablation_of_pathmmu_configs_tests_the_primary_set_and_lists_the_others(tmp_path):
+    """configs/sft.yaml, grpo.yaml and eval.yaml (a LoRA SFT, unlike the demo's full one) on PathMMU-format
+    fixture splits, the tiny model: ~50 s on 2 CPU cores."""
+    from data.pathmmu import prepare
+    from test_data_real import build_mmu_files
+
+    (tmp_path / "raw").mkdir()
+    files = build_mmu_files(tmp_path / "raw")
+    data = tmp_path / "pathmmu"  # sft 26, rl 8, test 6 items
+    prepare.main(["--data-json", files["data_json"], "--images", files["zip"], "--out", str(data)])
+    on_cpu = {"quantization": "none", "max_pixels": 56 * 56}  # the configs' 4-bit 7B, on the tiny model
+    train = {**on_cpu, "gradient_checkpointing": False, "optimizer": "adamw", "lora_r": 8, "lora_alpha": 16,
+             "save_every": 0}
+    spec = {
+        "sft": "configs/sft.yaml", "grpo": "configs/grpo.yaml", "eval": "configs/eval.yaml", "primary_set": "pathmmu",
+        "defaults": {
+            "sft": {**train, "model": "tiny", "data": f"{data}/sft.jsonl", "eval_data": None, "max_steps": 2,
+                    "batch_size": 4, "grad_accum": 1, "warmup_steps": 0},
+            "grpo": {**train, "data": f"{data}/rl.jsonl", "max_steps": 1, "num_prompts": 2, "group_size": 2,
+                     "max_new_tokens": 8},
+            # the primary set second: the table must pick it by name, not take the first
+            "eval": {**on_cpu, "sets": [f"rl_items={data}/rl.jsonl", f"pathmmu={data}/test.jsonl"], "limit": 4,
+                     "max_new_tokens": 8}},
+        "variants": {"β baseline": {}, "kl_coef=0": {"kl_coef": 0, "reference": "none"},
+                     "γ more SFT": {"stage": "sft", "data": f"{data}/rl.jsonl", "max_steps": 1}}}
+    path, out = tmp_path / "ablate.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "ablate.py", str(path), "--seeds", "0", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    launched = [line for line in done.stdout.splitlines() if line.startswith("$ python")]
+    assert [line.split()[2:4] for line in launched] == [
+        ["train_sft.py", "configs/sft.yaml"], ["train_grpo.py", "configs/grpo.yaml"], ["eval.py", "configs/eval.yaml"],
+        ["train_grpo.py", "configs/grpo.yaml"], ["eval.py", "configs/eval.yaml"],
+        ["train_sft.py", "configs/sft.yaml"], ["eval.py", "configs/eval.yaml"]]  # α once, shared by all three
+    sft_dir = out / "_sft" / "seed0"
+    assert f"model=tiny init_adapter={sft_dir} " in launched[1]  # β: α's adapter trained further, on the base
+    assert f"init_adapter={sft_dir} " in launched[5]  # γ: α's adapter, more SFT
+    assert f"model=tiny adapter={out / 'more_SFT' / 'seed0' / 'train'} " in launched[6]  # an adapter on the base
+
+    table = done.stdout[done.stdout.index("| variant"):].splitlines()
+    header = table[0].split(" | ")
+    assert header[-5:] == ["shuffled image %", "rl_items %", "CPU min", "difference vs baseline (95% CI)",
+                           "p (Holm) |"] and "pathmmu %" not in table[0]
+    assert [row.split(" | ")[0].lstrip("| ") for row in table[2:5]] == ["β baseline", "kl_coef=0", "γ more SFT"]
+    for row in table[2:5]:
+        cells = row.split(" | ")
+        assert len(cells) == len(header)
+        metrics = json.loads((out / slug(cells[0].lstrip("| ")) / "seed0" / "eval" / "metrics.json").read_text())
+        assert cells[1] == f"{100 * metrics['sets']['pathmmu']['accuracy']:.1f} ± 0.0"
+        assert cells[-4] == f"{100 * metrics['sets']['rl_items']['accuracy']:.1f}"
+    markdown = (out / "ablation.md").read_text()
+    assert "accuracy and its test on the pathmmu set; rl_items %: mean accuracy on that set" in markdown.splitlines()[0]
+    assert (out / "ablation.png").stat().st_size > 0
+
+
+def write_eval(eval_dir, sets: dict[str, list[bool]]):
+    """An evaluation as eval.py leaves it: metrics.json per set and predictions.jsonl, each line with its set."""
+    eval_dir.mkdir(parents=True)
+    metrics = {name: {"accuracy": sum(right) / len(right), "format_rate": 1.0, "mean_completion_tokens": 30.0}
+               for name, right in sets.items()}
+    (eval_dir / "metrics.json").write_text(json.dumps({"sets": metrics}))
+    (eval_dir / "predictions.jsonl").write_text("".join(
+        json.dumps({"id": f"item{i}", "set": name, "correct": right}) + "\n"
+        for name, answers in sets.items() for i, right in enumerate(answers)))
+    (eval_dir.parent / "cpu_minutes.json").write_text(json.dumps({"cpu_minutes": 1.0}))
+
+
+def test_the_table_tests_the_primary_set_only(tmp_path, monkeypatch):
+    """Items of another set with the same ids must not enter the primary set's test; its accuracy is a column."""
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "ablate.yaml"
+    sets = ["ood=ood.jsonl", "main=main.jsonl"]
+    path.write_text(yaml.safe_dump({"primary_set": "main", "defaults": {"eval": {"sets": sets}},
+                                    "variants": {"baseline": {}, "kl_coef=0": {"kl_coef": 0, "reference": "none"}}}))
+    ab = read_ablation(str(path))
+    assert (ab.sets, ab.primary, ab.configs["grpo"]) == (["ood", "main"], "main", "configs/demo_grpo.yaml")
+    write_eval(tmp_path / "baseline" / "seed0" / "eval", {"ood": [True] * 4, "main": [True, False, False, False]})
+    write_eval(tmp_path / "kl_coef=0" / "seed0" / "eval", {"ood": [False] * 4, "main": [True, True, True, False]})
+    results = {name: [run_variant(name, {}, 0, str(tmp_path), ab)] for name in ab.variants}  # nothing runs
+    assert results["baseline"][0]["correct"] == {(0, "item0"): True, (0, "item1"): False, (0, "item2"): False,
+                                                 (0, "item3"): False}
+    rows = table(results, [0]).splitlines()
+    assert rows[0].endswith("| shuffled image % | ood % | CPU min | difference vs baseline (95% CI) | p (Holm) |")
+    assert rows[2].startswith("| baseline | 25.0 ± 0.0 |") and "| 100.0 | 1.0 | - | - |" in rows[2]
+    assert rows[3].startswith("| kl_coef=0 | 75.0 ± 0.0 |")
+    assert rows[3].endswith("| 0.0 | 1.0 | +50.0 (1 seed: no interval) | – |")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"primary_sett": "demo"}, "unknown key 'primary_sett' (did you mean 'primary_set'?)"),
+    ({"defaults": {"evall": {}}}, "defaults: unknown script 'evall' (did you mean 'eval'?)"),
+    ({"defaults": {"grpo": {"model": "tiny"}}}, "'model' is set by ablate.py for each run (the base model is the SFT"),
+    ({"defaults": {"sft": {"max_step": 2}}}, "unknown config key 'max_step' (did you mean 'max_steps'?)"),
+    ({"primary_set": "dem"}, "no set 'dem' in configs/demo_eval.yaml's sets (demo) (did you mean 'demo'?)"),
+    ({"grpo": "configs/grpo.yml"}, "grpo: 'configs/grpo.yml' is not a config file"),
+    ({"variants": {"b": {"stage": "stf"}}}, "variant 'b': stage: 'stf' is not one of grpo | sft (did you mean 'sft'?)"),
+    # the last variant's misspelt key stops the ablation before the first variant trains
+    ({"variants": {"b": {}, "c": {"kl_coeff": 0}}},
+     "variant 'c', train_grpo.py: command line: unknown config key 'kl_coeff' (did you mean 'kl_coef'?)"),
+    ({"variants": {"β": {}}}, "variant 'β' has no letter A-Z or digit to name its folder"),
+])
+def test_ablation_yaml_mistakes_stop_it_named(tmp_path, monkeypatch, spec, message):
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "ablate.yaml"
+    path.write_text(yaml.safe_dump({"variants": {"baseline": {}}, **spec}, allow_unicode=True))
+    with pytest.raises(SystemExit) as stopped:
+        main([str(path), "--out", str(tmp_path / "out")])
+    assert message in str(stopped.value.code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_ablations_resolve(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the YAML's config paths are the repository's
+    for path in ("configs/ablations/demo.yaml", "configs/ablations/pathmmu.yaml"):
+        ab = read_ablation(path)
+        check_variants(ab, str(tmp_path))  # every run's config, as its script will read it
+    assert (ab.primary, ab.base_model, ab.sft_full) == ("pathmmu", "Qwen/Qwen2.5-VL-7B-Instruct", False)
+
+
 # ----------------------------------------------------------------------------------------------
 # The statistics (stats.py), checked by hand and on simulated ablations where the truth is known
 
 import math  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 
-from ablate import power_table, table  # noqa: E402
+from ablate import power_table  # noqa: E402
 from evaluation import mcnemar  # noqa: E402
 from stats import (holm, rejection_rate, seed_item_p, seed_item_test, seeds_needed, t_quantile,  # noqa: E402
                    t_two_sided_p)
