@@ -166,17 +166,15 @@ def plan(name: str, variant: dict | None, seed: int, out: str, ab: Ablation) -> 
     runs = [Run("sft", {**ab.defaults["sft"], "seed": seed, "output_dir": sft_dir}, True)] if start == "sft" else []
     # the weights a LoRA adapter trained here sits on: a finetune=full SFT's model, else the base model
     under = sft_dir if start == "sft" and ab.sft_full else ab.base_model
-    if stage == "sft":  # more SFT: the full SFT's model trained further, or its LoRA adapter (configs/sft_more.yaml)
-        start_keys = {"model": under} if start == "base" or ab.sft_full else {"model": under, "init_adapter": sft_dir}
-        overrides = {**ab.defaults["sft"], **start_keys, **variant, "seed": seed, "output_dir": train_dir}
-        full = resolve(ab.configs, "sft", overrides).finetune == "full"  # then its output is a model, not an adapter
-        evaluated = {"model": train_dir} if full else {"model": under, "adapter": train_dir}
-    else:
-        # train_grpo.py takes a full model in init_adapter as its base, with a new LoRA on it
-        start_keys = ({"init_adapter": sft_dir} if ab.sft_full else {"model": under, "init_adapter": sft_dir}
-                      ) if start == "sft" else {"model": under, "init_adapter": None, "reference": "base"}
-        overrides = {**ab.defaults["grpo"], **start_keys, **variant, "seed": seed, "output_dir": train_dir}
-        evaluated = {"model": under, "adapter": train_dir}
+    if start == "base":
+        start_keys = {"model": under, **({} if stage == "sft" else {"init_adapter": None, "reference": "base"})}
+    elif ab.sft_full:  # train_grpo.py takes a full model in init_adapter as its base, with a new LoRA on it
+        start_keys = {"model": under} if stage == "sft" else {"init_adapter": sft_dir}
+    else:  # the SFT adapter is trained further, by GRPO or by more SFT (configs/sft_more.yaml)
+        start_keys = {"model": under, "init_adapter": sft_dir}
+    overrides = {**ab.defaults[stage], **start_keys, **variant, "seed": seed, "output_dir": train_dir}
+    full = stage == "sft" and resolve(ab.configs, "sft", overrides).finetune == "full"  # its output: a model
+    evaluated = {"model": train_dir} if full else {"model": under, "adapter": train_dir}
     return runs + [Run(stage, overrides, False),
                    Run("eval", {**ab.defaults["eval"], **evaluated, "seed": seed, "output_dir": eval_dir}, False)]
 
