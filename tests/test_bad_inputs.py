@@ -66,6 +66,17 @@ CASES = [
     Case("image of a record corrupt (a truncated PNG)", r"^error: key 'data': .*1 of 4 records cannot be used \('r1': "
          r"image unreadable: images/r1\.png", script="train_grpo.py",
          args=[*GRPO, "data={ws}/corrupt_image/split.jsonl"]),
+    Case("image of a record is a truncated JPEG (Image.verify() passes it)", r"^error: key 'data': .*'r1': image "
+         r"unreadable: images/r1\.jpg \(OSError: image file is truncated", script="train_sft.py",
+         args=[*SFT, "data={ws}/truncated_jpeg/split.jsonl"]),
+    Case("image of aspect ratio 500 (5000 x 10 px)", r"'r1': image too elongated: images/r1\.png is 5000x10 px",
+         script="train_grpo.py", args=[*GRPO, "data={ws}/elongated_image/split.jsonl"]),
+    Case("record with image: null", r":2: record 'r1': wrong type: 'image' is null, expected a string",
+         script="train_sft.py", args=[*SFT, "data={ws}/image_null/split.jsonl"]),
+    Case('record with options: "ABCD"', r":2: record 'r1': wrong type: 'options' is str 'ABCD', expected a list of "
+         r"strings", script="eval.py", args=[*EVAL, "sets=[t={ws}/options_string/split.jsonl]"]),
+    Case("record with a list as its id", r":2: record: wrong type: 'id' is list \['r', 1\], expected a string",
+         script="train_grpo.py", args=[*GRPO, "data={ws}/id_list/split.jsonl"]),
     Case("answer not among the options", r"'r1': answer 'D' is not among the options", script="train_sft.py",
          args=[*SFT, "data={ws}/answer_not_an_option/split.jsonl"]),
     Case("fewer than 2 options", r"'r1': fewer than two options", script="train_grpo.py",
@@ -243,6 +254,20 @@ def make_workspace(ws: str):
     write_split(f"{ws}/corrupt_image", records())
     png = Path(f"{ws}/corrupt_image/images/r1.png")
     png.write_bytes(png.read_bytes()[:60])  # cut inside its pixel data, as an interrupted copy leaves it
+    write_split(f"{ws}/truncated_jpeg", records(image="images/r1.jpg"))
+    jpeg = io.BytesIO()
+    Image.effect_noise((112, 112), 64).convert("RGB").save(jpeg, format="JPEG", quality=90)
+    Path(f"{ws}/truncated_jpeg/images/r1.jpg").write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])
+    write_split(f"{ws}/elongated_image", records())
+    Image.new("RGB", (5000, 10), (150, 90, 40)).save(f"{ws}/elongated_image/images/r1.png")
+    write_split(f"{ws}/image_null", records())
+    write_split(f"{ws}/options_string", records())
+    write_split(f"{ws}/id_list", records())
+    for name, changes in [("image_null", {"image": None}), ("options_string", {"options": "ABCD"}),
+                          ("id_list", {"id": ["r", 1]})]:  # written over the split, the images stay
+        rows = [json.loads(line) for line in open(f"{ws}/{name}/split.jsonl")]
+        rows[1].update(changes)
+        Path(f"{ws}/{name}/split.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_split(f"{ws}/answer_not_an_option", records(answer="D"))
     write_split(f"{ws}/one_option", records(options=["brown"]))
     write_split(f"{ws}/empty_question", records(question=" "))

@@ -4,6 +4,7 @@ other settings, a disk that fills up while a checkpoint is written."""
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -71,3 +72,22 @@ def test_a_disk_that_fills_up_during_a_checkpoint_keeps_the_last_good_one(demo_d
     assert sorted(os.listdir(checkpoints)) == ["step_0000002"]  # no partial copy left behind
     resumed = run_sft(sft_args(demo_data, out, "max_steps=4", "save_every=1"))  # space again: it goes on
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "step_0000002" in resumed.stdout
+
+
+def test_ctrl_c_in_eval_keeps_the_answers_and_says_how_to_go_on(demo_data, tmp_path):
+    out = str(tmp_path / "eval")
+    args = [sys.executable, "eval.py", "configs/demo_eval.yaml", "model=tiny", f"sets=[demo={demo_data}/test.jsonl]",
+            "batch_size=1", "max_new_tokens=16", f"output_dir={out}"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    predictions, deadline = os.path.join(out, "predictions.jsonl"), time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if os.path.isfile(predictions) and open(predictions).read().count("\n") >= 1:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert "stopped: the answers so far are saved in predictions.jsonl" in err
+    answered = sum(1 for _ in open(predictions))
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and sum(1 for _ in open(predictions)) == 24 > answered  # the rest, once each

@@ -258,7 +258,7 @@ def test_shared_prompt_logprobs_equal_full_pass(demo_data):
                                                    "<think>The patch is mostly brown.</think>"])
     mask = rows.mask
     with torch.no_grad():
-        full = torch.cat([train_grpo.completion_logprobs(model, **rows.part(i, 2)) for i in range(0, 6, 2)])
+        full = torch.cat([rollout.completion_logprobs(model, **rows.part(i, 2)) for i in range(0, 6, 2)])
     shared = train_grpo.logprobs_no_grad(model, rows, 4, cfg)  # micro-batches of 2 groups, then 1
     assert torch.allclose(full * mask, shared * mask, atol=1e-5)
 
@@ -278,7 +278,7 @@ def test_logprobs_leave_out_the_padding_columns(demo_data):
     assert first > 0 and width < rows.ids.shape[1]  # both kinds of padding are there to leave out
     assert rows.columns(2, 2) == (0, rows.ids.shape[1])  # the long prompt and the longest completion
     with torch.no_grad():
-        full = torch.cat([train_grpo.completion_logprobs(model, **rows.part(i, 2)) for i in (0, 2)]) * rows.mask
+        full = torch.cat([rollout.completion_logprobs(model, **rows.part(i, 2)) for i in (0, 2)]) * rows.mask
         for share in (False, True):
             cut = torch.cat([rows.logprobs(model, i, 2, chunk_size=5, share_prompt=share) for i in (0, 2)])
             assert torch.allclose(full, cut, atol=1e-5), share
@@ -389,7 +389,7 @@ def test_a_group_of_eos_only_completions_is_scored(demo_data, checkpointing):
     rows = tiny_rows(demo_data, model, processor, ["", ""])  # encode_completions appends EOS: [EOS], [EOS]
     assert rows.ids.shape[1] == 1
     with torch.no_grad():
-        full = train_grpo.completion_logprobs(model, **rows.part(0, 2))
+        full = rollout.completion_logprobs(model, **rows.part(0, 2))
         assert torch.allclose(rows.logprobs(model, 0, 2, 1024, share_prompt=True), full, atol=1e-5)
     logp = rows.logprobs(model, 0, 2, 1024, share_prompt=True)
     logp.sum().backward()
