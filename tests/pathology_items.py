@@ -3,10 +3,10 @@
 PathMMU-format data without the gated dataset. The images are noise: a judge with no image facts cannot
 check them, which is what the audit's swapped_image row shows for such data.
 
-    python tests/pathology_items.py /tmp/pathology      # -> data.json + images.zip, then:
-    python data/pathmmu/prepare.py --data-json /tmp/pathology/data.json --images /tmp/pathology/images.zip \\
-        --subsets PubMed --out /tmp/pathology/prepared --sft-size 2 --rl-size 6
-    python audit_judge.py configs/grpo.yaml judge=rule data=/tmp/pathology/prepared/rl.jsonl
+    python tests/pathology_items.py runs/pathology      # -> data.json + images.zip, then:
+    python data/pathmmu/prepare.py --data-json runs/pathology/data.json --images runs/pathology/images.zip \\
+        --subsets PubMed --out runs/pathology/prepared --sft-size 2 --rl-size 6
+    python audit_judge.py configs/grpo.yaml judge=rule data=runs/pathology/prepared/rl.jsonl
 """
 
 import hashlib
