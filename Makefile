@@ -20,9 +20,9 @@ demo: setup
 	$(PY) data/demo/prepare.py
 	$(PY) train_sft.py configs/demo_sft.yaml output_dir=$(DEMO)/sft
 	$(PY) eval.py configs/demo_eval.yaml output_dir=$(DEMO)/eval_base run_name=base
-	$(PY) eval.py configs/demo_eval.yaml model=$(DEMO)/sft output_dir=$(DEMO)/eval_sft run_name=sft image_controls=[blank,shuffled]
+	$(PY) eval.py configs/demo_eval.yaml model=$(DEMO)/sft output_dir=$(DEMO)/eval_sft run_name=sft 'image_controls=[blank,shuffled]'
 	$(PY) train_grpo.py configs/demo_grpo.yaml init_adapter=$(DEMO)/sft output_dir=$(DEMO)/grpo
-	$(PY) eval.py configs/demo_eval.yaml model=$(DEMO)/sft adapter=$(DEMO)/grpo output_dir=$(DEMO)/eval_grpo run_name=grpo image_controls=[blank,shuffled]
+	$(PY) eval.py configs/demo_eval.yaml model=$(DEMO)/sft adapter=$(DEMO)/grpo output_dir=$(DEMO)/eval_grpo run_name=grpo 'image_controls=[blank,shuffled]'
 	$(PY) report.py $(DEMO)/eval_base $(DEMO)/eval_sft $(DEMO)/eval_grpo --train $(DEMO)/sft $(DEMO)/grpo --out $(DEMO)/report
 
 # from scratch each time (runs/notebook removed), so the saved outputs show every step; make demo's SFT model is reused
