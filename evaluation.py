@@ -163,22 +163,21 @@ def set_metrics(predictions: list[dict], records: list[Record] | None = None) ->
                "unparseable": sum(p["parsed"] is None for p in predictions),
                "mean_completion_tokens": sum(p["completion_tokens"] for p in predictions) / n if n else 0.0}
     if records is not None:
-        checks = [reasoning_checks(p["completion"], r) for p, r in zip(predictions, records)]
+        checks = [reasoning_checks(p["completion"], p["parsed"], r) for p, r in zip(predictions, records)]
         for key in ("reasoning_agrees", "image_stated_right"):
             known = [c[key] for c in checks if c[key] is not None]
             metrics[key] = sum(known) / len(known) if known else None  # None: no record says what its image shows
     return metrics
 
 
-def reasoning_checks(completion: str, record: Record) -> dict:
+def reasoning_checks(completion: str, parsed: str | None, record: Record) -> dict:
     """Two checks of the reasoning by rule_judge's rules (no judge needed): whether it leads to the answer
-    given (reasoning_agrees: False without reasoning), and, where the record says what its image measures
+    given (parsed: score's letter; reasoning_agrees: False without reasoning), and, where the record says what its image measures
     (image_facts; else None), whether what it says about the image is right (image_stated_right)."""
     from rule_judge import agrees_with_answer, image_stated_correctly
 
     think = THINK_RE.search(completion)
     think = think.group(1) if think and think.group(1).strip() else ""
-    parsed = parse_answer(completion, record.options)
     return {"reasoning_agrees": bool(think) and agrees_with_answer(record.options, think, parsed),
             "image_stated_right": (None if not record.image_facts else
                                    image_stated_correctly(think, record.image_facts, record.options) is True)}

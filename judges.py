@@ -58,6 +58,7 @@ class JudgeStats:
     last_error: str = ""  # why the latest request or verdict failed (never holds the API key)
     # usable (True) or failed (False), for each of the latest verdicts asked: judge_down reads it
     recent: deque = field(default_factory=lambda: deque(maxlen=4096), repr=False, compare=False)
+    _reported: int = field(default=0, repr=False, compare=False)  # failures passed to fail(): the first are printed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     PRINTED_FAILURES = 3  # the first failures go to stderr as they happen; the rest are counted
@@ -73,9 +74,10 @@ class JudgeStats:
         with self._lock:
             setattr(self, counter, getattr(self, counter) + 1)
             self.last_error = why
-            shown = self.failures + self.fallbacks <= self.PRINTED_FAILURES
-        if shown:
-            print(f"judge: {why}" + ("" if self.failures + self.fallbacks < self.PRINTED_FAILURES else
+            self._reported += 1
+            reported = self._reported
+        if reported <= self.PRINTED_FAILURES:
+            print(f"judge: {why}" + ("" if reported < self.PRINTED_FAILURES else
                                      " (further judge failures are counted in judge/failures, judge/fallbacks)"),
                   file=sys.stderr, flush=True)
 

@@ -89,10 +89,6 @@ def statements(think: str, options: list[str] = ()) -> list[str]:
     return out
 
 
-def _names(statement: str, option: str) -> bool:
-    return mcq._contains(statement, option)
-
-
 def distinctive_words(options: list[str]) -> list[set[str]]:
     """Per option, its words of 5+ letters that no other option has: "lymphoma" names "Gastric lymphoma",
     "papillary" names "Papillary renal cell carcinoma" beside "Clear cell renal cell carcinoma"."""
@@ -103,7 +99,7 @@ def distinctive_words(options: list[str]) -> list[set[str]]:
 def _refers_to(statement: str, letter: str, option: str, distinctive: set[str]) -> bool:
     """The statement names this option: by its text, a word only it has, or as "option B" / "(B)" / "B)"."""
     by_letter = rf"\boption\s+{letter}\b|\({letter}\)|(?<![\w(]){letter}\)"
-    return (_names(statement, option) or bool(distinctive & set(_words(statement)))
+    return (mcq._contains(statement, option) or bool(distinctive & set(_words(statement)))
             or re.search(by_letter, statement) is not None)
 
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import checkpoint as ckpt
-from config import GRPOConfig, parse_args, save_config
+from config import GRPOConfig, parse_args
 from evaluation import evaluate, load_sets
 from grpo import equal_reward_groups, group_advantages, grpo_loss
 from inputs import InputError, check_inputs
@@ -43,7 +43,7 @@ from model import (completion_mask, count_params, encode_prompts, freeze_vision_
 from rewards import score_completions
 from rollout import Rows, generate_groups, lora_merged, merge_while_sampling
 from training import (DataOrder, Processes, load_examples, make_optimizer, make_scheduler, mean_of_scored,
-                      open_tensorboard, peak_memory_gib, save_checkpoint, save_trained)
+                      open_tensorboard, peak_memory_gib, save_checkpoint, save_trained, start_output_dir)
 
 
 def is_full_model(path: str) -> bool:
@@ -170,13 +170,7 @@ def main(argv=None):
         print(f"init_adapter {cfg.init_adapter} is a full model: using it as the base with a new LoRA")
         cfg.model, cfg.init_adapter = cfg.init_adapter, None
         cfg.reference = "base" if cfg.reference == "sft" else cfg.reference
-    if procs.main:
-        ckpt.claim_output_dir(cfg.output_dir)  # one run per output_dir
-    resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
-    if resume_from:  # the same experiment, or a clear refusal naming what differs
-        ckpt.check_resume_config(resume_from, cfg)
-    if procs.main:
-        save_config(cfg, cfg.output_dir)
+    resume_from = start_output_dir(cfg, procs)  # claimed for this run; the checkpoint to resume, if any
 
     model, processor = load_model(cfg, adapter=cfg.init_adapter)
     if cfg.reference == "sft" and cfg.kl_coef != 0:

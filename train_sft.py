@@ -19,14 +19,14 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from config import SFTConfig, parse_args, save_config
+from config import SFTConfig, parse_args
 from inputs import InputError, check_inputs
 from images import open_image
 from mcq import Record, image_path, prompt_messages, target_text
 from model import compute_dtype, count_params, encode_completions, encode_prompts, image_features, load_model, unwrap
 from rollout import completion_logprobs
 from training import (DataOrder, Processes, load_examples, make_optimizer, make_scheduler, open_tensorboard,
-                      save_checkpoint, save_trained)
+                      save_checkpoint, save_trained, start_output_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,13 +72,7 @@ def main(argv=None):
     check_inputs(cfg)  # splits, images, init_adapter, output_dir: named now, not after the model has loaded
     procs = Processes(cfg.collective_timeout)  # one, or N under torchrun / accelerate launch: each takes batch_size examples a micro-step
     ckpt.seed_everything(cfg.seed + 1000 * procs.rank)
-    if procs.main:
-        ckpt.claim_output_dir(cfg.output_dir)  # one run per output_dir
-    resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
-    if resume_from:  # the same experiment, or a clear refusal naming what differs
-        ckpt.check_resume_config(resume_from, cfg)
-    if procs.main:
-        save_config(cfg, cfg.output_dir)
+    resume_from = start_output_dir(cfg, procs)  # claimed for this run; the checkpoint to resume, if any
 
     model, processor = load_model(cfg, adapter=cfg.init_adapter, lora=cfg.finetune == "lora",
                                   train_vision=cfg.train_vision)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import checkpoint as ckpt
+from config import save_config
 from inputs import BadInput
 from mcq import Record, image_path, load_split, prompt_messages, target_text
 
@@ -102,6 +103,20 @@ def make_scheduler(cfg, optimizer):
         progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def start_output_dir(cfg, procs) -> str | None:
+    """Before a loop writes anything: output_dir claimed for this run (one run per output_dir), the checkpoint
+    to resume found and refused if it was written with other settings, then the config saved beside it.
+    -> that checkpoint, or None."""
+    if procs.main:
+        ckpt.claim_output_dir(cfg.output_dir)
+    resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
+    if resume_from:  # the same experiment, or a clear refusal naming what differs
+        ckpt.check_resume_config(resume_from, cfg)
+    if procs.main:
+        save_config(cfg, cfg.output_dir)
+    return resume_from
 
 
 def save_checkpoint(procs, output_dir: str, step: int, model, optimizer, scheduler, extra: dict, keep: int,

@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from test_sft import signal_after_first_line
+
 from test_train_grpo import assert_same_gradient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,17 +175,7 @@ def sigterm_torchrun_after_first_step(args: list[str], out: str, shutdown_timeou
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [torchrun, "--standalone", "--nproc_per_node", "2", "--shutdown-timeout", str(shutdown_timeout), CHILD,
                *args]
-    with open(f"{out}.stderr", "w+") as err:
-        proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
-        metrics, deadline = os.path.join(out, "metrics.jsonl"), time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            if os.path.isfile(metrics) and open(metrics).read().count("\n") >= 1:
-                proc.send_signal(signal.SIGTERM)
-                break
-            time.sleep(0.01)
-        proc.wait(timeout=300)
-        err.seek(0)
-        return proc.returncode, err.read()
+    return signal_after_first_line(command, os.path.join(out, "metrics.jsonl"), signal.SIGTERM, env=ENV)
 
 
 def test_sigterm_to_torchrun_finishes_the_step_and_saves_when_its_shutdown_timeout_allows(demo_data, tmp_path):

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import train_sft
+from test_sft import signal_after_first_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,15 +79,9 @@ def test_ctrl_c_in_eval_keeps_the_answers_and_says_how_to_go_on(demo_data, tmp_p
     out = str(tmp_path / "eval")
     args = [sys.executable, "eval.py", "configs/demo_eval.yaml", "model=tiny", f"sets=[demo={demo_data}/test.jsonl]",
             "batch_size=1", "max_new_tokens=16", f"output_dir={out}"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    predictions, deadline = os.path.join(out, "predictions.jsonl"), time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if os.path.isfile(predictions) and open(predictions).read().count("\n") >= 1:
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.01)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in err
+    predictions = os.path.join(out, "predictions.jsonl")
+    code, err = signal_after_first_line(args, predictions, signal.SIGINT, timeout=120)
+    assert code == 1 and "Traceback" not in err
     assert "stopped: the answers so far are saved in predictions.jsonl" in err
     answered = sum(1 for _ in open(predictions))
     resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)

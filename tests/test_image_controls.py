@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -14,23 +13,9 @@ from PIL import Image
 from config import ConfigError, EvalConfig, load_config, parse_args
 from eval import format_table, run
 from evaluation import BLANK_RGB, control_sets, derangement, evaluate, load_sets
-from model import load_model
+from test_eval import one_thread, read_lines, tiny  # noqa: F401  (fixtures, as test_eval_judge takes them)
 
 OPTIONS = ["brown", "blue", "mixed"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As in test_eval.py: one thread is faster for the tiny model on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(EvalConfig(model="tiny"), trainable=False)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +35,6 @@ def data(tmp_path_factory):
                 f.write(json.dumps(rec) + "\n")
         paths[name] = str(root / f"{name}.jsonl")
     return paths
-
-
-def read_lines(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -91,20 +92,31 @@ def test_exact_resume(demo_data, tmp_path):
     assert [r["lr"] for r in resumed] == [r["lr"] for r in full]
 
 
-def signal_after_first_step(argv: list[str], out: str, signum, timeout: float = 300) -> tuple[int, str]:
-    """Run `python *argv` (a training script) in its own process; once its first step is logged in
-    out/metrics.jsonl, send `signum`. Returns (exit code, stderr)."""
-    with open(f"{out}.stderr", "w+") as err:  # a file, not a pipe: a full pipe would stall the run
-        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-        metrics, deadline = os.path.join(out, "metrics.jsonl"), time.monotonic() + timeout
-        while proc.poll() is None and time.monotonic() < deadline:
-            if os.path.isfile(metrics) and open(metrics).read().count("\n") >= 1:
-                proc.send_signal(signum)
-                break
-            time.sleep(0.01)
-        proc.wait(timeout=timeout)
+def signal_after_first_line(command: list[str], watched: str, signum, env=None, timeout: float = 300) -> tuple[int, str]:
+    """Run `command` in its own process; once the file `watched` holds its first line (a logged step, an
+    answer), send `signum`. Returns (exit code, stderr)."""
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                if os.path.isfile(watched) and open(watched).read().count("\n") >= 1:
+                    proc.send_signal(signum)
+                    break
+                time.sleep(0.01)
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:  # never a process left behind by a failed test
+                proc.kill()
+                proc.wait()
         err.seek(0)
         return proc.returncode, err.read()
+
+
+def signal_after_first_step(argv: list[str], out: str, signum, timeout: float = 300) -> tuple[int, str]:
+    """`python *argv` (a training script), signalled once its first step is logged in out/metrics.jsonl."""
+    return signal_after_first_line([sys.executable, *argv], os.path.join(out, "metrics.jsonl"), signum,
+                                   timeout=timeout)
 
 
 def test_sigterm_finishes_the_step_then_resumes_exactly(demo_data, tmp_path):
