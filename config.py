@@ -193,6 +193,7 @@ CHOICES = {
     "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "scale_rewards": ("group", "batch", "none"),
     "merge_for_sampling": (True, False, "auto"),
+    "open_answer_reward": ("exact", "f1", "judged"),
     "rewards": _reward_names,
     "image_controls": _image_controls,
 }
@@ -484,6 +485,9 @@ class GRPOConfig(JudgeConfig, TrainConfig):
     # rewards: name -> weight (rewards.REWARDS); the paper sums them with equal weight
     rewards: dict[str, float] = field(default_factory=lambda: {"format": 1.0, "accuracy": 1.0})
     accuracy_requires_format: bool = False
+    # the accuracy reward on an open question (no options; rewards.open_answer_reward_scores): exact (after
+    # openqa.normalise) | f1 (token F1, partial credit) | judged (equivalence by the judge: api | self | rule)
+    open_answer_reward: str = "exact"
     # objective (grpo.py)
     scale_rewards: str = "group"  # group | batch | none
     skip_equal_groups: bool = False  # drop groups whose rewards are all equal (their advantage is 0)
@@ -528,8 +532,12 @@ class GRPOConfig(JudgeConfig, TrainConfig):
             raise ConfigError("reference=none needs kl_coef=0")
         if "process" in self.rewards and self.judge == "none":
             raise ConfigError("the process reward needs a judge: judge=api | self | rule")
+        judged = self.open_answer_reward == "judged" and "accuracy" in self.rewards
+        if judged and self.judge == "none":
+            raise ConfigError("open_answer_reward=judged needs a judge to say whether an open answer means the "
+                              "reference: judge=api | self | rule (or open_answer_reward=exact | f1)")
         judge_wait = self.judge_deadline * (self.max_sampling_rounds if self.dynamic_sampling else 1)
-        if "process" in self.rewards and self.judge == "api" and self.collective_timeout <= judge_wait + 60:
+        if ("process" in self.rewards or judged) and self.judge == "api" and self.collective_timeout <= judge_wait + 60:
             raise ConfigError(f"collective_timeout={self.collective_timeout:g} s must exceed the judge's longest wait "
                               f"in a step ({judge_wait:g} s: judge_deadline x batches of judge requests) by a "
                               "minute, or one process's slow judge stops every process: raise collective_timeout "

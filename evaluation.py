@@ -1,4 +1,4 @@
-"""Greedy answers to multiple-choice test sets and their metrics: what eval.py reports, and what
+"""Greedy answers to test sets (multiple-choice and open questions, mixed or not) and their metrics: what eval.py reports, and what
 train_grpo.py's held-out curve measures; the image-reliance controls (blank and shuffled images); reading
 runs' JSONL files; the statistics report.py and ablate.py use (Wilson interval, McNemar's test).
 Nothing here imports torch until a model is asked for answers.
@@ -14,8 +14,10 @@ from typing import NamedTuple
 
 from PIL import Image
 
+import openqa
 from images import open_image
-from mcq import LETTERS, THINK_RE, Record, image_path, is_well_formed, load_split, parse_answer, prompt_messages
+from mcq import (KINDS, LETTERS, THINK_RE, Record, image_path, is_well_formed, load_split, parse_answer,
+                 parse_open_answer, prompt_messages)
 
 
 def load_sets(specs: list[str], limit: int = 0) -> dict[str, list[Record]]:
@@ -116,14 +118,24 @@ def control_sets(full_sets: dict[str, list[Record]], controls: list[str], seed: 
 
 
 def score(completion: str, record: Record) -> dict:
-    """An empty or unparseable completion is a wrong answer (parsed None), never an error."""
-    parsed = parse_answer(completion, record.options)
-    return {"parsed": parsed, "correct": parsed is not None and parsed == record.answer}
+    """An empty or unparseable completion is a wrong answer (parsed None), never an error.
+    closed: parsed is the chosen letter. open: parsed is the answer's text; correct is an exact match after
+    openqa.normalise, f1 and recall are token F1 and recall against the best reference (openqa.py)."""
+    if record.options:
+        parsed = parse_answer(completion, record.options)
+        return {"kind": "closed", "parsed": parsed, "correct": parsed is not None and parsed == record.answer}
+    parsed, refs = parse_open_answer(completion), openqa.references(record)
+    return {"kind": "open", "parsed": parsed, "correct": openqa.exact_match(parsed, refs),
+            "f1": openqa.token_f1(parsed, refs), "recall": openqa.token_recall(parsed, refs)}
 
 
 def option_texts(parsed: str | None, record: Record) -> dict:
-    """The gold and the chosen option (parsed: score's letter) as text: letters are shuffled per item,
-    texts are what a confusion matrix compares (report.py). parsed_text is None when nothing parsed."""
+    """The gold and the given answer as text (parsed: score's): letters are shuffled per item, texts are what
+    a confusion matrix compares (report.py); an open question's in normalised form (openqa.normalise), so
+    "Granulomas." and "granuloma" are one answer. parsed_text is None when nothing parsed."""
+    if not record.options:
+        return {"gold_text": openqa.normalise(record.answer),
+                "parsed_text": None if parsed is None else openqa.normalise(parsed)}
     return {"gold_text": record.answer_text(),
             "parsed_text": None if parsed is None else record.options[LETTERS.index(parsed)]}
 
@@ -162,12 +174,29 @@ def set_metrics(predictions: list[dict], records: list[Record] | None = None) ->
                "format_rate": sum(is_well_formed(p["completion"]) for p in predictions) / n if n else 0.0,
                "unparseable": sum(p["parsed"] is None for p in predictions),
                "mean_completion_tokens": sum(p["completion_tokens"] for p in predictions) / n if n else 0.0}
+    metrics.update(kind_metrics(predictions))
     if records is not None:
         checks = [reasoning_checks(p["completion"], p["parsed"], r) for p, r in zip(predictions, records)]
         for key in ("reasoning_agrees", "image_stated_right"):
             known = [c[key] for c in checks if c[key] is not None]
             metrics[key] = sum(known) / len(known) if known else None  # None: no record says what its image shows
     return metrics
+
+
+def kind_metrics(predictions: list[dict]) -> dict:
+    """Per kind of question (predictions from before open questions have no "kind": closed):
+    kinds {closed: n, open: n}; closed_accuracy; open_exact, open_f1 and open_recall (means over the open
+    items: the PathVQA literature's open-question metrics). A kind the set lacks has no keys."""
+    by_kind = {k: [p for p in predictions if p.get("kind", "closed") == k] for k in KINDS}
+    out = {"kinds": {k: len(v) for k, v in by_kind.items() if v}}
+    if by_kind["closed"]:
+        out["closed_accuracy"] = sum(bool(p["correct"]) for p in by_kind["closed"]) / len(by_kind["closed"])
+    if by_kind["open"]:
+        n = len(by_kind["open"])
+        out.update(open_exact=sum(bool(p["correct"]) for p in by_kind["open"]) / n,
+                   open_f1=sum(p["f1"] for p in by_kind["open"]) / n,
+                   open_recall=sum(p["recall"] for p in by_kind["open"]) / n)
+    return out
 
 
 def reasoning_checks(completion: str, parsed: str | None, record: Record) -> dict:
@@ -178,7 +207,9 @@ def reasoning_checks(completion: str, parsed: str | None, record: Record) -> dic
 
     think = THINK_RE.search(completion)
     think = think.group(1) if think and think.group(1).strip() else ""
-    return {"reasoning_agrees": bool(think) and agrees_with_answer(record.options, think, parsed),
+    # an open question has no options for the reasoning to agree with: not checked (None)
+    return {"reasoning_agrees": None if not record.options else bool(think) and agrees_with_answer(
+                record.options, think, parsed),
             "image_stated_right": (None if not record.image_facts else
                                    image_stated_correctly(think, record.image_facts, record.options) is True)}
 

@@ -22,9 +22,12 @@ class BadInput(InputError, ValueError):
     pass
 
 
-def check_inputs(cfg):
+def check_inputs(cfg) -> dict[str, dict[str, int]]:
     """Everything a script's config points at: output_dir can be made, every split parses and every record
-    (image included) is usable, adapter directories hold an adapter, judge=api has its key, the device exists."""
+    (image included) is usable, adapter directories hold an adapter, judge=api has its key, the device exists.
+    Returns each split's key -> its records of each kind ({"data": {"closed": 120, "open": 80}}) and prints
+    them, a line per split ("key 'data': <path>: 200 records, closed 120, open 80"): a split that mixes in
+    open questions is seen before the run, not first in its metrics."""
     check_device(cfg.device)
     check_output_dir(cfg.output_dir)
     resume = getattr(cfg, "resume", "none")  # a training script's
@@ -32,21 +35,28 @@ def check_inputs(cfg):
         raise MissingInput(f"key 'resume': no checkpoint at {resume} (no state.pt there): give a checkpoint "
                            "directory (<output_dir>/checkpoints/step_N), or resume=auto (the newest in output_dir) "
                            "| none")
+    splits = {}  # key -> (path, kinds)
     if isinstance(cfg, EvalConfig):
         for spec in cfg.sets:  # a malformed spec is evaluation.load_sets' to name
             name, sep, path = spec.partition("=")
             if sep and path.strip():
-                check_split(f"sets ({name.strip()})", path.strip())
+                key = f"sets ({name.strip()})"
+                splits[key] = path.strip(), check_split(key, path.strip())
         check_adapter("adapter", cfg.adapter)
     else:
-        check_split("data", cfg.data)
+        splits["data"] = cfg.data, check_split("data", cfg.data)
         if cfg.eval_data and (isinstance(cfg, SFTConfig) or cfg.eval_every):  # GRPO reads it only to evaluate
-            check_split("eval_data", cfg.eval_data)
+            splits["eval_data"] = cfg.eval_data, check_split("eval_data", cfg.eval_data)
         # train_grpo.py takes a finetune=full SFT model as its base (the demo's path)
         check_adapter("init_adapter", cfg.init_adapter, full_model_ok=isinstance(cfg, GRPOConfig))
     if getattr(cfg, "judge", "none") == "api" and not os.environ.get(cfg.judge_api_key_env):
         raise BadInput(f"judge=api reads its key from the environment variable {cfg.judge_api_key_env}, which is not "
                        f"set: export {cfg.judge_api_key_env}=... (or judge=self | rule)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process checks; one says so
+        for key, (path, kinds) in splits.items():
+            counts = ", ".join(f"{kind} {n}" for kind, n in kinds.items())
+            print(f"key '{key}': {path}: {sum(kinds.values())} records, {counts}")
+    return {key: kinds for key, (_, kinds) in splits.items()}
 
 
 def check_device(device: str):
@@ -82,12 +92,13 @@ def check_output_dir(path: str):
                        f"output_dir={path} cannot be made there: choose another directory")
 
 
-def check_split(key: str, path: str):
+def check_split(key: str, path: str) -> dict[str, int]:
     """A prepared JSONL split as a training or test set: each record as the data preparers leave it
-    (mcq.check_record: fields of their types, unique id, a question, >= 2 options, the answer among them, an
-    image that decodes to the end with an aspect ratio the processor takes). Images outside the split's folder
-    (absolute, ../, a symlink) are allowed in a split written by hand, with a note: the API judge uploads them."""
-    from mcq import check_records, load_split
+    (mcq.check_record: fields of their types, unique id, a question; closed: >= 2 options, the answer among
+    them; open: a reference answer; an image that decodes to the end with an aspect ratio the processor takes).
+    Images outside the split's folder (absolute, ../, a symlink) are allowed in a split written by hand, with a
+    note: the API judge uploads them. Returns how many records of each kind it holds: {"closed": n, "open": m}."""
+    from mcq import KINDS, check_records, load_split
 
     try:
         records = load_split(path)
@@ -116,6 +127,7 @@ def check_split(key: str, path: str):
         raise BadInput(f"key '{key}': {path}: {len(bad)} of {len(records)} records cannot be used ({'; '.join(bad[:3])}"
                        f"{' ...' if len(bad) > 3 else ''}); the data preparers drop such records (and list them in "
                        "report.json): re-run the preparation or fix the file")
+    return {kind: sum(r.kind == kind for r in records) for kind in KINDS}
 
 
 def check_adapter(key: str, path: str | None, full_model_ok: bool = False):

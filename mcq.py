@@ -1,11 +1,15 @@
-"""Multiple-choice VQA: the record schema, the prompt, the answer contract and its parser.
+"""VQA records: the schema, the prompt, the answer contract and its parser, for two kinds of question.
 
 A record is one JSON line, its image a file beside the JSONL (any `datasets.load_dataset("json")` reads it):
 
     {"id": "demo-rl-00017", "image": "images/rl-00017.png", "question": "Which stain dominates?",
      "options": ["brown", "blue", "mixed"], "answer": "B", "explanation": "...", "source": "demo/stain"}
 
-The model is asked to reason inside <think>...</think> and answer inside <answer>B) blue</answer>.
+closed (multiple choice, options given): the answer is a letter; the model reasons inside <think>...</think>
+    and answers inside <answer>B) blue</answer>.
+open (no options): the answer is the reference text, `alternatives` other accepted wordings; the model
+    answers in a few words, <answer>granulomas</answer>, compared after openqa.normalise.
+A split may mix both kinds.
 """
 
 import difflib
@@ -17,6 +21,7 @@ import typing
 from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+import openqa
 from images import file_image_problem
 
 LETTERS = string.ascii_uppercase
@@ -27,17 +32,25 @@ class Record:
     id: str
     image: str  # path relative to the JSONL file's directory
     question: str
-    options: list[str]
-    answer: str  # a letter: "A", "B", ...
+    options: list[str]  # [] for an open question
+    answer: str  # closed: a letter, "A", "B", ...; open: the reference answer's text
     explanation: str = ""
     source: str = ""
     # What the image measures, where a preparer can measure it (the demo: {"stain": "blue", "dab": 0.02,
     # "hematoxylin": 0.09}): the rule judge checks the reasoning's statement about the image against it.
     # It belongs to the image: a record shown with another image takes that image's facts.
     image_facts: dict = field(default_factory=dict)
+    alternatives: list[str] = field(default_factory=list)  # open only: other accepted wordings of the answer
+
+    @property
+    def kind(self) -> str:
+        return "closed" if self.options else "open"
 
     def answer_text(self) -> str:
-        return self.options[LETTERS.index(self.answer)]
+        return self.options[LETTERS.index(self.answer)] if self.options else self.answer
+
+
+KINDS = ("closed", "open")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,6 +59,8 @@ class Record:
 INSTRUCTION = ("Think step by step inside <think> </think>: describe what the image shows, rule out the wrong "
                "options, and recall the relevant pathology knowledge. Then give the final choice inside "
                "<answer> </answer> as the letter and the option text, for example <answer>A) option text</answer>.")
+OPEN_INSTRUCTION = ("Think step by step inside <think> </think>: describe what the image shows and recall the "
+                    "relevant pathology knowledge. Then give the final answer in a few words inside <answer> </answer>.")
 
 
 def option_lines(options: list[str]) -> list[str]:
@@ -54,7 +69,8 @@ def option_lines(options: list[str]) -> list[str]:
 
 
 def format_prompt_text(question: str, options: list[str]) -> str:
-    return "\n".join([question.strip(), *option_lines(options), INSTRUCTION])
+    """The question, its options and the instruction; without options, the open-question instruction."""
+    return "\n".join([question.strip(), *option_lines(options), INSTRUCTION if options else OPEN_INSTRUCTION])
 
 
 def prompt_messages(record: Record) -> list[dict]:
@@ -65,7 +81,8 @@ def prompt_messages(record: Record) -> list[dict]:
 
 def target_text(record: Record) -> str:
     """The SFT target: the paper's format with the record's explanation as the reasoning."""
-    return f"<think>{record.explanation.strip()}</think><answer>{record.answer}) {record.answer_text()}</answer>"
+    answer = f"{record.answer}) {record.answer_text()}" if record.options else record.answer.strip()
+    return f"<think>{record.explanation.strip()}</think><answer>{answer}</answer>"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +130,29 @@ def parse_answer(completion: str, options: list[str]) -> str | None:
     if len(letters) != 1:  # no block, or blocks that disagree
         return None
     return letters.pop()
+
+
+def parse_open_answer(completion: str) -> str | None:
+    """An open question's answer: the text of the completion's <answer> block, or None when there is none,
+    it is empty, or two blocks say different things (normalised). Never raises."""
+    if not isinstance(completion, str):
+        return None
+    blocks = [b.strip() for b in ANSWER_RE.findall(completion)]
+    if not blocks or len({openqa.normalise(b) for b in blocks}) != 1 or not openqa.normalise(blocks[0]):
+        return None
+    return blocks[0]
+
+
+def parse(completion: str, record: Record) -> str | None:
+    """What the completion answers: the chosen letter (closed) or the answer's text (open)."""
+    return parse_answer(completion, record.options) if record.options else parse_open_answer(completion)
+
+
+def is_correct(completion: str, record: Record) -> bool:
+    """closed: the gold letter; open: a reference (answer or an alternative) exactly, after openqa.normalise."""
+    if record.options:
+        return parse_answer(completion, record.options) == record.answer
+    return openqa.exact_match(parse_open_answer(completion), openqa.references(record))
 
 
 def _parse_block(block: str, options: list[str]) -> str | None:
@@ -307,6 +347,15 @@ def check_fields(record: Record, seen_ids: set) -> str | None:
         return "duplicate id"
     if not record.question.strip():
         return "empty question"
+    if not record.options:  # an open question
+        if not openqa.normalise(record.answer):
+            return "empty answer: an open question (no options) needs its reference answer's text"
+        if any(not openqa.normalise(a) for a in record.alternatives):
+            return "empty alternative answer"
+        return None
+    if record.alternatives:
+        return ("alternatives given with options: alternatives are accepted wordings of an open question's answer; "
+                "a multiple-choice record's answer is the letter of one option")
     if len(record.options) < 2:
         return "fewer than two options"
     if len(record.options) > len(LETTERS):
@@ -378,7 +427,10 @@ class SplitWriter:
             tmp = os.path.join(self.out_dir, f".{split}.jsonl.tmp")
             with open(tmp, "w") as f:
                 for r in records:
-                    f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+                    data = asdict(r)
+                    if not data["alternatives"]:  # a multiple-choice record's lines stay as they were before the key
+                        del data["alternatives"]
+                    f.write(json.dumps(data, ensure_ascii=False) + "\n")
             os.replace(tmp, os.path.join(self.out_dir, f"{split}.jsonl"))
         report = {"counts": {s: len(r) for s, r in self.splits.items()},
                   "skipped": len(self.skipped),

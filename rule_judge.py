@@ -24,6 +24,7 @@ import json
 import re
 
 import mcq
+import openqa
 
 MIN_WORDS, MAX_WORDS = 3, 60
 CLAUSE_SPLIT_RE = re.compile(r"(?<=[.!?;])\s+|\n+|,\s*(?=(?:because|since|as|so|therefore|thus|hence)\b)", re.I)
@@ -107,7 +108,7 @@ def eliminated(options: list[str], chosen: str | None, said: list[str]) -> tuple
     """(other options set aside by an elimination statement, how many must be: two, or all with fewer)."""
     others = [(letter, o, d) for letter, o, d in zip(mcq.LETTERS, options, distinctive_words(options)) if letter != chosen]
     named = {letter for s in said if ELIMINATION_RE.search(s) for letter, o, d in others if _refers_to(s, letter, o, d)}
-    return len(named), min(2, len(options) - 1)
+    return len(named), max(0, min(2, len(options) - 1))
 
 
 def is_image_statement(s: str) -> bool:
@@ -180,8 +181,9 @@ def agrees_with_answer(options: list[str], think: str, chosen: str | None) -> bo
 
 
 def rule_scores(options: list[str], think: str, chosen: str | None, gold: str | None = None,
-                facts: dict | None = None) -> dict[str, float]:
-    """The process rubric's arithmetic on the statements of the reasoning (module docstring)."""
+                facts: dict | None = None, wrong: bool | None = None) -> dict[str, float]:
+    """The process rubric's arithmetic on the statements of the reasoning (module docstring). An open
+    question (options []) has nothing to eliminate; `wrong` says whether its answer is wrong."""
     said, facts = statements(think, options), facts or {}
     n_eliminated, needed = eliminated(options, chosen, said)
     shown = [s for s in said if is_image_statement(s)]
@@ -193,7 +195,7 @@ def rule_scores(options: list[str], think: str, chosen: str | None, gold: str | 
     missing = [not image_step, n_eliminated < needed, not knowledge_step]
     normalised = [" ".join(_words(s)) for s in said]
     errors = [contradictions(options, think, chosen),
-              gold is not None and chosen != gold,
+              wrong if wrong is not None else gold is not None and chosen != gold,
               right_about_image is False,
               len(set(normalised)) < len(normalised),
               addressed_to_grader(think)]
@@ -206,7 +208,7 @@ SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 def rule_reasoning_scores(options: list[str], completion: str, think: str, chosen: str | None,
-                          gold: str, facts: dict | None = None) -> dict[str, float]:
+                          gold: str, facts: dict | None = None, right: bool | None = None) -> dict[str, float]:
     """eval.py's six criteria from statements and lengths; `think` is "" when there is no <think> block.
     reasoning_accuracy  0 without reasoning or with a wrong/missing answer; else 1, or 0.5 when the
                         reasoning contradicts its answer or states the image wrongly (image_facts)
@@ -219,7 +221,7 @@ def rule_reasoning_scores(options: list[str], completion: str, think: str, chose
                         share of its sentences that are not repeats"""
     said = statements(think, options)
     sentences = [s.strip().lower() for s in SENTENCE_SPLIT_RE.split(think) if s.strip()]
-    right = think.strip() != "" and chosen is not None and chosen == gold
+    right = think.strip() != "" and (chosen is not None and chosen == gold if right is None else right)
     wrong_steps = contradictions(options, think, chosen) or image_stated_correctly(think, facts or {}, options) is False
     n_eliminated, needed = eliminated(options, chosen, said)
     terms = {t for s in said for t in DOMAIN_TERMS if t in _words(s)}
@@ -240,7 +242,8 @@ class RuleJudge:
     """Reads `request.case` (never the prompt text, so nothing the policy writes can address it) and
     replies with the rubric's JSON, which goes through the same parser as a model judge's reply.
     case["rubric"] == "reasoning" (eval.py: options, completion, think, chosen, gold, facts) ->
-    rule_reasoning_scores; otherwise the process rubric (options, think, chosen, gold, facts)."""
+    rule_reasoning_scores; "equivalence" (rewards.py: an open answer, its references) ->
+    openqa.rule_equivalent; otherwise the process rubric (options, think, chosen, gold, facts, wrong)."""
 
     name = "the rule judge"
 
@@ -254,13 +257,17 @@ class RuleJudge:
         for r in requests:
             if r.case is None:
                 raise ValueError("RuleJudge needs JudgeRequest.case (options, think, chosen, ...); it scores "
-                                 "only the process-reward rubric and eval.py's reasoning rubric")
+                                 "only the process-reward rubric, eval.py's reasoning rubric and open answers' "
+                                 "equivalence")
             c = r.case
-            if c.get("rubric") == "reasoning":
+            if c.get("rubric") == "equivalence":  # an open answer against its references (rewards.py)
+                scores = {"equivalent": int(openqa.rule_equivalent(c["answer"], c["references"]))}
+            elif c.get("rubric") == "reasoning":
                 scores = rule_reasoning_scores(c["options"], c["completion"], c["think"], c.get("chosen"), c["gold"],
-                                               c.get("facts"))
+                                               c.get("facts"), c.get("right"))
             else:
-                scores = rule_scores(c["options"], c["think"], c.get("chosen"), c.get("gold"), c.get("facts"))
+                scores = rule_scores(c["options"], c["think"], c.get("chosen"), c.get("gold"), c.get("facts"),
+                                     c.get("wrong"))
             replies.append(json.dumps(scores))
         self.stats.add(calls=len(requests))
         return replies

@@ -37,7 +37,7 @@ from grpo import equal_reward_groups, group_advantages, grpo_loss
 from inputs import InputError, check_inputs
 from judges import judge_down, judge_from_config
 from images import open_image
-from mcq import image_path, is_well_formed, parse_answer, prompt_messages
+from mcq import image_path, is_correct, is_well_formed, prompt_messages
 from model import (completion_mask, count_params, encode_prompts, freeze_vision_copy, generation_config,
                    image_features, load_model, special_token_ids, stop_token_ids)
 from rewards import score_completions
@@ -106,7 +106,8 @@ def sample_and_score(batch, model, processor, cfg, judge) -> dict:
     details = {}  # the process reward's components, logged beside the rewards (not part of the total)
     scores = score_completions(cfg.rewards, texts, records, judge=judge,
                                image_paths=[image_path(cfg.data, r) for r in records],
-                               require_format=cfg.accuracy_requires_format, details=details)
+                               require_format=cfg.accuracy_requires_format,
+                               open_answer_reward=cfg.open_answer_reward, details=details)
     scores.update(details)
     return dict(batch=batch, prompt=prompt, features=features, ids=ids, mask=mask, texts=texts,
                 truncated=truncated, records=records, scores=scores)
@@ -321,7 +322,7 @@ def main(argv=None):
                                   "judge": judge.stats.as_dict() if judge else {},
                                   "tokens": int(rows.prompt["attention_mask"].sum() + mask.sum()), **sampling})
             lengths = torch.tensor(merged["lengths"], dtype=torch.float32)
-            correct = [parse_answer(t, r.options) == r.answer for t, r in zip(merged["texts"], merged["records"])]
+            correct = [is_correct(t, r) for t, r in zip(merged["texts"], merged["records"])]
             row = {"step": step, "loss": merged["loss"] / cfg.num_iterations, "lr": lr,
                    **{f"reward/{k}": mean_of_scored(v) for k, v in merged["scores"].items()},
                    "accuracy": sum(correct) / len(correct),

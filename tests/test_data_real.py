@@ -1,9 +1,9 @@
 """The three dataset preparers on small fixtures written in the real formats (see each script's docstring):
 PathMMU's data.json + images.zip, OmniMedVQA's QA_information/Open-access/*.json + Images/ (or the zip),
-PathVQA's parquet shards. Each fixture holds one broken record of every kind; the tests check exact counts,
-the report's skipped ids and reasons, and that the output loads with mcq.load_split and datasets. Then: no
-image in two splits (PathMMU's deal, the demo's patches), and bad inputs run as real commands, each
-stopping with a message that names the file."""
+PathVQA's parquet shards (yes/no and open questions, prepared by --kind). Each fixture holds one broken record
+of every kind; the tests check exact counts, the report's skipped ids and reasons, and that the output loads
+with mcq.load_split and datasets. Then: no image in two splits (PathMMU's deal, the demo's patches), and bad
+inputs run as real commands, each stopping with a message that names the file."""
 
 import hashlib
 import io
@@ -413,27 +413,89 @@ def pathvqa_dir(tmp_path_factory):
         (img3, "", "yes"),                                         # row 8, empty question
         (img3, "How many nuclei are there?", "2"),                 # row 9, open
         (img2, "Is this malignant?", "no"),                        # row 10
+        (img3, "Where are the granulomas?", "  in the lung "),     # row 11, open
+        (img2, "What is shown?", ""),                              # row 12, empty answer
+        (img1, "What is seen?", None),                             # row 13, no answer at all
+        (GARBAGE, "What is present?", "granulomas"),               # row 14, open, unreadable
+        (img3, "   ", "fibrosis"),                                 # row 15, open, empty question
     ])
     write_parquet(data / "train-00000-of-00001-1d2e.parquet", [(img1, "Is this train?", "yes")])
     return str(data)
 
 
-def test_pathvqa_keeps_yes_no_questions(pathvqa_dir, tmp_path):
+# What the fixture holds, by kind: closed rows 0 1 3 6 10 usable, 4 7 8 broken; open rows 2 5 9 11 usable,
+# 14 15 broken; rows 12 and 13 have no answer, so they are broken whatever --kind asks for.
+NO_ANSWER = {"pathvqa-test-00012": "empty answer", "pathvqa-test-00013": "empty answer"}
+CLOSED_BROKEN = {"pathvqa-test-00004": "image unreadable", "pathvqa-test-00007": "image missing",
+                 "pathvqa-test-00008": "empty question"}
+OPEN_BROKEN = {"pathvqa-test-00014": "image unreadable", "pathvqa-test-00015": "empty question"}
+CLOSED_ANSWERS = {"pathvqa-test-00000": "A", "pathvqa-test-00001": "B", "pathvqa-test-00003": "A",
+                  "pathvqa-test-00006": "B", "pathvqa-test-00010": "B"}
+OPEN_ANSWERS = {"pathvqa-test-00002": "adenocarcinoma", "pathvqa-test-00005": "lung", "pathvqa-test-00009": "2",
+                "pathvqa-test-00011": "in the lung"}
+
+
+def test_pathvqa_keeps_yes_no_questions(pathvqa_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    report = pathvqa.main(["--parquet", pathvqa_dir, "--split", "test", "--out", str(out)])
+    report = pathvqa.main(["--parquet", pathvqa_dir, "--split", "test", "--out", str(out)])  # --kind closed
     assert report["counts"] == {"test": 5}
-    assert report["filtered_by_reason"] == {"open question (not yes/no)": 3}
-    assert skipped_reasons(report) == {"pathvqa-test-00004": "image unreadable",
-                                       "pathvqa-test-00007": "image missing", "pathvqa-test-00008": "empty question"}
+    assert (report["kind"], report["kinds"]) == ("closed", {"closed": 5, "open": 0})
+    assert report["filtered_by_reason"] == {"open question (not yes/no)": 6}
+    assert skipped_reasons(report) == {**CLOSED_BROKEN, **NO_ANSWER}
+    assert "kinds kept in test: closed 5, open 0 (--kind closed)" in capsys.readouterr().out
     records = load_everywhere(str(out), ["test"], tmp_path / "cache")["test"]
-    assert {r.id: r.answer for r in records} == {"pathvqa-test-00000": "A", "pathvqa-test-00001": "B",
-                                                 "pathvqa-test-00003": "A", "pathvqa-test-00006": "B",
-                                                 "pathvqa-test-00010": "B"}
-    assert all(r.options == ["yes", "no"] for r in records)
+    assert {r.id: r.answer for r in records} == CLOSED_ANSWERS
+    assert all(r.options == ["yes", "no"] and r.kind == "closed" for r in records)
     pngs = os.listdir(out / "images")
     assert len(pngs) == 3 and all(name.endswith(".png") for name in pngs)  # three images, each written once
     with Image.open(out / records[0].image) as im:
         assert im.format == "PNG"
+
+
+def test_pathvqa_keeps_open_questions_with_their_answer_text(pathvqa_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    report = pathvqa.main(["--parquet", pathvqa_dir, "--split", "test", "--kind", "open", "--out", str(out)])
+    assert report["counts"] == {"test_open": 4}
+    assert (report["kind"], report["kinds"]) == ("open", {"closed": 0, "open": 4})
+    assert report["filtered_by_reason"] == {"closed question (yes/no)": 8}  # broken ones among them too
+    assert skipped_reasons(report) == {**OPEN_BROKEN, **NO_ANSWER}
+    assert report["skipped_by_reason"] == {"empty answer": 2, "image unreadable": 1, "empty question": 1}
+    assert "kinds kept in test_open: closed 0, open 4 (--kind open)" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["images", "report-test_open.json", "test_open.jsonl"]
+    records = load_split(str(out / "test_open.jsonl"))
+    assert {r.id: r.answer for r in records} == OPEN_ANSWERS  # "  in the lung " stripped, case as given
+    assert all(r.kind == "open" and r.options == [] and r.alternatives == [] for r in records)
+    assert {r.question for r in records} >= {"What is present?", "Where are the granulomas?"}
+
+
+def test_pathvqa_all_keeps_both_kinds_in_one_split(pathvqa_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    report = pathvqa.main(["--parquet", pathvqa_dir, "--split", "test", "--kind", "all", "--out", str(out)])
+    assert report["counts"] == {"test_all": 9}
+    assert report["kinds"] == {"closed": 5, "open": 4}
+    assert report["filtered"] == 0 and report["filtered_by_reason"] == {}
+    assert skipped_reasons(report) == {**CLOSED_BROKEN, **OPEN_BROKEN, **NO_ANSWER} and report["skipped"] == 7
+    saved = json.loads((out / "report-test_all.json").read_text())
+    assert saved["kinds"] == report["kinds"] and saved["skipped_records"] == report["skipped_records"]
+    assert "kinds kept in test_all: closed 5, open 4 (--kind all)" in capsys.readouterr().out
+    # Mixed options ([] beside ["yes", "no"]) read alike by mcq.load_split and datasets; ids follow the rows
+    records = load_everywhere(str(out), ["test_all"], tmp_path / "cache")["test_all"]
+    assert {r.id: r.answer for r in records} == {**CLOSED_ANSWERS, **OPEN_ANSWERS}
+    assert [r.id for r in records] == sorted(r.id for r in records)  # the rows' order
+    assert Counter(r.kind for r in records) == {"closed": 5, "open": 4}
+    assert len(os.listdir(out / "images")) == 3  # open and closed questions share the three images
+
+
+def test_pathvqa_kinds_prepared_into_one_folder_keep_a_file_and_report_each(pathvqa_dir, tmp_path):
+    """An open run beside the default closed one leaves test.jsonl (what configs/eval.yaml reads) as it was."""
+    out = tmp_path / "out"
+    pathvqa.main(["--parquet", pathvqa_dir, "--split", "test", "--out", str(out)])
+    closed = (out / "test.jsonl").read_text()
+    for kind in ("open", "all"):
+        pathvqa.main(["--parquet", pathvqa_dir, "--split", "test", "--kind", kind, "--out", str(out)])
+    assert sorted(os.listdir(out)) == ["images", "report-test.json", "report-test_all.json", "report-test_open.json",
+                                       "test.jsonl", "test_all.jsonl", "test_open.jsonl"]
+    assert (out / "test.jsonl").read_text() == closed
 
 
 def test_pathvqa_splits_in_one_folder_keep_a_report_each(pathvqa_dir, tmp_path):
@@ -452,9 +514,11 @@ def test_pathvqa_splits_in_one_folder_keep_a_report_each(pathvqa_dir, tmp_path):
 
 
 def test_pathvqa_reads_a_single_file(pathvqa_dir, tmp_path):
-    report = pathvqa.main(["--parquet", os.path.join(pathvqa_dir, "test-00001-of-00002-9c1b.parquet"),
-                           "--out", str(tmp_path / "out")])
-    assert report["counts"] == {"test": 2} and report["filtered"] == 1 and report["skipped"] == 2
+    shard = os.path.join(pathvqa_dir, "test-00001-of-00002-9c1b.parquet")  # rows 6 to 15, numbered from 0 here
+    report = pathvqa.main(["--parquet", shard, "--out", str(tmp_path / "out")])
+    assert report["counts"] == {"test": 2} and report["filtered"] == 4 and report["skipped"] == 4
+    report = pathvqa.main(["--parquet", shard, "--kind", "all", "--out", str(tmp_path / "out")])
+    assert report["kinds"] == {"closed": 2, "open": 2} and report["skipped"] == 6
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,11 +70,11 @@ def test_mcnemar_textbook():
 
 def test_score_empty_and_unparseable_count_as_wrong():
     r = Record(id="x", image="x.png", question="Which stain dominates this patch?", options=OPTIONS, answer="B")
-    assert score("", r) == {"parsed": None, "correct": False}
-    assert score("the patch looks blue, I think", r) == {"parsed": None, "correct": False}
-    assert score("<answer>A) blue</answer>", r) == {"parsed": None, "correct": False}  # letter and text disagree
-    assert score("<think>blue</think><answer>C) mixed</answer>", r) == {"parsed": "C", "correct": False}
-    assert score("<think>blue</think><answer>B) blue</answer>", r) == {"parsed": "B", "correct": True}
+    assert score("", r) == {"kind": "closed", "parsed": None, "correct": False}
+    assert score("the patch looks blue, I think", r) == {"kind": "closed", "parsed": None, "correct": False}
+    assert score("<answer>A) blue</answer>", r) == {"kind": "closed", "parsed": None, "correct": False}  # letter and text disagree
+    assert score("<think>blue</think><answer>C) mixed</answer>", r) == {"kind": "closed", "parsed": "C", "correct": False}
+    assert score("<think>blue</think><answer>B) blue</answer>", r) == {"kind": "closed", "parsed": "B", "correct": True}
     preds = [{"completion": c, **score(c, r), "completion_tokens": 4}
              for c in ["", "blue?", "<think>blue</think><answer>B) blue</answer>"]]
     m = set_metrics(preds)

@@ -1,6 +1,7 @@
 """The demo dataset: stain questions on real immunohistochemistry patches, for the embedded tiny model.
 
-    python data/demo/prepare.py            # -> data/demo/prepared/{sft,rl,test}.jsonl + images/
+    python data/demo/prepare.py              # -> data/demo/prepared/{sft,rl,test}.jsonl + images/
+    python data/demo/prepare.py --kind open  # -> data/demo/prepared_open/: the same patches, open questions
 
 Source: `skimage.data.immunohistochemistry()`, a 512x512 IHC-stained section of human colon that
 ships with scikit-image: DAB (brown) marks the antigen, hematoxylin (blue) counterstains nuclei.
@@ -20,6 +21,11 @@ The RL and test splits carry the true labels. SFT then learns the format and mos
 confuses blue with mixed; GRPO, rewarded by the verifiable true answer, can correct it. That is the
 paper's story (RL improves on SFT) made measurable on a CPU in minutes. Set --sft-blue-as-mixed 0 for
 clean SFT labels.
+
+--kind open asks the same question of the same patches without options (OPEN_QUESTION): the reference is
+the class word, with other accepted wordings (ALTERNATIVES: "DAB", "hematoxylin", "both", ...), and the SFT
+split carries the same annotator error. The random draws are the same for both kinds, so the two demos hold
+the same patches and labels and differ only in the question.
 """
 
 import argparse
@@ -39,6 +45,11 @@ from mcq import Record, SplitWriter  # noqa: E402
 
 CLASSES = ["brown", "blue", "mixed"]
 QUESTION = "Which stain dominates this patch?"
+OPEN_QUESTION = "Which stain dominates this patch? Answer in one or two words."
+# other wordings of each class an open answer is credited for (mcq.Record.alternatives): the stain's name,
+# its colour with it, and the words for a balance of the two
+ALTERNATIVES = {"brown": ["DAB", "DAB brown", "mostly brown"], "blue": ["hematoxylin", "mostly blue"],
+                "mixed": ["both", "brown and blue", "balanced", "both brown and blue"]}
 # The reasoning follows the paper's order: image feature -> option elimination -> knowledge -> answer.
 FEATURE = {"brown": "The patch is mostly brown.", "blue": "The patch is mostly blue.",
            "mixed": "The patch shows both brown and blue."}
@@ -118,7 +129,10 @@ def take_patch(pool: list, start: int, split: str, split_of: dict) -> int | None
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=out_folder, default="data/demo/prepared")
+    p.add_argument("--kind", choices=["closed", "open"], default="closed",
+                   help="closed: options brown / blue / mixed (the default demo); open: no options, a word to write")
+    p.add_argument("--out", type=out_folder, default=None,
+                   help="default: data/demo/prepared (closed), data/demo/prepared_open (open)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sft-size", type=int, default=1500)
     p.add_argument("--rl-size", type=int, default=900)
@@ -127,6 +141,7 @@ def main(argv=None):
                    help="share of blue SFT patches labelled 'mixed' (the annotator error GRPO should fix)")
     p.add_argument("--margin", type=float, default=4.0, help="percentile points dropped around each boundary")
     args = p.parse_args(argv)
+    args.out = args.out or ("data/demo/prepared" if args.kind == "closed" else "data/demo/prepared_open")
 
     rng = np.random.default_rng(args.seed)
     image = skdata.immunohistochemistry()
@@ -161,14 +176,19 @@ def main(argv=None):
             given = label
             if split == "sft" and label == "blue" and rng.random() < args.sft_blue_as_mixed:
                 given = "mixed"
-            options = list(rng.permutation(CLASSES))
+            options = list(rng.permutation(CLASSES))  # drawn for both kinds: the same draws, the same patches
             rid = f"demo-{split}-{i:05d}"
             rel = f"images/{rid}.png"
             Image.fromarray(patch).save(os.path.join(args.out, rel))
-            writer.add(split, Record(id=rid, image=rel, question=QUESTION, options=options,
-                                     answer="ABC"[options.index(given)], explanation=explanation(given),
-                                     source=f"demo/stain/{label}", image_facts=image_facts(patch, label)))
-    write_report(writer, Counter(), list(wanted), seed=args.seed, sft_blue_as_mixed=args.sft_blue_as_mixed,
+            if args.kind == "closed":
+                record = Record(id=rid, image=rel, question=QUESTION, options=options,
+                                answer="ABC"[options.index(given)], explanation=explanation(given))
+            else:
+                record = Record(id=rid, image=rel, question=OPEN_QUESTION, options=[], answer=given,
+                                alternatives=ALTERNATIVES[given], explanation=explanation(given))
+            record.source, record.image_facts = f"demo/stain/{label}", image_facts(patch, label)
+            writer.add(split, record)
+    write_report(writer, Counter(), list(wanted), kind=args.kind, seed=args.seed, sft_blue_as_mixed=args.sft_blue_as_mixed,
                  patches_in_another_split_passed_over=passed_over,
                  empty_hint=f"The sizes asked were {wanted}: raise --sft-size, --rl-size or --test-size.")
 

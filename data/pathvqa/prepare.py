@@ -1,4 +1,5 @@
-"""PathVQA closed questions -> a yes/no test split, as PathVLM-R1 evaluates it.
+"""PathVQA questions -> a test split: the yes/no (closed) questions PathVLM-R1 evaluates, by default; with
+--kind open or all, the open questions as well.
 
 Download (open): the parquet files of https://huggingface.co/datasets/flaviagiammarino/path-vqa, e.g. the test split
 
@@ -10,12 +11,23 @@ Prepare, from the repo root:
     python data/pathvqa/prepare.py --parquet ~/datasets/path-vqa/data --split test --out data/pathvqa/prepared
 
 Each parquet row has image ({"bytes": <jpeg>, "path": ...}), question and answer; the test split is 6,719
-rows in data/test-0000?-of-0000?-<hash>.parquet shards. Questions answered "yes" or "no" (any case) become
-two-option items, options ["yes", "no"]; open questions are counted in the report under "filtered", apart
-from broken rows under "skipped". Images are written once each as PNG, named by a hash of their bytes.
+rows in data/test-0000?-of-0000?-<hash>.parquet shards. --kind chooses which rows become records:
+
+    closed (default)  rows answered "yes" or "no" (any case): options ["yes", "no"], answer the letter. The
+                      paper's evaluation, and what configs/eval.yaml reads as pathvqa_closed.
+    open              every other row: options [], answer the dataset's answer text, stripped (lower-case free
+                      text such as "granulomas" or "in the lung"); no alternatives, as PathVQA gives none.
+    all               both, in one split.
+
+Rows of the kind not asked for are counted in the report under "filtered" (a closed run's open questions,
+an open run's yes/no ones), apart from broken rows under "skipped": a row without an answer, without image
+bytes, with an image that does not decode, or with an empty question. The report's "kinds" counts the records
+kept of each kind. Images are written once each as PNG, named by a hash of their bytes.
 
 One run prepares one split, the dataset's own (nothing is dealt here), into <split>.jsonl with its report
-report-<split>.json, so test and train prepared into one folder keep a report each.
+report-<split>.json for --kind closed, and <split>_open.jsonl or <split>_all.jsonl (report-<split>_open.json,
+...) for the others: test and train, closed and open, prepared into one folder keep a file and a report each,
+and an open run never overwrites the closed split an eval config names.
 """
 
 import argparse
@@ -36,7 +48,9 @@ from images import image_problem, open_image  # noqa: E402
 from mcq import Record, SplitWriter  # noqa: E402
 
 OPTIONS = ["yes", "no"]
-OPEN_QUESTION = "open question (not yes/no)"
+KINDS = {"closed": ["closed"], "open": ["open"], "all": ["closed", "open"]}  # --kind -> the record kinds kept
+FILTERED = {"closed": "closed question (yes/no)", "open": "open question (not yes/no)"}  # why a row is left out
+EMPTY_ANSWER = "empty answer: the parquet row has no answer text, so there is nothing to score against"
 COLUMNS = ["image", "question", "answer"]
 HOW_TO_GET = """Download the PathVQA parquet files from https://huggingface.co/datasets/flaviagiammarino/path-vqa, e.g.
     hf download flaviagiammarino/path-vqa --repo-type dataset --include "data/test-*" --local-dir ~/datasets/path-vqa
@@ -46,30 +60,55 @@ and pass a file or the folder holding them: --parquet ~/datasets/path-vqa/data -
 def main(argv=None) -> dict:
     args = parse_args(argv)
     files = parquet_files(args.parquet, args.split)
+    name = split_name(args.split, args.kind)
     writer = SplitWriter(args.out)
     filtered = Counter()
     written = set()  # PNGs already written in this run: many questions share one image
     for row_number, row in enumerate(read_rows(files)):
+        # Ids number the rows, whatever the kind: a row has the same id in a closed, an open and an all split.
         record_id = f"pathvqa-{args.split}-{row_number:05d}"
-        answer = str(row["answer"] or "").strip().lower()
-        if answer not in OPTIONS:
-            filtered[OPEN_QUESTION] += 1
+        answer = str(row["answer"] or "").strip()
+        if not answer:  # neither yes/no nor a reference: broken whatever --kind asks for
+            writer.skip(record_id, EMPTY_ANSWER)
+            continue
+        kind = "closed" if answer.lower() in OPTIONS else "open"
+        if kind not in KINDS[args.kind]:
+            filtered[FILTERED[kind]] += 1
             continue
         image = png_image(row["image"], record_id, writer, written)
-        if image is not None:
-            writer.add(args.split, Record(id=record_id, image=image, question=str(row["question"] or "").strip(),
-                                          options=list(OPTIONS), answer="AB"[OPTIONS.index(answer)],
-                                          source=f"pathvqa/{args.split}"))
-    return write_report(writer, filtered, [args.split], report_name=f"report-{args.split}.json", split=args.split,
-                        parquet_files=[os.path.basename(f) for f in files],
-                        empty_hint=f"No row of {args.split}-*.parquet is a yes/no question with a readable image: "
-                                   "check --parquet and --split.")
+        if image is None:
+            continue
+        if kind == "closed":
+            options, answer = list(OPTIONS), "AB"[OPTIONS.index(answer.lower())]
+        else:
+            options = []
+        writer.add(name, Record(id=record_id, image=image, question=str(row["question"] or "").strip(),
+                                options=options, answer=answer, source=f"pathvqa/{args.split}"))
+    kinds = Counter(record.kind for record in writer.splits.get(name, []))
+    kinds = {kind: kinds[kind] for kind in KINDS["all"]}
+    asked = " or ".join("a yes/no question" if k == "closed" else "an open question" for k in KINDS[args.kind])
+    report = write_report(writer, filtered, [name], report_name=f"report-{name}.json", split=args.split,
+                          kind=args.kind, kinds=kinds, parquet_files=[os.path.basename(f) for f in files],
+                          empty_hint=f"No row of {args.split}-*.parquet is {asked} with a readable image: "
+                                     "check --parquet, --split and --kind.")
+    print(f"kinds kept in {name}: " + ", ".join(f"{kind} {n}" for kind, n in kinds.items()) + f" (--kind {args.kind})")
+    return report
+
+
+def split_name(split: str, kind: str) -> str:
+    """The prepared file's name: <split> for the default closed questions (the name configs/eval.yaml reads),
+    <split>_open / <split>_all otherwise, so that no kind overwrites another's file in one folder."""
+    return split if kind == "closed" else f"{split}_{kind}"
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parquet", required=True, help="a parquet file, or a folder searched for <split>-*.parquet")
     p.add_argument("--split", default="test", help="which split's files to read from a folder; names the output")
+    p.add_argument("--kind", choices=list(KINDS), default="closed",
+                   help="closed (default): the yes/no questions, as PathVLM-R1 evaluates PathVQA, into "
+                        "<split>.jsonl; open: the other questions, answered in free text, into <split>_open.jsonl; "
+                        "all: both, into <split>_all.jsonl")
     p.add_argument("--out", type=out_folder,
                    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepared"))
     return p.parse_args(argv)
