@@ -231,6 +231,8 @@ def run_variant(name: str, variant: dict | None, seed: int, out: str, ab: Ablati
             "length": metrics["mean_completion_tokens"], "cpu_minutes": minutes, "correct": correct,
             # the reasoning checks (evaluation.score) and the image-reliance controls, where the eval had them
             "image_right": metrics.get("image_stated_right"), "agrees": metrics.get("reasoning_agrees"),
+            # the kinds of question the set holds; on open ones accuracy is exact match, F1 their partial credit
+            "kinds": metrics.get("kinds", {"closed": len(correct)}), "open_f1": metrics.get("open_f1"),
             **{c: 100 * controls[c]["accuracy"] if "accuracy" in controls.get(c, {}) else None
                for c in ("blank", "shuffled")},
             "sets": {n: 100 * m["accuracy"] for n, m in sets.items() if n != ab.primary}}  # the other sets
@@ -264,10 +266,11 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
     # every variant is tested against the same baseline: Holm keeps the chance of any false positive at 5%
     p_holm = dict(zip(tests, holm([t.p for t in tests.values()])))
     others = list(results[baseline][0].get("sets", {}))
+    opened = any(r.get("open_f1") is not None for runs in results.values() for r in runs)  # open questions: F1
     lines = ["| variant | accuracy % (mean ± sd) | per seed " + " / ".join(map(str, seeds)) + " | format | tokens | "
-             "image stated right % | reasoning agrees % | blank image % | shuffled image % | "
+             + "open F1 % | " * opened + "image stated right % | reasoning agrees % | blank image % | shuffled image % | "
              + "".join(f"{name} % | " for name in others) +
-             "CPU min | difference vs baseline (95% CI) | p (Holm) |", "|---" * (12 + len(others)) + "|"]
+             "CPU min | difference vs baseline (95% CI) | p (Holm) |", "|---" * (12 + opened + len(others)) + "|"]
     for name, runs in results.items():
         acc = [r["accuracy"] for r in runs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
@@ -275,6 +278,7 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
         lines.append(f"| {name} | {statistics.mean(acc):.1f} ± {sd:.1f} | {' / '.join(f'{a:.1f}' for a in acc)} | "
                      f"{statistics.mean(r['format_rate'] for r in runs):.2f} | "
                      f"{statistics.mean(r['length'] for r in runs):.1f} | "
+                     + f"{mean_or_dash([r.get('open_f1') for r in runs], 100, 1)} | " * opened +
                      f"{mean_or_dash([r['image_right'] for r in runs], 100)} | "
                      f"{mean_or_dash([r['agrees'] for r in runs], 100)} | "
                      f"{mean_or_dash([r['blank'] for r in runs])} | {mean_or_dash([r['shuffled'] for r in runs])} | "
@@ -365,9 +369,15 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     other_sets = [name for name in ab.sets if name != ab.primary]
     columns = f"; {', '.join(f'{name} %' for name in other_sets)}: mean accuracy on that set" if other_sets else ""
+    kinds = next(iter(results.values()))[0]["kinds"]
+    seen = ", ".join(f"{kind} {n}" for kind, n in kinds.items())
+    if "open" in kinds:  # what accuracy means on a set with open questions
+        seen += ("; on an open question accuracy is an exact match after openqa.normalise, open F1 its token F1 "
+                 "(partial credit)")
     with open(os.path.join(args.out, "ablation.md"), "w") as f:
         f.write(f"Ablations of {args.variants}, seeds {' '.join(map(str, args.seeds))}: accuracy and its test on the "
-                f"{ab.primary} set{columns}\n\n{markdown}\n\n![accuracy](ablation.png)\n")
+                f"{ab.primary} set ({seen}){columns}\n\n{markdown}\n\n![accuracy](ablation.png)\n")
+    print(f"{ab.primary}: {seen}")
     plot(results, os.path.join(args.out, "ablation.png"), ab.primary)
     print(markdown)
     print(f"wrote {args.out}/ablation.md and ablation.png")

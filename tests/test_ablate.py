@@ -247,6 +247,25 @@ def fake_run(seed: int, answers: list[int]) -> dict:
             "image_right": None, "agrees": None, "blank": None, "shuffled": None}
 
 
+def test_a_set_of_open_questions_gets_its_f1_column(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "ablate.yaml"
+    path.write_text(yaml.safe_dump({"defaults": {"eval": {"sets": ["open=open.jsonl"]}},
+                                    "variants": {"baseline": {}, "f1": {"open_answer_reward": "f1"}}}))
+    ab = read_ablation(str(path))
+    for name, right, f1 in [("baseline", [True, False], 0.6), ("f1", [True, True], 0.9)]:
+        write_eval(tmp_path / name / "seed0" / "eval", {"open": right})
+        metrics = json.loads((tmp_path / name / "seed0" / "eval" / "metrics.json").read_text())
+        metrics["sets"]["open"].update(kinds={"open": 2}, open_f1=f1)  # as evaluation.kind_metrics writes them
+        (tmp_path / name / "seed0" / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    results = {name: [run_variant(name, variant, 0, str(tmp_path), ab)] for name, variant in ab.variants.items()}
+    assert results["f1"][0]["kinds"] == {"open": 2}
+    rows = table(results, [0]).splitlines()
+    assert "| tokens | open F1 % | image stated right % |" in rows[0]
+    assert rows[1].count("|---") == rows[0].count(" | ") + 1
+    assert "| 30.0 | 60.0 |" in rows[2] and "| 30.0 | 90.0 |" in rows[3]
+
+
 def test_table_gives_difference_interval_and_holm_p():
     rng = np.random.default_rng(0)
     baseline = [rng.random(60) < 0.6 for _ in range(3)]
