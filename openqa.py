@@ -144,15 +144,16 @@ SYNONYMS = [  # each set: wordings of one answer, as normalise writes them
     {"dab", "diaminobenzidine", "3 3 diaminobenzidine"},
 ]
 LIST_RE = re.compile(r",|;|/|\bor\b|\band\b|\bnot\b|\bno\b|\bneither\b|\bnor\b|\bexcept\b")
-MAX_EXTRA_WORDS = 2  # "granuloma" may be "chronic caseating granuloma", not a sentence
+MAX_EXTRA_WORDS = 1  # "granuloma" may be "caseating granuloma", not a list of findings ending in it
 
 
 def rule_equivalent(answer: str | None, refs: list[str]) -> bool:
     """Whether `answer` says what a reference says: the same after normalisation; a listed synonym of it; or
     a reference at its end (an English noun phrase ends in its head: "caseating granuloma") after at most
-    MAX_EXTRA_WORDS words, with no list or negation ("granuloma, necrosis", "abscess or granuloma",
-    "no granuloma" are not). Only the last term of a list without commas counts ("blue brown" is brown), so
-    listing answers earns no more than naming one of them. A reference holding "and" or "or" matches whole."""
+    MAX_EXTRA_WORDS word, with no list or negation ("granuloma, necrosis", "abscess or granuloma",
+    "no granuloma" are not). Of two words without a comma only the last counts ("blue brown" is brown), so
+    naming two answers earns no more than naming the second alone. A reference holding "and" or "or" (or a
+    comma) matches whole."""
     said = normalise(answer or "")
     if not said:
         return False
@@ -162,6 +163,8 @@ def rule_equivalent(answer: str | None, refs: list[str]) -> bool:
             wordings |= group
     if said in wordings:
         return True
-    if LIST_RE.search(said) or len(said.split()) > max(len(w.split()) for w in wordings) + MAX_EXTRA_WORDS:
+    # the list check reads the answer as written: normalise has already turned its commas into spaces
+    if LIST_RE.search((answer or "").lower()):
         return False
-    return any(not LIST_RE.search(w) and (said == w or said.endswith(" " + w)) for w in wordings)
+    return any(not LIST_RE.search(w) and said.endswith(" " + w)
+               and len(said.split()) <= len(w.split()) + MAX_EXTRA_WORDS for w in wordings)

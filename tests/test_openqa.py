@@ -69,7 +69,8 @@ def test_right_answer_in_other_words_is_credited():
 def test_term_lists_and_hedges_are_not_rewarded(kind):
     terms = ["granulomas"] + [f"term{i}" for i in range(19)]
     listed = [", ".join(terms), " ".join(terms), "abscess or granulomas", "granulomas, necrosis",
-              "no granulomas", "not granulomas", "granulomas or not"]
+              "abscess, granulomas", "necrosis fibrosis granulomas", "no granulomas", "not granulomas",
+              "granulomas or not"]
     rewards = open_answer_reward_scores(kind, [answer(t) for t in listed + ["granulomas"]],
                                         [GRANULOMA] * (len(listed) + 1), RuleJudge())
     right = rewards[-1]
