@@ -273,13 +273,18 @@ def main(argv=None) -> dict:
     cfg = configs[0]
     check_split("data", cfg.data)
     records = mcq.load_split(cfg.data)
-    unexplained = [r for r in records[:args.items] if not r.explanation.strip()]
-    records = [r for r in records[:args.items] if r.explanation.strip()]  # no gold reasoning, nothing to perturb
+    # the perturbations are built from the options (another option's text, a wrong letter): closed questions only
+    opened = [r for r in records[:args.items] if not r.options]
+    unexplained = [r for r in records[:args.items] if r.options and not r.explanation.strip()]
+    records = [r for r in records[:args.items] if r.options and r.explanation.strip()]  # gold reasoning to perturb
     if not records:
-        raise BadInput(f"key 'data': {cfg.data}: no record among the first {args.items} has an explanation, so "
-                       "there is no gold reasoning to audit")
+        raise BadInput(f"key 'data': {cfg.data}: no multiple-choice record with an explanation among the first "
+                       f"{args.items} ({len(opened)} open questions, {len(unexplained)} without an explanation), so "
+                       "there is no gold reasoning to audit: the audit's perturbations need options")
     if unexplained:
         print(f"left out {len(unexplained)} records without an explanation")
+    if opened:
+        print(f"left out {len(opened)} open questions: the audit perturbs multiple-choice reasoning (its options)")
     stem = os.path.splitext(os.path.basename(args.config))[0]
     out_dir = args.out or os.path.join("runs", "audit", f"{stem}-{cfg.judge}")
     gold, cases = probes(records, cfg.data)

@@ -261,3 +261,11 @@ def test_open_demo_sft_grpo_eval(open_demo, tmp_path, capsys):
     assert "(closed 0, open 6)" in printed and "exact %" in printed and "judged %" in printed
     line = json.loads(open(f"{tmp_path}/eval/predictions.jsonl").readline())
     assert line["kind"] == "open" and "f1" in line and line["gold_text"] == openqa.normalise(line["gold"])
+
+
+def test_the_judge_audit_names_open_questions_it_cannot_perturb(open_demo):
+    import audit_judge
+    from inputs import BadInput
+
+    with pytest.raises(BadInput, match=r"12 open questions.*perturbations need options"):
+        audit_judge.main(["configs/demo_open_grpo.yaml", "judge=rule", f"data={open_demo}/rl.jsonl"])
