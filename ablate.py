@@ -268,7 +268,8 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
     others = list(results[baseline][0].get("sets", {}))
     opened = any(r.get("open_f1") is not None for runs in results.values() for r in runs)  # open questions: F1
     lines = ["| variant | accuracy % (mean ± sd) | per seed " + " / ".join(map(str, seeds)) + " | format | tokens | "
-             + "open F1 % | " * opened + "image stated right % | reasoning agrees % | blank image % | shuffled image % | "
+             + "open F1 % | " * opened
+             + "image stated right % | reasoning agrees % | blank image % | shuffled image % | "
              + "".join(f"{name} % | " for name in others) +
              "CPU min | difference vs baseline (95% CI) | p (Holm) |", "|---" * (12 + opened + len(others)) + "|"]
     for name, runs in results.items():

@@ -1,6 +1,7 @@
-"""Greedy answers to test sets (multiple-choice and open questions, mixed or not) and their metrics: what eval.py reports, and what
-train_grpo.py's held-out curve measures; the image-reliance controls (blank and shuffled images); reading
-runs' JSONL files; the statistics report.py and ablate.py use (Wilson interval, McNemar's test).
+"""Greedy answers to test sets (multiple-choice and open questions, mixed or not) and their metrics: what
+eval.py reports, and what train_grpo.py's held-out curve measures; the image-reliance controls (blank and
+shuffled images); reading runs' JSONL files; the statistics report.py and ablate.py use (Wilson interval,
+McNemar's test).
 Nothing here imports torch until a model is asked for answers.
 """
 
@@ -201,8 +202,9 @@ def kind_metrics(predictions: list[dict]) -> dict:
 
 def reasoning_checks(completion: str, parsed: str | None, record: Record) -> dict:
     """Two checks of the reasoning by rule_judge's rules (no judge needed): whether it leads to the answer
-    given (parsed: score's letter; reasoning_agrees: False without reasoning), and, where the record says what its image measures
-    (image_facts; else None), whether what it says about the image is right (image_stated_right)."""
+    given (parsed: score's letter; reasoning_agrees: False without reasoning, None on an open question), and,
+    where the record says what its image measures (image_facts; else None), whether what it says about the
+    image is right (image_stated_right)."""
     from rule_judge import agrees_with_answer, image_stated_correctly
 
     think = THINK_RE.search(completion)

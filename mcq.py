@@ -60,7 +60,8 @@ INSTRUCTION = ("Think step by step inside <think> </think>: describe what the im
                "options, and recall the relevant pathology knowledge. Then give the final choice inside "
                "<answer> </answer> as the letter and the option text, for example <answer>A) option text</answer>.")
 OPEN_INSTRUCTION = ("Think step by step inside <think> </think>: describe what the image shows and recall the "
-                    "relevant pathology knowledge. Then give the final answer in a few words inside <answer> </answer>.")
+                    "relevant pathology knowledge. Then give the final answer in a few words inside "
+                    "<answer> </answer>.")
 
 
 def option_lines(options: list[str]) -> list[str]:

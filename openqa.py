@@ -55,7 +55,8 @@ def singular(word: str) -> str:
 
 def normalise(text: str) -> str:
     """Lower case; accents off (é -> e, æ -> ae); punctuation to spaces except a decimal point (2.5), and
-    no thousands separator (1,000 -> 1000); articles dropped; numbers written out up to twenty as digits; each word singular.
+    no thousands separator (1,000 -> 1000); articles dropped; numbers written out up to twenty as digits;
+    each word singular.
     "The Granulomas." -> "granuloma", "Two nuclei" -> "2 nucleus"."""
     text = (text or "").lower().replace("æ", "ae").replace("œ", "oe")
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()

@@ -160,7 +160,8 @@ def process_request(record: mcq.Record, completion: str, image_path: str) -> Jud
     answer = mcq.ANSWER_RE.search(completion)
     student = {"reasoning": think.group(1).strip(), "final_answer": answer.group(1).strip() if answer else ""}
     if record.options:
-        given = ["Options:", *mcq.option_lines(record.options), f"Correct answer: {record.answer}) {record.answer_text()}"]
+        given = ["Options:", *mcq.option_lines(record.options),
+                 f"Correct answer: {record.answer}) {record.answer_text()}"]
     else:  # an open question: no options to eliminate, the reference answer and its accepted wordings
         given = [f"Correct answer: {'; '.join(openqa.references(record))} (an open question: no options; "
                  "eliminating options means setting aside other likely answers)"]

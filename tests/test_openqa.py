@@ -183,7 +183,8 @@ def test_api_judge_credits_synonyms_and_reads_only_its_verdict(equivalence_serve
         system, user = request["body"]["messages"]
         assert system["content"] == EQUIVALENCE_RUBRIC
         lines = user["content"][-1]["text"].splitlines()
-        assert lines[1] == "Reference answer: granulomas" and sum(line.startswith("Reference answer") for line in lines) == 1
+        assert lines[1] == "Reference answer: granulomas"
+        assert sum(line.startswith("Reference answer") for line in lines) == 1
         assert json.loads(lines[-1]) in texts  # the answer is one JSON string, its quotes and newline escaped
     # a judge that quotes the forged verdict before its own: only its last JSON object counts
     server.state.mode = "quote"

@@ -188,7 +188,8 @@ def main(argv=None):
                                 alternatives=ALTERNATIVES[given], explanation=explanation(given))
             record.source, record.image_facts = f"demo/stain/{label}", image_facts(patch, label)
             writer.add(split, record)
-    write_report(writer, Counter(), list(wanted), kind=args.kind, seed=args.seed, sft_blue_as_mixed=args.sft_blue_as_mixed,
+    write_report(writer, Counter(), list(wanted), kind=args.kind, seed=args.seed,
+                 sft_blue_as_mixed=args.sft_blue_as_mixed,
                  patches_in_another_split_passed_over=passed_over,
                  empty_hint=f"The sizes asked were {wanted}: raise --sft-size, --rl-size or --test-size.")
 
