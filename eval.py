@@ -23,7 +23,6 @@ From another script, with a model already in memory (a training loop, the demo p
 """
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -36,8 +35,10 @@ from checkpoint import claim_output_dir, release_output_dir
 from config import EvalConfig, parse_args, save_config
 from evaluation import control_name, control_sets, evaluate, load_sets, read_predictions
 from inputs import InputError, check_inputs
-from mcq import Record, option_lines, parse_answer
+import openqa
+from mcq import Record, is_correct, option_lines, parse_answer, parse_open_answer
 from model import load_model
+from provenance import answer_code, weights_fingerprint
 from training import Processes
 
 # config keys that change what the model answers: predictions made under other values are not resumed
@@ -63,24 +64,26 @@ def format_table(sets: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def weights_fingerprint(path: str | None) -> str | None:
-    """A short digest of the weight files in a local model or adapter directory (None for a hub id or
-    no path): their names and sizes and 64 KiB at 64 places in each. A model trained again into the same
-    directory has the same path and config, and other weights: this tells them apart in well under a
-    second even for a 15 GB checkpoint, and a copied directory keeps its digest."""
-    if not path or not os.path.isdir(path):
+def kinds_note(records: list[Record]) -> str:
+    """" (closed 120, open 80)" for a set with open questions, "" for multiple choice alone."""
+    opened = sum(not r.options for r in records)
+    return f" (closed {len(records) - opened}, open {opened})" if opened else ""
+
+
+def format_kinds_table(sets: dict[str, dict]) -> str | None:
+    """Per set and kind of question, where any set has open questions (None otherwise): closed accuracy;
+    open exact match, token F1 and recall (the PathVQA literature's), and judged accuracy with judge=."""
+    if not any("open" in m.get("kinds", {}) for m in sets.values()):
         return None
-    digest = hashlib.sha1()
-    for name in sorted(os.listdir(path)):
-        if name.endswith((".safetensors", ".bin")):
-            file = os.path.join(path, name)
-            size = os.path.getsize(file)
-            digest.update(f"{name}:{size}".encode())
-            with open(file, "rb") as f:
-                for i in range(64):
-                    f.seek(size * i // 64)
-                    digest.update(f.read(1 << 16))
-    return digest.hexdigest()[:16]
+    rows = [f"{'set':<22}{'closed':>8}{'acc %':>8}{'open':>7}{'exact %':>9}{'F1 %':>7}{'recall %':>10}{'judged %':>10}"]
+    for name, m in sets.items():
+        kinds, judged = m.get("kinds", {}), m.get("reasoning", {}).get("open_judged")
+        cells = [(m.get("closed_accuracy"), 8), (None, 0)] + [(m.get(k), w) for k, w in
+                                                              (("open_exact", 9), ("open_f1", 7), ("open_recall", 10))]
+        pct = ["" if w == 0 else f"{'-' if v is None else f'{100 * v:.1f}':>{w}}" for v, w in cells]
+        rows.append(f"{name:<22}{kinds.get('closed', 0):>8}{pct[0]}{kinds.get('open', 0):>7}{''.join(pct[2:])}"
+                    f"{'-' if judged is None else f'{100 * judged:.1f}':>10}")
+    return "\n".join(rows)
 
 
 def check_resumable(cfg, output_dir: str) -> dict:
@@ -182,13 +185,17 @@ def reasoning_request(record: Record, completion: str):
 
     if not TAGS_RE.sub("", completion).strip():
         return None
-    user = "\n".join([f"Question: {record.question.strip()}", "Options:", *option_lines(record.options),
+    given = ["Options:", *option_lines(record.options)] if record.options else ["(an open question: no options)"]
+    correct = (f"{record.answer}) {record.answer_text()}" if record.options else
+               "; ".join(openqa.references(record)))
+    user = "\n".join([f"Question: {record.question.strip()}", *given,
                       "", "Model's response:", completion.strip(),
-                      "", f"Correct answer: {record.answer}) {record.answer_text()}"])
+                      "", f"Correct answer: {correct}"])
     think = THINK_RE.search(completion)
     case = dict(rubric="reasoning", options=record.options, completion=completion,  # for RuleJudge
                 think=think.group(1) if think else "", chosen=parse_answer(completion, record.options),
-                gold=record.answer, facts=record.image_facts)
+                gold=record.answer, facts=record.image_facts,
+                right=None if record.options else is_correct(completion, record))
     return JudgeRequest(system=REASONING_RUBRIC, user=user, image=record.image, case=case)
 
 
@@ -196,7 +203,19 @@ def judgement_failed(line: dict) -> bool:
     """A call that got no reply (network, 5xx) is asked again on resume. An unparseable reply is
     kept: at temperature 0 the judge would write it again."""
     return ((line["reply"] is None and line["scores"] is None)
-            or (line["process_reply"] is None and line["process_score"] is None))
+            or (line["process_reply"] is None and line["process_score"] is None)
+            or (line.get("equivalence_asked", False) and line["equivalence_reply"] is None))
+
+
+def equivalence_request(record: Record, completion: str):
+    """An open question's answer that is not an exact match, for the judge to call equivalent or not
+    (rewards.equivalence_request); None for a closed question, no answer, or an exact match."""
+    from rewards import equivalence_request as request
+
+    answer = None if record.options else parse_open_answer(completion)
+    if answer is None or openqa.exact_match(answer, openqa.references(record)):
+        return None
+    return request(record, answer, record.image)
 
 
 def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Record]], predictions_path: str,
@@ -208,7 +227,7 @@ def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Reco
     down(final) -> a message when the judge is down (judges.judge_down): asked after every chunk, and at
     the end; the run then stops with it (JudgeDown), its lines so far kept for the resume."""
     from judges import JudgeDown, parse_scores
-    from rewards import PROCESS_KEYS, process_request
+    from rewards import PROCESS_KEYS, parse_equivalence, process_request
 
     predictions = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)}
     done = {}
@@ -223,15 +242,19 @@ def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Reco
     with open(out_path, "a") as f:
         for i in range(0, len(todo), chunk_size):
             batch = todo[i:i + chunk_size]
-            pairs = []  # (reasoning request, process request) per item; None: scored 0 unasked
+            asks = []  # (reasoning, process, equivalence) requests per item; None: not asked
             for name, r in batch:
                 completion = predictions[(name, r.id)]["completion"]
-                pairs.append((reasoning_request(r, completion), process_request(r, completion, r.image)))
-            requests = [q for pair in pairs for q in pair if q is not None]
+                asks.append((reasoning_request(r, completion), process_request(r, completion, r.image),
+                             equivalence_request(r, completion)))
+            requests = [q for ask in asks for q in ask if q is not None]
             replies = iter(judge.complete(requests) if requests else [])  # in the order of `requests`
-            for (name, r), (reasoning_q, process_q) in zip(batch, pairs):
+            for (name, r), (reasoning_q, process_q, equivalence_q) in zip(batch, asks):
                 line = {"id": r.id, "set": name, "judge": judge_label, "reply": None,
                         "scores": dict.fromkeys(REASONING_KEYS, 0.0), "process_reply": None, "process_score": 0.0}
+                if not r.options:  # open: right by exact match, else by the judge's verdict (None: unreadable)
+                    line.update(equivalence_asked=equivalence_q is not None, equivalence_reply=None,
+                                judged_correct=bool(predictions[(name, r.id)]["correct"]))
                 if reasoning_q is not None:
                     line["reply"] = next(replies)
                     line["scores"] = parse_scores(line["reply"], REASONING_KEYS)
@@ -239,10 +262,15 @@ def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Reco
                     line["process_reply"] = next(replies)
                     scores = parse_scores(line["process_reply"], PROCESS_KEYS)
                     line["process_score"] = None if scores is None else sum(scores.values()) / len(scores)
+                if equivalence_q is not None:
+                    line["equivalence_reply"] = next(replies)
+                    line["judged_correct"] = parse_equivalence(line["equivalence_reply"])
                 failed = [q is not None and parsed is None for q, parsed in
-                          [(reasoning_q, line["scores"]), (process_q, line["process_score"])]]
+                          [(reasoning_q, line["scores"]), (process_q, line["process_score"]),
+                           (equivalence_q, line.get("judged_correct"))]]
                 judge.stats.add(fallbacks=sum(failed), no_think=int(process_q is None))
-                judge.stats.verdicts([not f for f, q in zip(failed, (reasoning_q, process_q)) if q is not None])
+                judge.stats.verdicts([not f for f, q in zip(failed, (reasoning_q, process_q, equivalence_q))
+                                      if q is not None])
                 done[(name, r.id)] = line
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 f.flush()
@@ -263,10 +291,13 @@ def reasoning_metrics(judgements: list[dict]) -> dict:
     scored = [j["scores"] for j in judgements if j["scores"] is not None]
     process = [j["process_score"] for j in judgements if j["process_score"] is not None]
     means = {k: sum(s[k] for s in scored) / len(scored) if scored else None for k in REASONING_KEYS}
+    # open questions: right by exact match or the judge's equivalence verdict, over those with a verdict
+    judged = [j["judged_correct"] for j in judgements if j.get("judged_correct") is not None]
     return {**means, "n_judged": len(scored), "n_empty": sum(j["reply"] is None and j["scores"] is not None
                                                              for j in judgements),
             "n_unparsed": len(judgements) - len(scored),
-            "process_score": sum(process) / len(process) if process else None, "process_n_judged": len(process)}
+            "process_score": sum(process) / len(process) if process else None, "process_n_judged": len(process),
+            "open_judged": sum(judged) / len(judged) if judged else None, "open_n_judged": len(judged)}
 
 
 def format_reasoning_table(sets: dict[str, dict]) -> str:
@@ -305,7 +336,7 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
         with open(os.path.join(cfg.output_dir, "weights.json"), "w") as f:
             json.dump(fingerprints, f)
         print(f"model {cfg.model}, adapter {cfg.adapter or 'none (base model)'}; "
-              + ", ".join(f"{name} {len(r)}" for name, r in records_by_set.items())
+              + ", ".join(f"{name} {len(r)}" + kinds_note(r) for name, r in records_by_set.items())
               + (f"; image controls {', '.join(cfg.image_controls)}" if cfg.image_controls else ""))
         for name, why in skipped.items():
             print(f"note: {name} skipped: {why}")
@@ -339,7 +370,9 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
             m = control_metrics[key] if key in control_metrics else {"skipped": skipped[key]}
             sets[name].setdefault("controls", {})[control] = m
     metrics = {"run": cfg.run_name or os.path.basename(os.path.normpath(cfg.output_dir)), "model": cfg.model,
-               "adapter": cfg.adapter, "accuracy": next(iter(sets.values()))["accuracy"], "sets": sets}
+               "adapter": cfg.adapter, "accuracy": next(iter(sets.values()))["accuracy"], "sets": sets,
+               # the prompt's and the answer parser's fingerprints: runs compared in one table must share them
+               "answer_code": answer_code()}
 
     # 3. reasoning quality (judge=api | self | rule). Accuracy is the paper's table; this grades *how*
     #    the model reasons: REASONING_RUBRIC's six criteria, and rewards.py's process rubric, which GRPO
@@ -366,6 +399,8 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
         json.dump(metrics, f, indent=1)
     os.replace(tmp, os.path.join(cfg.output_dir, "metrics.json"))
     print(format_table(sets))
+    if format_kinds_table(sets):
+        print(format_kinds_table(sets))
     if judge is not None:
         print(format_reasoning_table(sets))
     print(f"wrote {cfg.output_dir}/metrics.json, predictions.jsonl" + (" and judgements.jsonl" if judge else ""))

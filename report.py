@@ -20,40 +20,11 @@ import os
 import sys
 
 from evaluation import confusion, mcnemar, read_jsonl
+from paper import PAPER, PAPER_COLUMNS
+from provenance import eval_settings, is_tiny, settings_warnings
 
 # ----------------------------------------------------------------------------------------------
-# The paper's numbers (accuracy, %)
-
-# Table V (PathMMU) and Table IV (OmniMedVQA, out of distribution), as published. The rows are the
-# paper's training recipes; configs/ has one config per 7B row (the row letter is in its first line):
-#   base  Qwen2.5-VL-Instruct, no training                         configs/eval.yaml
-#   α     SFT on the 3,000 SFT items, from the base                 configs/sft.yaml
-#   β     α + GRPO on the 1,000 RL items (format + accuracy)        configs/grpo.yaml
-#   γ     α + more SFT on the same 1,000 RL items                   configs/sft_more.yaml
-#   δ     SFT on the 1,000 RL items, from the base                  configs/sft_rl_items.yaml
-#   ε     GRPO (format + accuracy) on the RL items, from the base   configs/grpo_from_base.yaml
-#   R1    β + GRPO with the process reward too (PathVLM-R1)         configs/grpo_process.yaml
-# Table IV's "SFT" comparison row is γ.
-OMNI = ("Chest CT Scan", "ISIC2020", "Retinal OCT-C8", "Diabetic Retinopathy")
-PAPER = {
-    "Qwen2.5-VL-7B (base)": {"PathMMU": 51.60, **dict(zip(OMNI, (48.60, 56.59, 57.19, 70.80)))},
-    "7B α: SFT": {"PathMMU": 57.60},
-    "7B β: α + GRPO": {"PathMMU": 63.90},
-    "7B γ: α + more SFT (Table IV's SFT)": {"PathMMU": 59.90, **dict(zip(OMNI, (40.60, 45.40, 45.80, 32.00)))},
-    "7B δ: SFT on the RL items": {"PathMMU": 52.90},
-    "7B ε: GRPO from the base": {"PathMMU": 56.10},
-    "PathVLM-R1": {"PathMMU": 65.50, **dict(zip(OMNI, (44.00, 80.00, 49.20, 59.80)))},
-    "Qwen2.5-VL-3B (base)": {"PathMMU": 44.50, **dict(zip(OMNI, (38.60, 34.59, 60.40, 64.20)))},
-    "3B α: SFT": {"PathMMU": 54.60},
-    "3B β: α + GRPO": {"PathMMU": 56.90},
-    "3B γ: α + more SFT": {"PathMMU": 54.40},
-    "3B δ: SFT on the RL items": {"PathMMU": 52.10},
-    "3B ε: GRPO from the base": {"PathMMU": 49.60},
-    "Qwen2.5-VL-32B (base)": {"PathMMU": 54.20},
-}
-# our prepared set name -> the paper's column
-PAPER_COLUMNS = {"pathmmu": "PathMMU", "chest_ct": "Chest CT Scan", "isic2020": "ISIC2020",
-                 "oct_c8": "Retinal OCT-C8", "diabetic_retinopathy": "Diabetic Retinopathy"}
+# The paper's numbers (accuracy, %): Table V and Table IV, in paper.py (reproduce.py reads them too)
 
 
 def paper_rows() -> dict[str, dict[str, float]]:
@@ -86,20 +57,12 @@ def load_run(run_dir: str) -> dict:
             "config": config}
 
 
-# eval settings that change the answers themselves: runs that differ in them are not compared like for like
-ANSWER_SETTINGS = ("max_new_tokens", "limit", "min_pixels", "max_pixels", "quantization", "dtype")
-
-
 def caveats(runs: list[dict]) -> list[str]:
-    """What a reader must know before comparing these rows: settings that differ between runs, and runs of
-    the embedded tiny model beside the paper's 7B numbers."""
-    notes = []
-    for key in ANSWER_SETTINGS:
-        values = {r["name"]: r["config"].get(key) for r in runs if key in r["config"]}
-        if len(set(map(str, values.values()))) > 1:
-            notes.append(f"**{key} differs between runs** ({', '.join(f'{n}: {v}' for n, v in values.items())}): "
-                         "their accuracies are not measured alike.")
-    tiny = [r["name"] for r in runs if str(r["config"].get("model", r["metrics"].get("model"))).startswith("tiny")]
+    """What a reader must know before comparing these rows: settings that change the answers and differ between
+    runs (provenance.eval_settings: max_new_tokens, prompt, parser, quantization, image budget, ...), and runs
+    of the embedded tiny model beside the paper's 7B numbers."""
+    notes = settings_warnings({r["name"]: eval_settings(r["config"], r["metrics"]) for r in runs})
+    tiny = [r["name"] for r in runs if is_tiny(r["config"].get("model", r["metrics"].get("model")))]
     if tiny:
         notes.append(f"{', '.join(tiny)}: the embedded tiny model (a few million parameters, random vision tower). "
                      "The paper's rows are Qwen2.5-VL-7B's: they are beside it for the layout, not as a target.")
@@ -127,7 +90,9 @@ def accuracy_table(runs: list[dict]) -> str:
             m = run["metrics"]["sets"].get(s)
             cells.append("" if m is None else
                          f"{100 * m['accuracy']:.1f} ({100 * m['ci_low']:.1f}–{100 * m['ci_high']:.1f}), n={m['n']}")
-        lines.append("| " + " | ".join([run["name"]] + cells) + " |")
+        tiny = is_tiny(run["config"].get("model", run["metrics"].get("model")))
+        label = run["name"] + (" (tiny model, not comparable)" if tiny else "")  # beside the paper's rows below
+        lines.append("| " + " | ".join([label] + cells) + " |")
     if any(s in PAPER_COLUMNS for s in sets):
         for label, row in paper_rows().items():
             cells = [f"{row[PAPER_COLUMNS[s]]:.2f}" if PAPER_COLUMNS.get(s) in row else "" for s in sets]
