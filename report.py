@@ -157,6 +157,23 @@ def controls_table(runs: list[dict]) -> str | None:
     return "\n".join(lines) if controls else None
 
 
+def kinds_table(runs: list[dict]) -> str | None:
+    """One row per (run, set) holding open questions: closed and open counts, closed accuracy, and on the open
+    ones exact match, token F1, recall and judged accuracy % (eval.py with judge=; "–" without). None when no
+    set of any run has open questions."""
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = ["| run | set | closed | closed acc | open | exact | F1 | recall | judged |", "|---" * 9 + "|"]
+    for run in runs:
+        for s, m in run["metrics"]["sets"].items():
+            kinds = m.get("kinds", {})
+            if kinds.get("open"):
+                judged = m.get("reasoning", {}).get("open_judged")
+                lines.append(f"| {run['name']} | {s} | {kinds.get('closed', 0)} | {pct(m.get('closed_accuracy'))} | "
+                             f"{kinds['open']} | {pct(m['open_exact'])} | {pct(m['open_f1'])} | "
+                             f"{pct(m['open_recall'])} | {pct(judged)} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 # a set whose gold answers take at most this many distinct texts gets a matrix, others a list
 MAX_MATRIX_LABELS = 12
 
@@ -303,6 +320,13 @@ def write_report(run_dirs: list[str], out_dir: str, train_dirs: tuple[str, ...] 
              "Table IV (OmniMedVQA, out of distribution; its base model is Qwen2.5-VL-7B).", "",
              *[f"> {note}\n" for note in notes],
              accuracy_table(runs), "", "![accuracy per set](accuracy.png)", ""]
+    kinds = kinds_table(runs)
+    if kinds is not None:
+        parts += ["## Open questions", "",
+                  "Sets with open questions (no options), % per kind: the accuracy above counts a closed item by its "
+                  "letter and an open one by exact match after normalisation (openqa.normalise); F1 and recall are "
+                  "token overlap with the best reference, judged is a judge's equivalence verdict (eval.py judge=).",
+                  "", kinds, ""]
     controls = controls_table(runs)
     if controls is not None:
         parts += ["## Image-reliance controls", "",

@@ -262,6 +262,12 @@ def test_open_demo_sft_grpo_eval(open_demo, tmp_path, capsys):
     assert "(closed 0, open 6)" in printed and "exact %" in printed and "judged %" in printed
     line = json.loads(open(f"{tmp_path}/eval/predictions.jsonl").readline())
     assert line["kind"] == "open" and "f1" in line and line["gold_text"] == openqa.normalise(line["gold"])
+    import report
+
+    markdown = open(report.write_report([f"{tmp_path}/eval"], str(tmp_path / "report"))).read()
+    table = markdown[markdown.index("## Open questions"):].splitlines()
+    row = next(line for line in table if line.startswith("| eval | demo_open |"))
+    assert row.split(" | ")[2:5] == ["0", "–", "6"]  # no closed question, six open ones
 
 
 def test_the_judge_audit_names_open_questions_it_cannot_perturb(open_demo):
