@@ -276,3 +276,14 @@ def test_the_judge_audit_names_open_questions_it_cannot_perturb(open_demo):
 
     with pytest.raises(BadInput, match=r"12 open questions.*perturbations need options"):
         audit_judge.main(["configs/demo_open_grpo.yaml", "judge=rule", f"data={open_demo}/rl.jsonl"])
+
+
+def test_a_judged_open_reward_needs_a_judge():
+    from config import ConfigError, GRPOConfig, load_config
+
+    with pytest.raises(ConfigError, match="open_answer_reward=judged needs a judge"):
+        load_config(GRPOConfig, "configs/demo_open_grpo.yaml", ["open_answer_reward=judged", "judge=none"])
+    with pytest.raises(ConfigError, match="open_answer_reward"):
+        load_config(GRPOConfig, "configs/demo_open_grpo.yaml", ["open_answer_reward=recall"])  # a metric, no reward
+    assert load_config(GRPOConfig, "configs/demo_open_grpo.yaml", ["open_answer_reward=judged",
+                                                                   "judge=rule"]).open_answer_reward == "judged"
