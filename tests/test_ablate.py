@@ -97,7 +97,7 @@ def test_ablation_of_pathmmu_configs_tests_the_primary_set_and_lists_the_others(
         assert cells[1] == f"{100 * metrics['sets']['pathmmu']['accuracy']:.1f} ± 0.0"
         assert cells[-4] == f"{100 * metrics['sets']['rl_items']['accuracy']:.1f}"
     markdown = (out / "ablation.md").read_text()
-    assert "accuracy and its test on the pathmmu set; rl_items %: mean accuracy on that set" in markdown.splitlines()[0]
+    assert "accuracy and its test on the pathmmu set (closed 4); rl_items %: mean accuracy on that set" in markdown.splitlines()[0]
     assert (out / "ablation.png").stat().st_size > 0
 
 
