@@ -93,17 +93,16 @@ def _overlap(answer: list[str], reference: list[str]) -> int:
     return shared
 
 
+def _f1(said: list[str], gold: list[str]) -> float:
+    """Token F1 of one answer against one reference: 2PR/(P + R) over the shared tokens."""
+    shared = _overlap(said, gold)
+    return 2 * shared / (len(said) + len(gold)) if shared else 0.0  # 2PR/(P+R) with P = s/|said|, R = s/|gold|
+
+
 def token_f1(answer: str | None, refs: list[str]) -> float:
     """Max over the references of token F1 (module docstring); 0 for no answer."""
     said = tokens(answer or "")
-    best = 0.0
-    for ref in refs:
-        gold = tokens(ref)
-        shared = _overlap(said, gold)
-        if shared:
-            precision, recall = shared / len(said), shared / len(gold)
-            best = max(best, 2 * precision * recall / (precision + recall))
-    return best
+    return max((_f1(said, tokens(ref)) for ref in refs), default=0.0)
 
 
 def f1_reward(answer: str | None, refs: list[str]) -> float:
@@ -113,14 +112,9 @@ def f1_reward(answer: str | None, refs: list[str]) -> float:
     every item, beating a model that guesses right less than half the time). With the factor it scores
     2/(k(k+1)) <= 1/k, so a list earns less than its likeliest term alone, whatever the model believes."""
     said = tokens(answer or "")
-    best = 0.0
-    for ref in refs:
-        gold = tokens(ref)
-        shared = _overlap(said, gold)
-        if shared:
-            precision, recall = shared / len(said), shared / len(gold)
-            best = max(best, 2 * precision * recall / (precision + recall) * min(1.0, len(gold) / len(said)))
-    return best
+    if not said:
+        return 0.0
+    return max((_f1(said, gold) * min(1.0, len(gold) / len(said)) for gold in map(tokens, refs)), default=0.0)
 
 
 def token_recall(answer: str | None, refs: list[str]) -> float:

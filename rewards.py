@@ -59,6 +59,15 @@ End your reply with this JSON object; only the last JSON object of your reply is
 {"equivalent": <0 or 1>}"""
 
 
+def count_unusable(judge, reply: str | None, what: str):
+    """A reply that gives no verdict, counted as a fallback: a failed request (None) its client has already
+    counted and reported; a reply that is no `what` is reported here, its end quoted."""
+    if reply is None:
+        judge.stats.add(fallbacks=1)
+    else:
+        judge.stats.fail(f"a reply that is no {what}: {reply[-120:]!r}", counter="fallbacks")
+
+
 def equivalence_request(record: mcq.Record, answer: str, image_path: str | None) -> JudgeRequest:
     """The judge's view of one open answer: the answer goes in last as a JSON string (json.dumps escapes
     quotes and line breaks), so it cannot add a reference answer or a verdict of its own."""
@@ -106,11 +115,7 @@ def open_answer_reward_scores(kind: str, completions: list[str], records: list[m
         verdict = parse_equivalence(reply)
         usable.append(verdict is not None)
         if verdict is None:
-            if reply is None:  # the judge's client counted and reported the failed request
-                judge.stats.add(fallbacks=1)
-            else:
-                judge.stats.fail(f"a reply that is no equivalence verdict (no last JSON object with "
-                                 f"\"equivalent\": 0 or 1): {reply[-120:]!r}", counter="fallbacks")
+            count_unusable(judge, reply, 'equivalence verdict (no last JSON object with "equivalent": 0 or 1)')
         rewards[i] = float(bool(verdict))
     judge.stats.verdicts(usable)
     return rewards
@@ -200,11 +205,7 @@ def process_reward(completions: list[str], records: list[mcq.Record], *, judge=N
         scores = parse_scores(reply, PROCESS_KEYS)
         usable.append(scores is not None)
         if scores is None:
-            if reply is None:  # the judge's client counted and reported the failed request
-                judge.stats.add(fallbacks=1)
-            else:
-                judge.stats.fail(f"a reply that is no verdict (no last JSON object with both scores in [0, 1]): "
-                                 f"{reply[-120:]!r}", counter="fallbacks")
+            count_unusable(judge, reply, "verdict (no last JSON object with both scores in [0, 1])")
             rewards[i] = 0.5 if mcq.is_correct(completions[i], records[i]) else 0.0
             parts["process/fallback"][i] = 1
             continue
