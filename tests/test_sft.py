@@ -92,14 +92,14 @@ def test_exact_resume(demo_data, tmp_path):
     assert [r["lr"] for r in resumed] == [r["lr"] for r in full]
 
 
-def signal_after_first_line(command: list[str], watched: str, signum, env=None, timeout: float = 300,
-                            again_after: float | None = None) -> tuple[int, str]:
+def signal_after_first_line(command: list[str], watched: str, signum, env=None, timeout: float = 300) -> tuple[int, str]:
     """Run `command` in its own process; once the file `watched` holds its first line (a logged step, an
-    answer), send `signum`; with again_after, send it again each again_after seconds in which the process wrote
-    more lines (the signal was lost: it goes on working), as a user presses Ctrl-C again; never while it is
-    stopping, which a second signal would cut short. Returns (exit code, stderr)."""
+    answer), send `signum`. Returns (exit code, stderr). The process starts with SIGINT at its default, as
+    from a terminal: a suite started in the background (`make test &`, some CI runners) has SIGINT ignored,
+    which its processes would inherit, and Ctrl-C would then never reach the script under test."""
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a full pipe would stall the run
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + timeout
         try:
             while proc.poll() is None and time.monotonic() < deadline:
@@ -107,15 +107,6 @@ def signal_after_first_line(command: list[str], watched: str, signum, env=None, 
                     proc.send_signal(signum)
                     break
                 time.sleep(0.01)
-            lines = open(watched).read().count("\n") if os.path.isfile(watched) else 0
-            while again_after and proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    proc.wait(timeout=again_after)
-                except subprocess.TimeoutExpired:  # still running: signal again only if it is still writing lines
-                    now = open(watched).read().count("\n")
-                    if now > lines:
-                        proc.send_signal(signum)
-                    lines = now
             proc.wait(timeout=timeout)
         finally:
             if proc.poll() is None:  # never a process left behind by a failed test
