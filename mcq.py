@@ -144,11 +144,6 @@ def parse_open_answer(completion: str) -> str | None:
     return blocks[0]
 
 
-def parse(completion: str, record: Record) -> str | None:
-    """What the completion answers: the chosen letter (closed) or the answer's text (open)."""
-    return parse_answer(completion, record.options) if record.options else parse_open_answer(completion)
-
-
 def is_correct(completion: str, record: Record) -> bool:
     """closed: the gold letter; open: a reference (answer or an alternative) exactly, after openqa.normalise."""
     if record.options:
