@@ -36,7 +36,7 @@ from config import EvalConfig, parse_args, save_config
 from evaluation import control_name, control_sets, evaluate, load_sets, read_predictions
 from inputs import InputError, check_inputs
 import openqa
-from mcq import Record, is_correct, option_lines, parse_answer, parse_open_answer
+from mcq import Record, is_correct, option_lines, parse_answer
 from model import load_model
 from provenance import answer_code, weights_fingerprint
 from training import Processes
@@ -75,14 +75,13 @@ def format_kinds_table(sets: dict[str, dict]) -> str | None:
     open exact match, token F1 and recall (the PathVQA literature's), and judged accuracy with judge=."""
     if not any("open" in m.get("kinds", {}) for m in sets.values()):
         return None
+    pct = lambda v, width: f"{'-' if v is None else f'{100 * v:.1f}':>{width}}"  # noqa: E731
     rows = [f"{'set':<22}{'closed':>8}{'acc %':>8}{'open':>7}{'exact %':>9}{'F1 %':>7}{'recall %':>10}{'judged %':>10}"]
     for name, m in sets.items():
         kinds, judged = m.get("kinds", {}), m.get("reasoning", {}).get("open_judged")
-        cells = [(m.get("closed_accuracy"), 8), (None, 0)] + [(m.get(k), w) for k, w in
-                                                              (("open_exact", 9), ("open_f1", 7), ("open_recall", 10))]
-        pct = ["" if w == 0 else f"{'-' if v is None else f'{100 * v:.1f}':>{w}}" for v, w in cells]
-        rows.append(f"{name:<22}{kinds.get('closed', 0):>8}{pct[0]}{kinds.get('open', 0):>7}{''.join(pct[2:])}"
-                    f"{'-' if judged is None else f'{100 * judged:.1f}':>10}")
+        rows.append(f"{name:<22}{kinds.get('closed', 0):>8}{pct(m.get('closed_accuracy'), 8)}{kinds.get('open', 0):>7}"
+                    f"{pct(m.get('open_exact'), 9)}{pct(m.get('open_f1'), 7)}{pct(m.get('open_recall'), 10)}"
+                    f"{pct(judged, 10)}")
     return "\n".join(rows)
 
 
@@ -207,16 +206,6 @@ def judgement_failed(line: dict) -> bool:
             or (line.get("equivalence_asked", False) and line["equivalence_reply"] is None))
 
 
-def equivalence_request(record: Record, completion: str):
-    """An open question's answer that is not an exact match, for the judge to call equivalent or not
-    (rewards.equivalence_request); None for a closed question, no answer, or an exact match."""
-    from rewards import equivalence_request as request
-
-    answer = None if record.options else parse_open_answer(completion)
-    if answer is None or openqa.exact_match(answer, openqa.references(record)):
-        return None
-    return request(record, answer, record.image)
-
 
 def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Record]], predictions_path: str,
                     out_path: str, chunk_size: int = 32, log=print, down=lambda final: None) -> dict[str, dict]:
@@ -227,7 +216,7 @@ def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Reco
     down(final) -> a message when the judge is down (judges.judge_down): asked after every chunk, and at
     the end; the run then stops with it (JudgeDown), its lines so far kept for the resume."""
     from judges import JudgeDown, parse_scores
-    from rewards import PROCESS_KEYS, parse_equivalence, process_request
+    from rewards import PROCESS_KEYS, equivalence_request, parse_equivalence, process_request
 
     predictions = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)}
     done = {}
@@ -246,7 +235,7 @@ def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Reco
             for name, r in batch:
                 completion = predictions[(name, r.id)]["completion"]
                 asks.append((reasoning_request(r, completion), process_request(r, completion, r.image),
-                             equivalence_request(r, completion)))
+                             equivalence_request(r, completion, r.image)))
             requests = [q for ask in asks for q in ask if q is not None]
             replies = iter(judge.complete(requests) if requests else [])  # in the order of `requests`
             for (name, r), (reasoning_q, process_q, equivalence_q) in zip(batch, asks):
@@ -399,8 +388,9 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
         json.dump(metrics, f, indent=1)
     os.replace(tmp, os.path.join(cfg.output_dir, "metrics.json"))
     print(format_table(sets))
-    if format_kinds_table(sets):
-        print(format_kinds_table(sets))
+    kinds = format_kinds_table(sets)
+    if kinds:
+        print(kinds)
     if judge is not None:
         print(format_reasoning_table(sets))
     print(f"wrote {cfg.output_dir}/metrics.json, predictions.jsonl" + (" and judgements.jsonl" if judge else ""))

@@ -120,8 +120,8 @@ def f1_reward(answer: str | None, refs: list[str]) -> float:
 def token_recall(answer: str | None, refs: list[str]) -> float:
     """Max over the references of the share of its tokens the answer holds: PathVQA papers' open-question
     recall. Listing every term scores 1, so it is a metric to report, never a reward."""
-    said = tokens(answer or "")
-    return max((_overlap(said, tokens(ref)) / len(tokens(ref)) for ref in refs if tokens(ref)), default=0.0)
+    said, golds = tokens(answer or ""), [gold for gold in map(tokens, refs) if gold]
+    return max((_overlap(said, gold) / len(gold) for gold in golds), default=0.0)
 
 
 # ----------------------------------------------------------------------------------------------

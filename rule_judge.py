@@ -181,9 +181,9 @@ def agrees_with_answer(options: list[str], think: str, chosen: str | None) -> bo
 
 
 def rule_scores(options: list[str], think: str, chosen: str | None, gold: str | None = None,
-                facts: dict | None = None, wrong: bool | None = None) -> dict[str, float]:
+                facts: dict | None = None, right: bool | None = None) -> dict[str, float]:
     """The process rubric's arithmetic on the statements of the reasoning (module docstring). An open
-    question (options []) has nothing to eliminate; `wrong` says whether its answer is wrong."""
+    question (options []) has nothing to eliminate; `right` says whether its answer is right."""
     said, facts = statements(think, options), facts or {}
     n_eliminated, needed = eliminated(options, chosen, said)
     shown = [s for s in said if is_image_statement(s)]
@@ -195,7 +195,7 @@ def rule_scores(options: list[str], think: str, chosen: str | None, gold: str | 
     missing = [not image_step, n_eliminated < needed, not knowledge_step]
     normalised = [" ".join(_words(s)) for s in said]
     errors = [contradictions(options, think, chosen),
-              wrong if wrong is not None else gold is not None and chosen != gold,
+              not right if right is not None else gold is not None and chosen != gold,
               right_about_image is False,
               len(set(normalised)) < len(normalised),
               addressed_to_grader(think)]
@@ -243,7 +243,7 @@ class RuleJudge:
     replies with the rubric's JSON, which goes through the same parser as a model judge's reply.
     case["rubric"] == "reasoning" (eval.py: options, completion, think, chosen, gold, facts) ->
     rule_reasoning_scores; "equivalence" (rewards.py: an open answer, its references) ->
-    openqa.rule_equivalent; otherwise the process rubric (options, think, chosen, gold, facts, wrong)."""
+    openqa.rule_equivalent; otherwise the process rubric (options, think, chosen, gold, facts, right)."""
 
     name = "the rule judge"
 
@@ -267,7 +267,7 @@ class RuleJudge:
                                                c.get("facts"), c.get("right"))
             else:
                 scores = rule_scores(c["options"], c["think"], c.get("chosen"), c.get("gold"), c.get("facts"),
-                                     c.get("wrong"))
+                                     c.get("right"))
             replies.append(json.dumps(scores))
         self.stats.add(calls=len(requests))
         return replies
