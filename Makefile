@@ -27,7 +27,7 @@ demo: setup
 	$(PY) eval.py configs/demo_eval.yaml model=$(DEMO)/sft output_dir=$(DEMO)/eval_sft run_name=sft 'image_controls=[blank,shuffled]'
 	$(PY) train_grpo.py configs/demo_grpo.yaml init_adapter=$(DEMO)/sft output_dir=$(DEMO)/grpo
 	$(PY) eval.py configs/demo_eval.yaml model=$(DEMO)/sft adapter=$(DEMO)/grpo output_dir=$(DEMO)/eval_grpo run_name=grpo 'image_controls=[blank,shuffled]'
-	$(PY) report.py $(DEMO)/eval_base $(DEMO)/eval_sft $(DEMO)/eval_grpo --train $(DEMO)/sft $(DEMO)/grpo --out $(DEMO)/report
+	$(PY) tools/report.py $(DEMO)/eval_base $(DEMO)/eval_sft $(DEMO)/eval_grpo --train $(DEMO)/sft $(DEMO)/grpo --out $(DEMO)/report
 
 # open questions: exact match, token F1 and recall per run, then the report of the three
 demo-open: setup
@@ -37,7 +37,7 @@ demo-open: setup
 	$(PY) eval.py configs/demo_open_eval.yaml seed=$(SEED) model=$(OPEN)/sft output_dir=$(OPEN)/eval_sft run_name=sft
 	$(PY) train_grpo.py configs/demo_open_grpo.yaml seed=$(SEED) init_adapter=$(OPEN)/sft output_dir=$(OPEN)/grpo
 	$(PY) eval.py configs/demo_open_eval.yaml seed=$(SEED) model=$(OPEN)/sft adapter=$(OPEN)/grpo output_dir=$(OPEN)/eval_grpo run_name=grpo
-	$(PY) report.py $(OPEN)/eval_base $(OPEN)/eval_sft $(OPEN)/eval_grpo --train $(OPEN)/sft $(OPEN)/grpo --out $(OPEN)/report
+	$(PY) tools/report.py $(OPEN)/eval_base $(OPEN)/eval_sft $(OPEN)/eval_grpo --train $(OPEN)/sft $(OPEN)/grpo --out $(OPEN)/report
 
 # from scratch each time (runs/notebook removed), so the saved outputs show every step; make demo's SFT model is reused
 notebook: setup

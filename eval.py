@@ -6,15 +6,15 @@
 Greedy decoding, batched. Every answer is appended (and flushed) to output_dir/predictions.jsonl as
 it comes, so a killed run started again with the same output_dir goes on where it stopped; then
 output_dir/metrics.json holds, per set, accuracy with its Wilson 95% interval, the format rate, the
-unparseable count and the mean completion length. `python report.py runs/a runs/b` compares runs.
+unparseable count and the mean completion length. `python tools/report.py runs/a runs/b` compares runs.
 
 With image_controls=[blank, shuffled] each set is answered again with every image blanked (mid-grey, same
 size) and with each item shown another item's image: sets[name]["controls"] holds their metrics, beside
 the real images', and output_dir/controls/predictions.jsonl their answers. A model that reads the image
 falls to chance there; the judge grades the real answers only.
 
-With judge=api | self | rule (judges.py) a judge also grades *how* each answer was reasoned: six
-criteria of REASONING_RUBRIC (0-1 each) and the process reward GRPO trains on, averaged per set under
+With judge=api | self | rule (pathvlm/judges.py) a judge also grades *how* each answer was reasoned: six
+criteria of reasoning.REASONING_RUBRIC (0-1 each) and the process reward GRPO trains on, averaged per set under
 sets[name]["reasoning"]; every raw reply goes to output_dir/judgements.jsonl, resumed the same way.
 
 From another script, with a model already in memory (a training loop, the demo pipeline):
@@ -25,64 +25,24 @@ From another script, with a model already in memory (a training loop, the demo p
 import contextlib
 import json
 import os
-import re
 import sys
 import time
 
 import yaml
 
-from checkpoint import claim_output_dir, release_output_dir
-from config import EvalConfig, parse_args, save_config
-from evaluation import control_name, control_sets, evaluate, load_sets, read_predictions
-from inputs import InputError, check_inputs
-import openqa
-from mcq import Record, is_correct, option_lines, parse_answer
-from model import load_model
-from provenance import answer_code, weights_fingerprint
-from training import Processes
+from pathvlm.checkpoint import claim_output_dir, release_output_dir
+from pathvlm.config import EvalConfig, parse_args, save_config
+from pathvlm.evaluation import (control_name, control_sets, evaluate, format_kinds_table, format_table, kinds_note,
+                                load_sets, read_predictions)
+from pathvlm.inputs import InputError, check_inputs
+from pathvlm.model import load_model
+from pathvlm.provenance import answer_code, weights_fingerprint
+from pathvlm.reasoning import REASONING_KEYS, format_reasoning_table, reasoning_metrics, reasoning_request
+from pathvlm.records import Record
+from pathvlm.training import Processes
 
 # config keys that change what the model answers: predictions made under other values are not resumed
 PREDICTION_KEYS = ("model", "adapter", "seed", "dtype", "quantization", "min_pixels", "max_pixels", "max_new_tokens")
-
-
-def format_table(sets: dict[str, dict]) -> str:
-    """One row per set; evaluation.score's reasoning checks (agrees: the reasoning leads to the answer given;
-    image: it states the image's measured facts rightly, "-" without image_facts), then a column of accuracy %
-    per image control that any set has ("-": skipped)."""
-    controls = list(dict.fromkeys(c for m in sets.values() for c in m.get("controls", {})))
-    rows = [f"{'set':<22}{'n':>6}{'acc %':>8}{'95% CI':>15}{'format':>8}{'unparse':>9}{'tokens':>8}{'items/s':>9}"
-            f"{'agrees %':>10}{'image %':>9}" + "".join(f"{c + ' %':>12}" for c in controls)]
-    for name, m in sets.items():
-        ci = f"{100 * m['ci_low']:.1f}–{100 * m['ci_high']:.1f}"
-        speed = "-" if m["items_per_s"] is None else f"{m['items_per_s']:.2f}"
-        shown = [m.get("controls", {}).get(c, {}) for c in controls]
-        rows.append(f"{name:<22}{m['n']:>6}{100 * m['accuracy']:>8.1f}{ci:>15}{m['format_rate']:>8.2f}"
-                    f"{m['unparseable']:>9}{m['mean_completion_tokens']:>8.1f}{speed:>9}"
-                    + "".join(f"{'-' if m.get(k) is None else f'{100 * m[k]:.1f}':>{w}}"
-                              for k, w in (("reasoning_agrees", 10), ("image_stated_right", 9)))
-                    + "".join(f"{'-':>12}" if "accuracy" not in c else f"{100 * c['accuracy']:>12.1f}" for c in shown))
-    return "\n".join(rows)
-
-
-def kinds_note(records: list[Record]) -> str:
-    """" (closed 120, open 80)" for a set with open questions, "" for multiple choice alone."""
-    opened = sum(not r.options for r in records)
-    return f" (closed {len(records) - opened}, open {opened})" if opened else ""
-
-
-def format_kinds_table(sets: dict[str, dict]) -> str | None:
-    """Per set and kind of question, where any set has open questions (None otherwise): closed accuracy;
-    open exact match, token F1 and recall (the PathVQA literature's), and judged accuracy with judge=."""
-    if not any("open" in m.get("kinds", {}) for m in sets.values()):
-        return None
-    pct = lambda v, width: f"{'-' if v is None else f'{100 * v:.1f}':>{width}}"  # noqa: E731
-    rows = [f"{'set':<22}{'closed':>8}{'acc %':>8}{'open':>7}{'exact %':>9}{'F1 %':>7}{'recall %':>10}{'judged %':>10}"]
-    for name, m in sets.items():
-        kinds, judged = m.get("kinds", {}), m.get("reasoning", {}).get("open_judged")
-        rows.append(f"{name:<22}{kinds.get('closed', 0):>8}{pct(m.get('closed_accuracy'), 8)}{kinds.get('open', 0):>7}"
-                    f"{pct(m.get('open_exact'), 9)}{pct(m.get('open_f1'), 7)}{pct(m.get('open_recall'), 10)}"
-                    f"{pct(judged, 10)}")
-    return "\n".join(rows)
 
 
 def check_resumable(cfg, output_dir: str) -> dict:
@@ -128,9 +88,9 @@ def make_eval_judge(cfg, model=None, processor=None):
     if cfg.judge == "none":
         return None
     try:
-        from judges import JUDGE_KINDS, judge_from_config
+        from pathvlm.judges import JUDGE_KINDS, judge_from_config
     except ImportError:
-        sys.exit(f"judge={cfg.judge} needs judges.py, which this checkout does not have; run with judge=none")
+        sys.exit(f"judge={cfg.judge} needs pathvlm/judges.py, which this checkout does not have; run with judge=none")
     if cfg.judge not in JUDGE_KINDS:
         sys.exit(f"unknown judge '{cfg.judge}': use one of {', '.join(JUDGE_KINDS)} or none")
     if cfg.judge == "self":
@@ -144,59 +104,8 @@ def make_eval_judge(cfg, model=None, processor=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reasoning quality: six criteria, graded by a judge of judges.py (api | self | rule)
-
-REASONING_KEYS = ["reasoning_accuracy", "knowledge_accuracy", "rigor", "professionalism", "clarity", "conciseness"]
-
-REASONING_RUBRIC = """You are a senior pathologist grading how a model reasoned its way to the answer of a \
-multiple-choice question about a pathology image. You are given the image, the question with its lettered \
-options, the model's full response (its reasoning inside <think></think>, then its choice inside \
-<answer></answer>) and the correct answer.
-
-Score each criterion between 0 (absent or wrong) and 1 (fully met):
-  reasoning_accuracy: every step is correct and the steps lead to the stated answer, which is the correct \
-one. A right letter reached by wrong steps, or reasoning that concludes something other than the stated \
-answer, scores low; a response with no reasoning scores 0.
-  knowledge_accuracy: the medical and histological facts it states (definitions, diagnostic criteria, \
-markers, mechanisms) are correct and current.
-  rigor: the reasoning is complete: it reads the features visible in the image, and it rules out the \
-other options, saying why, before it concludes.
-  professionalism: it uses precise pathology terminology, as a pathologist's report would.
-  clarity: it is easy to follow, from what is seen to what is concluded, and the answer is stated plainly.
-  conciseness: it says what is needed and no more: no repetition, no filler. Shorter is not better when \
-a needed step is missing.
-
-Grade the response, not the question; use the correct answer to judge accuracy only.
-Reply with this JSON object and nothing else:
-{"reasoning_accuracy": <number>, "knowledge_accuracy": <number>, "rigor": <number>, \
-"professionalism": <number>, "clarity": <number>, "conciseness": <number>}"""
-
-TAGS_RE = re.compile(r"</?(?:think|answer)>", re.IGNORECASE)
-
-
-def reasoning_request(record: Record, completion: str):
-    """The judge's view of one prediction (a judges.JudgeRequest), or None for an empty completion
-    (no text once the tags are taken out), which scores 0 on every criterion unasked. A completion
-    without <think> is asked: the rubric gives its missing reasoning 0, and its clarity and
-    conciseness can still be graded."""
-    from judges import JudgeRequest
-    from mcq import THINK_RE
-
-    if not TAGS_RE.sub("", completion).strip():
-        return None
-    given = ["Options:", *option_lines(record.options)] if record.options else ["(an open question: no options)"]
-    correct = (f"{record.answer}) {record.answer_text()}" if record.options else
-               "; ".join(openqa.references(record)))
-    user = "\n".join([f"Question: {record.question.strip()}", *given,
-                      "", "Model's response:", completion.strip(),
-                      "", f"Correct answer: {correct}"])
-    think = THINK_RE.search(completion)
-    case = dict(rubric="reasoning", options=record.options, completion=completion,  # for RuleJudge
-                think=think.group(1) if think else "", chosen=parse_answer(completion, record.options),
-                gold=record.answer, facts=record.image_facts,
-                right=None if record.options else is_correct(completion, record))
-    return JudgeRequest(system=REASONING_RUBRIC, user=user, image=record.image, case=case)
-
+# Reasoning quality: six criteria (pathvlm/reasoning.py) and the process reward, graded by a judge of
+# judges.py (api | self | rule)
 
 def judgement_failed(line: dict) -> bool:
     """A call that got no reply (network, 5xx) is asked again on resume. An unparseable reply is
@@ -206,16 +115,15 @@ def judgement_failed(line: dict) -> bool:
             or (line.get("equivalence_asked", False) and line["equivalence_reply"] is None))
 
 
-
 def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Record]], predictions_path: str,
                     out_path: str, chunk_size: int = 32, log=print, down=lambda final: None) -> dict[str, dict]:
     """Both rubrics over every prediction -> {set: reasoning_metrics}. One line per item is appended to
     out_path as its chunk comes back: the raw replies and what was parsed from them, or null. Items
     with a line there from the same judge_label are not asked again (the API judge's disk cache is
     shared between runs and may be off or cleared; this file belongs to the run).
-    down(final) -> a message when the judge is down (judges.judge_down): asked after every chunk, and at
+    down(final) -> a message when the judge is down (verdicts.judge_down): asked after every chunk, and at
     the end; the run then stops with it (JudgeDown), its lines so far kept for the resume."""
-    from judges import JudgeDown, parse_scores
+    from pathvlm.verdicts import JudgeDown, parse_scores
     from rewards import PROCESS_KEYS, equivalence_request, parse_equivalence, process_request
 
     predictions = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)}
@@ -271,35 +179,6 @@ def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Reco
     return {name: reasoning_metrics([done[(name, r.id)] for r in records]) for name, records in records_by_set.items()}
 
 
-def reasoning_metrics(judgements: list[dict]) -> dict:
-    """Each criterion's mean over the n_judged items that have scores: judged replies, and empty
-    completions at 0 (n_empty of them). The n_unparsed items whose call failed or whose reply did not
-    parse are left out, not given a score; a set with none judged has means of None.
-    process_score: rewards.process_reward's mean(integrity, knowledge), 0 without <think> as in
-    training, over process_n_judged items; unlike training's fallback, an unparsed reply is left out."""
-    scored = [j["scores"] for j in judgements if j["scores"] is not None]
-    process = [j["process_score"] for j in judgements if j["process_score"] is not None]
-    means = {k: sum(s[k] for s in scored) / len(scored) if scored else None for k in REASONING_KEYS}
-    # open questions: right by exact match or the judge's equivalence verdict, over those with a verdict
-    judged = [j["judged_correct"] for j in judgements if j.get("judged_correct") is not None]
-    return {**means, "n_judged": len(scored), "n_empty": sum(j["reply"] is None and j["scores"] is not None
-                                                             for j in judgements),
-            "n_unparsed": len(judgements) - len(scored),
-            "process_score": sum(process) / len(process) if process else None, "process_n_judged": len(process),
-            "open_judged": sum(judged) / len(judged) if judged else None, "open_n_judged": len(judged)}
-
-
-def format_reasoning_table(sets: dict[str, dict]) -> str:
-    columns = ["reason", "knowl", "rigor", "profess", "clarity", "concise", "process"]
-    rows = [f"{'set':<22}{'judged':>8}" + "".join(f"{c:>9}" for c in columns)]
-    for name, m in sets.items():
-        r = m["reasoning"]
-        values = [r[k] for k in REASONING_KEYS] + [r["process_score"]]
-        rows.append(f"{name:<22}{r['n_judged']:>8}" + "".join(f"{'-':>9}" if v is None else f"{v:>9.2f}"
-                                                               for v in values))
-    return "\n".join(rows)
-
-
 def run(cfg: EvalConfig, model=None, processor=None) -> dict:
     """The whole evaluation of the docstring at the top -> the metrics written to metrics.json.
     Pass model and processor to evaluate a model already in memory (cfg.adapter is then a label).
@@ -345,7 +224,7 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
 
     # 2. greedy answers, set by set, appended to predictions.jsonl as they come. The image controls go to
     #    controls/predictions.jsonl under their own set names ("demo[blank]") and resume the same way;
-    #    predictions.jsonl keeps the real images' answers only, which the judge and report.py read.
+    #    predictions.jsonl keeps the real images' answers only, which the judge and tools/report.py read.
     log = print if procs.main else lambda _: None
     with base_only:
         sets = evaluate(model, processor, records_by_set, cfg.batch_size, cfg.max_new_tokens, predictions_path,
@@ -370,7 +249,7 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
         return metrics
     judge = make_eval_judge(cfg, model, processor) if cfg.judge == "self" else judge
     if judge is not None:
-        from judges import judge_down
+        from pathvlm.verdicts import judge_down
 
         api = {"model": cfg.judge_model, "base_url": cfg.judge_base_url} if cfg.judge == "api" else {}
         label = f"api:{cfg.judge_model}" if api else cfg.judge  # judgements of another judge are not resumed

@@ -1,6 +1,6 @@
 """Rewards: one function per reward, batched.
 
-    fn(completions: list[str], records: list[mcq.Record], **context) -> list[float]
+    fn(completions: list[str], records: list[Record], **context) -> list[float]
 
 Every reward takes the whole context and ignores what it does not use, so `score_completions` can
 hand the same context to all of them. A new reward is one function plus one line in REWARDS.
@@ -14,21 +14,23 @@ hand the same context to all of them. A new reward is one function plus one line
 
 import json
 
-import mcq
-import openqa
-from judges import JudgeRequest, parse_scores
+from pathvlm.answers import ANSWER_RE, THINK_RE, is_correct, is_well_formed, parse_answer, parse_open_answer
+
+from pathvlm.records import Record, option_lines
+from pathvlm import openqa
+from pathvlm.verdicts import JudgeRequest, parse_scores
 
 
-def format_reward(completions: list[str], records: list[mcq.Record], **context) -> list[float]:
-    return [float(mcq.is_well_formed(c)) for c in completions]
+def format_reward(completions: list[str], records: list[Record], **context) -> list[float]:
+    return [float(is_well_formed(c)) for c in completions]
 
 
-def accuracy_reward(completions: list[str], records: list[mcq.Record], *, require_format: bool = False,
+def accuracy_reward(completions: list[str], records: list[Record], *, require_format: bool = False,
                     open_answer_reward: str = "exact", judge=None, image_paths: list[str] | None = None,
                     **context) -> list[float]:
     # require_format: on the tiny demo model, rewarding the letter alone let the format fall apart
     # after ~140 GRPO steps (measured on a prototype of this loop); gating it on the exact format kept both.
-    scores = [float(mcq.parse_answer(c, r.options) == r.answer) if r.options else None
+    scores = [float(parse_answer(c, r.options) == r.answer) if r.options else None
               for c, r in zip(completions, records)]
     opened = [i for i, r in enumerate(records) if not r.options]
     if opened:
@@ -37,7 +39,7 @@ def accuracy_reward(completions: list[str], records: list[mcq.Record], *, requir
                                             [image_paths[i] for i in opened] if image_paths else None)
         for i, value in zip(opened, answers):
             scores[i] = value
-    return [value * (not require_format or mcq.is_well_formed(c)) for value, c in zip(scores, completions)]
+    return [value * (not require_format or is_well_formed(c)) for value, c in zip(scores, completions)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,11 +70,11 @@ def count_unusable(judge, reply: str | None, what: str):
         judge.stats.fail(f"a reply that is no {what}: {reply[-120:]!r}", counter="fallbacks")
 
 
-def equivalence_request(record: mcq.Record, completion: str, image_path: str | None) -> JudgeRequest | None:
+def equivalence_request(record: Record, completion: str, image_path: str | None) -> JudgeRequest | None:
     """The judge's view of one completion's open answer, or None when the judge is not asked: a closed question,
     no answer (0), an exact match (1). The answer goes in last as a JSON string (json.dumps escapes quotes and
     line breaks), so it cannot add a reference answer or a verdict of its own."""
-    answer, refs = mcq.parse_open_answer(completion), openqa.references(record)
+    answer, refs = parse_open_answer(completion), openqa.references(record)
     if record.options or answer is None or openqa.exact_match(answer, refs):
         return None
     user = "\n".join([f"Question: {record.question.strip()}", f"Reference answer: {refs[0]}",
@@ -90,7 +92,7 @@ def parse_equivalence(reply: str | None) -> bool | None:
     return None if scores is None or scores["equivalent"] not in (0.0, 1.0) else scores["equivalent"] == 1.0
 
 
-def open_answer_reward_scores(kind: str, completions: list[str], records: list[mcq.Record], judge=None,
+def open_answer_reward_scores(kind: str, completions: list[str], records: list[Record], judge=None,
                               image_paths: list[str] | None = None) -> list[float]:
     """Each open completion's reward by `kind`:
       exact   1 if its answer equals a reference after openqa.normalise, else 0
@@ -98,8 +100,8 @@ def open_answer_reward_scores(kind: str, completions: list[str], records: list[m
               words / answer words), so that listing answers earns less than naming the likeliest one
       judged  1 for an exact match (the judge is not asked); otherwise the judge's verdict on equivalence
               (judge=api | self | rule). A failed or unreadable verdict scores 0, counted in judge.stats
-              (fallbacks, and the verdict as failed for judges.judge_down)."""
-    answers = [mcq.parse_open_answer(c) for c in completions]
+              (fallbacks, and the verdict as failed for verdicts.judge_down)."""
+    answers = [parse_open_answer(c) for c in completions]
     refs = [openqa.references(r) for r in records]
     if kind == "exact":
         return [float(openqa.exact_match(a, ref)) for a, ref in zip(answers, refs)]
@@ -159,17 +161,17 @@ End your reply with this JSON object; only the last JSON object of your reply is
 {"integrity_score": <number>, "knowledge_score": <number>}"""
 
 
-def process_request(record: mcq.Record, completion: str, image_path: str) -> JudgeRequest | None:
+def process_request(record: Record, completion: str, image_path: str) -> JudgeRequest | None:
     """The judge's view of one completion, or None when it has no (non-empty) <think> block.
     The policy's text is untrusted: it goes in last, as JSON string values, where json.dumps escapes every
     quote and line break, so no completion can close the block or add a "Correct answer:" line of its own."""
-    think = mcq.THINK_RE.search(completion)
+    think = THINK_RE.search(completion)
     if think is None or not think.group(1).strip():
         return None
-    answer = mcq.ANSWER_RE.search(completion)
+    answer = ANSWER_RE.search(completion)
     student = {"reasoning": think.group(1).strip(), "final_answer": answer.group(1).strip() if answer else ""}
     if record.options:
-        given = ["Options:", *mcq.option_lines(record.options),
+        given = ["Options:", *option_lines(record.options),
                  f"Correct answer: {record.answer}) {record.answer_text()}"]
     else:  # an open question: no options to eliminate, the reference answer and its accepted wordings
         given = [f"Correct answer: {'; '.join(openqa.references(record))} (an open question: no options; "
@@ -179,21 +181,21 @@ def process_request(record: mcq.Record, completion: str, image_path: str) -> Jud
                       json.dumps(student, ensure_ascii=False)])
     # the rule judge reads the case: for an open question no options, and whether its answer is right
     case = dict(question=record.question, options=record.options, think=think.group(1),
-                chosen=mcq.parse_answer(completion, record.options), gold=record.answer, facts=record.image_facts,
-                right=None if record.options else mcq.is_correct(completion, record))
+                chosen=parse_answer(completion, record.options), gold=record.answer, facts=record.image_facts,
+                right=None if record.options else is_correct(completion, record))
     return JudgeRequest(system=PROCESS_RUBRIC, user=user, image=image_path, case=case)
 
 
-def process_reward(completions: list[str], records: list[mcq.Record], *, judge=None,
+def process_reward(completions: list[str], records: list[Record], *, judge=None,
                    image_paths: list[str] | None = None, details: dict | None = None, **context) -> list[float]:
     """mean(integrity, knowledge) per completion. No <think> -> 0, the judge is not asked. A reply
-    that failed or is no verdict (judges.parse_scores) -> the fallback 0.5 if the answer is right, else 0.
-    Counted in judge.stats (no_think, fallbacks; each verdict usable or not, for judges.judge_down).
+    that failed or is no verdict (verdicts.parse_scores) -> the fallback 0.5 if the answer is right, else 0.
+    Counted in judge.stats (no_think, fallbacks; each verdict usable or not, for verdicts.judge_down).
     details (a dict, optional) receives the components per completion: process/integrity,
     process/knowledge (None where unscored) and process/fallback (0/1), for the training log."""
     if judge is None or image_paths is None:
         raise ValueError("the process reward needs judge= (judges.make_judge: api | self | rule) and "
-                         "image_paths= (one per record, e.g. mcq.image_path(split_path, record))")
+                         "image_paths= (one per record, e.g. image_path(split_path, record))")
     if not len(completions) == len(records) == len(image_paths):
         raise ValueError(f"process reward: {len(completions)} completions, {len(records)} records and "
                          f"{len(image_paths)} image paths; give one of each per completion")
@@ -210,7 +212,7 @@ def process_reward(completions: list[str], records: list[mcq.Record], *, judge=N
         usable.append(scores is not None)
         if scores is None:
             count_unusable(judge, reply, "verdict (no last JSON object with both scores in [0, 1])")
-            rewards[i] = 0.5 if mcq.is_correct(completions[i], records[i]) else 0.0
+            rewards[i] = 0.5 if is_correct(completions[i], records[i]) else 0.0
             parts["process/fallback"][i] = 1
             continue
         parts["process/integrity"][i], parts["process/knowledge"][i] = (scores[k] for k in PROCESS_KEYS)
@@ -230,7 +232,7 @@ REWARDS = {
 }
 
 
-def score_completions(names_to_weights: dict[str, float], completions: list[str], records: list[mcq.Record],
+def score_completions(names_to_weights: dict[str, float], completions: list[str], records: list[Record],
                       **context) -> dict[str, list[float]]:
     """Each named reward (all of them are computed, whatever their weight) and "total", the weighted sum."""
     unknown = [name for name in names_to_weights if name not in REWARDS]

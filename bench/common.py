@@ -1,7 +1,7 @@
 """What the benchmarks share: demo data, fixed-length sampling, and TRL's view of our data.
 
 TRL is imported inside the functions that need it: `bench/gpu_grpo.py` uses this file without TRL
-(it is only in requirements-bench.txt).
+(it is only in bench/requirements.txt).
 
 Fairness rules every comparison here follows:
   - the same model directory (weights, tokenizer) and the same processor object, ours:
@@ -24,10 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from config import ModelConfig  # noqa: E402
-from images import open_image  # noqa: E402
-from mcq import Record, format_prompt_text, image_path, load_split, target_text  # noqa: E402
-from model import LORA_TARGET, load_model, special_token_ids  # noqa: E402
+from pathvlm.config import ModelConfig  # noqa: E402
+from pathvlm.images import open_image  # noqa: E402
+from pathvlm.records import Record, format_prompt_text, image_path, load_split, target_text  # noqa: E402
+from pathvlm.generation import special_token_ids  # noqa: E402
+from pathvlm.model import LORA_TARGET, load_model  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ def _record_columns(r: Record, split_path: str) -> dict:
 def trl_grpo_dataset(split_path: str):
     """Our records as TRL's GRPOTrainer expects them: a conversational `prompt` and an `image` column.
     TRL puts the image before the text (trl.data_utils.prepare_multimodal_messages), which renders
-    to exactly the token ids of mcq.prompt_messages."""
+    to exactly the token ids of records.prompt_messages."""
     from datasets import Dataset
 
     rows = []
@@ -246,7 +247,7 @@ def step_end_callback():
 # Reading and printing
 
 def read_metrics(output_dir: str) -> list[dict]:
-    from evaluation import read_jsonl
+    from pathvlm.evaluation import read_jsonl
 
     return read_jsonl(os.path.join(output_dir, "metrics.jsonl"))
 

@@ -3,7 +3,7 @@
     python bench/gpu_grpo.py --arch 7b                     # our loop: s/step, phases, tokens/s, peak memory
     python bench/gpu_grpo.py --arch 7b --runs ours trl sft # ... TRL's GRPOTrainer on the same work, one SFT step
     python bench/gpu_grpo.py --arch 7b --runs trl --json runs/bench/7b-trl.json   # one part per call
-    python bench/gpu_grpo.py --table runs/bench/*.json     # the README table from saved results
+    python bench/gpu_grpo.py --table runs/bench/*.json     # the bench/README.md table from saved results
     python bench/gpu_grpo.py --arch tiny --steps 2         # the same code on CPU in seconds (tests/test_bench.py)
     python bench/gpu_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --runs ours sft   # the real checkpoint, by hub id
 
@@ -39,7 +39,7 @@ process's peak RSS, which cannot be reset.
 
 On a machine that limits the length of one command, run one part per call (`--runs ours`, then
 `--runs trl`, `--runs sft`) with `--json`: each file holds its part's figures as soon as the part ends,
-and `--table` prints the README table from any number of them.
+and `--table` prints the bench/README.md table from any number of them.
 """
 
 import argparse
@@ -59,8 +59,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ROOT, cuda_sync, full_length, load_plain_model, make_trl_grpo_trainer, median, patched,  # noqa: E402
                     print_table, read_metrics, timed, train_trl_timed, trl_grpo_dataset)
 
-from model import load_processor  # noqa: E402
-from tiny import build_tiny_tokenizer, cache_dir, qwen25vl_config  # noqa: E402
+from pathvlm.model import load_processor  # noqa: E402
+from pathvlm.tiny import build_tiny_tokenizer, cache_dir, qwen25vl_config  # noqa: E402
 
 # tiny.qwen25vl_config's sizes, from the public configs (M-RoPE sections sum to head_dim/2)
 ARCHS = {
@@ -110,8 +110,8 @@ def random_model_dir(arch: str, workdir: str) -> str:
 def write_synthetic_data(out_dir: str, model_dir: str, image_px: int, prompt_tokens: int) -> tuple[str, int]:
     """A JSONL of identical records: one random image and a stain question padded with on-topic
     words to ~prompt_tokens (image tokens included). Returns (path, prompt tokens per record)."""
-    from mcq import TRAINING_WORDS, Record
-    from training import example_length
+    from pathvlm.records import TRAINING_WORDS, Record
+    from pathvlm.training import example_length
 
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     pixels = np.random.default_rng(0).integers(0, 256, (image_px, image_px, 3), dtype=np.uint8)
@@ -228,7 +228,7 @@ def run_sft_step(model_dir, data, prompt_tokens, out_dir) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Printing: the phase table of one call, and the README table of saved results
+# Printing: the phase table of one call, and the bench/README.md table of saved results
 
 def print_phases(result: dict):
     w, runs = result["warmup"], {k: v for k, v in result["runs"].items() if k != "sft"}
@@ -262,7 +262,7 @@ def print_phases(result: dict):
 
 
 def print_readme_table(paths: list[str]):
-    """One markdown row per run in the saved results (--json files), in the README's columns."""
+    """One markdown row per run in the saved results (--json files), in bench/README.md's columns."""
     print("| date | GPU | model | run | quantisation | G x prompts | prompt + new tokens | peak GiB allocated "
           "(reserved) | s/step | generation tok/s | command |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -288,7 +288,7 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="a real checkpoint (hub id or local directory) instead of random "
                    "weights of --arch, which then only sets the work's default sizes")
     p.add_argument("--runs", nargs="+", choices=["ours", "trl", "sft"], default=["ours"],
-                   help="ours: our GRPO loop; trl: TRL's GRPOTrainer (requirements-bench.txt); sft: one SFT step")
+                   help="ours: our GRPO loop; trl: TRL's GRPOTrainer (bench/requirements.txt); sft: one SFT step")
     p.add_argument("--steps", type=int, default=None, help="GRPO steps per run (default: 3; tiny 2)")
     p.add_argument("--warmup", type=int, default=1, help="first steps left out of s/step")
     p.add_argument("--image-px", type=int, default=None)
@@ -296,7 +296,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--workdir", default=os.path.join(cache_dir(), "bench"), help="where the random weights are kept")
     p.add_argument("--json", default=None, help="write the figures here, updated as each run ends")
-    p.add_argument("--table", nargs="+", metavar="JSON", help="print the README table from saved --json files")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print the bench/README.md table from saved --json files")
     args = p.parse_args(argv)
     if args.table:
         return print_readme_table(args.table)

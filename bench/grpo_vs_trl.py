@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ROOT, full_length, load_plain_model, make_trl_grpo_trainer, median, patched,  # noqa: E402
                     prepare_demo_data, print_table, read_metrics, timed, train_trl_timed, trl_grpo_dataset)
 
-from tiny import resolve_model_path  # noqa: E402
+from pathvlm.tiny import resolve_model_path  # noqa: E402
 
 NUM_PROMPTS, GROUP_SIZE, MAX_NEW_TOKENS = 4, 4, 32
 LR, BETA, LOSS_TYPE = 1e-5, 0.04, "grpo"

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ROOT, load_plain_model, lora_config, median, patched, prepare_demo_data,  # noqa: E402
                     print_table, read_metrics, step_end_callback, trl_sft_dataset)
 
-from tiny import resolve_model_path  # noqa: E402
+from pathvlm.tiny import resolve_model_path  # noqa: E402
 
 BATCH_SIZE = 8
 LR = 2e-4

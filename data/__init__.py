@@ -1,1 +1,2 @@
-"""Dataset preparation: one folder per dataset, each with a prepare.py that writes mcq records as JSONL."""
+"""Dataset preparation: one folder per dataset, each with a prepare.py that writes records
+(pathvlm/records.py) as JSONL."""

@@ -1,7 +1,7 @@
 """What the data/<name>/prepare.py scripts share: stopping with a clear message when an input is missing or
 malformed, reading images only from inside the dataset and copying only those that decode, mapping an answer
 text to its letter, and a report that keeps items left out on purpose ("filtered") apart from broken ones
-("skipped", by mcq.SplitWriter) and says when a split comes out empty."""
+("skipped", by records.SplitWriter) and says when a split comes out empty."""
 
 import argparse
 import hashlib
@@ -11,8 +11,8 @@ import os
 import sys
 from collections import Counter
 
-from images import image_problem
-from mcq import LETTERS, SplitWriter
+from pathvlm.images import image_problem
+from pathvlm.records import LETTERS, SplitWriter
 
 NOT_AN_OPTION = "answer not among the options"
 SEVERAL_OPTIONS = "answer matches several identical options"

@@ -50,7 +50,7 @@ def hub_model():
     """The tiny model as a real-shaped checkpoint: saved into the offline hub cache in the layout
     huggingface_hub resolves (models--<org>--<name>/refs/main -> snapshots/<revision>/), under an
     org/name id, with the real checkpoint's generation settings. Load it by that id, as the 7B is."""
-    from tiny import resolve_model_path
+    from pathvlm.tiny import resolve_model_path
 
     repo = os.path.join(HUB_CACHE, "models--" + HUB_ID.replace("/", "--"))
     revision = "0" * 40

@@ -22,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import eval as eval_script  # noqa: E402
-from inputs import InputError  # noqa: E402
+from pathvlm.inputs import InputError  # noqa: E402
 import rewards  # noqa: E402
 import train_grpo  # noqa: E402
 import train_sft  # noqa: E402

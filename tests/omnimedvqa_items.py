@@ -1,5 +1,5 @@
 """Three items of each of Table IV's four OmniMedVQA sets in the release's layout (QA_information/Open-access/
-<set>.json, Images/<set>/<n>.png), images of noise: reproduce.py --dry-run prepares them with the real preparer.
+<set>.json, Images/<set>/<n>.png), images of noise: tools/reproduce.py --dry-run prepares them with the real preparer.
 
     python tests/omnimedvqa_items.py runs/omnimedvqa   # then: python data/omnimedvqa/prepare.py --root runs/omnimedvqa
 """

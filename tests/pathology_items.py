@@ -6,7 +6,7 @@ check them, which is what the audit's swapped_image row shows for such data.
     python tests/pathology_items.py runs/pathology      # -> data.json + images.zip, then:
     python data/pathmmu/prepare.py --data-json runs/pathology/data.json --images runs/pathology/images.zip \\
         --subsets PubMed --out runs/pathology/prepared --sft-size 2 --rl-size 6
-    python audit_judge.py configs/grpo.yaml judge=rule data=runs/pathology/prepared/rl.jsonl
+    python tools/audit_judge.py configs/grpo.yaml judge=rule data=runs/pathology/prepared/rl.jsonl
 """
 
 import hashlib

@@ -1,4 +1,4 @@
-"""ablate.py on the tiny model: variants x seeds run the real scripts (the demo's configs, and the 7B's on
+"""tools/ablate.py on the tiny model: variants x seeds run the real scripts (the demo's configs, and the 7B's on
 PathMMU-format fixtures), share the SFT model, skip what is finished, and the table holds every column it
 promises, the primary set's test and a column per other set; a mistake in the YAML stops it, named."""
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from ablate import check_variants, main, power_table, read_ablation, run_variant, slug, table
+from tools.ablate import check_variants, main, power_table, read_ablation, run_variant, slug, table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def test_ablation_runs_variants_shares_sft_and_skips_what_is_done(demo_data, tmp
     path, out = tmp_path / "ablate.yaml", tmp_path / "out"
     path.write_text(yaml.safe_dump(spec, allow_unicode=True))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "ablate.py", str(path), "--seeds", "0", "--out", str(out)]
+    command = [sys.executable, "tools/ablate.py", str(path), "--seeds", "0", "--out", str(out)]
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     launched = [line for line in first.stdout.splitlines() if line.startswith("$ python")]
@@ -72,7 +72,7 @@ def test_ablation_of_pathmmu_configs_tests_the_primary_set_and_lists_the_others(
     path, out = tmp_path / "ablate.yaml", tmp_path / "out"
     path.write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "ablate.py", str(path), "--seeds", "0", "--out", str(out)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "tools/ablate.py", str(path), "--seeds", "0", "--out", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     launched = [line for line in done.stdout.splitlines() if line.startswith("$ python")]
@@ -137,7 +137,8 @@ def test_the_table_tests_the_primary_set_only(tmp_path, monkeypatch):
 @pytest.mark.parametrize("spec, message", [
     ({"primary_sett": "demo"}, "unknown key 'primary_sett' (did you mean 'primary_set'?)"),
     ({"defaults": {"evall": {}}}, "defaults: unknown script 'evall' (did you mean 'eval'?)"),
-    ({"defaults": {"grpo": {"model": "tiny"}}}, "'model' is set by ablate.py for each run (the base model is the SFT"),
+    ({"defaults": {"grpo": {"model": "tiny"}}},
+     "'model' is set by tools/ablate.py for each run (the base model is the SFT"),
     ({"defaults": {"sft": {"max_step": 2}}}, "unknown config key 'max_step' (did you mean 'max_steps'?)"),
     ({"primary_set": "dem"}, "no set 'dem' in configs/demo_eval.yaml's sets (demo) (did you mean 'demo'?)"),
     ({"grpo": "configs/grpo.yml"}, "grpo: 'configs/grpo.yml' is not a config file"),
@@ -172,9 +173,8 @@ import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from evaluation import mcnemar  # noqa: E402
-from stats import (holm, rejection_rate, seed_item_p, seed_item_test, seeds_needed, t_quantile,  # noqa: E402
-                   t_two_sided_p)
+from tools.stats import (holm, mcnemar, rejection_rate, seed_item_p, seed_item_test,  # noqa: E402
+                         seeds_needed, t_quantile, t_two_sided_p)
 
 
 def test_t_distribution_matches_printed_tables():
@@ -208,7 +208,7 @@ def test_holm_steps_down_and_skips_untested():
     assert holm([0.5, 0.9]) == [1.0, 1.0]
 
 
-def pooled_mcnemar(base, variant):  # what ablate.py did: every (seed, item) pair as an independent one
+def pooled_mcnemar(base, variant):  # what tools/ablate.py did: every (seed, item) pair as an independent one
     return mcnemar(base.ravel().tolist(), variant.ravel().tolist()).p_exact
 
 
@@ -218,7 +218,7 @@ def paired_t_over_seeds(base, variant):  # seed_item_test without its item term
 
 
 def test_false_positives_and_power_on_simulated_ablations():
-    """stats.simulate as the README's run: seed sd 4 points, 80% of it shared through the SFT model, 300 items.
+    """stats.simulate as docs/ablations.md's run: seed sd 4 points, 80% of it shared through the SFT model, 300 items.
     300 simulated ablations per figure: a true 5% reads below 8.5% (3 sd of 1.3%)."""
     demo = {"items": 300, "seed_sd": 4}
     for seeds in (3, 10):

@@ -1,4 +1,4 @@
-"""audit_judge.py: the probe set as built from real demo records, the audit end to end with judge=rule (and a
+"""tools/audit_judge.py: the probe set as built from real demo records, the audit end to end with judge=rule (and a
 second rule judge to agree with), judge=api against a real OpenAI-compatible server on loopback with scripted
 replies, and the command line on a prepared PathMMU fixture. The rule judge's verdicts are not asserted here
 (tests/test_rewards.py owns them): only what the audit does with whatever the judge says."""
@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-import audit_judge
-from audit_judge import CASES, main, probes
+from tools import audit_judge
+from tools.audit_judge import CASES, main, probes
 from data.pathmmu import prepare as pathmmu
-from mcq import load_split
+from pathvlm.records import load_split
 from rewards import process_request
 from test_data_real import build_mmu_files
 from test_rewards import API_KEY, API_KEY_ENV, GOOD_REPLY, ChatHandler, running_server
@@ -172,7 +172,7 @@ def test_api_audit_plumbing(demo_data, tmp_path, monkeypatch):
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "audit_judge.py", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "tools/audit_judge.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -227,7 +227,7 @@ def test_rule_judge_on_pathology_reasoning_in_pathmmu_format(tmp_path):
 
 if __name__ == "__main__":
     # PYTHONPATH=. python tests/test_audit_judge.py <rl.jsonl>: the audit of an API judge on a loopback server whose scripted
-    # judge gives GOOD_REPLY, and full marks to any reasoning that asks for them (the README's plumbing table)
+    # judge gives GOOD_REPLY, and full marks to any reasoning that asks for them (docs/judges.md's plumbing table)
     import tempfile
 
     os.environ[API_KEY_ENV] = API_KEY

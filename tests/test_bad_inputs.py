@@ -1,5 +1,5 @@
 """Bad inputs, each tried for real. What the user sees is a clear error naming the input, or a skip that is
-counted where the user looks: never a traceback, never a silent drop. The README's table is this module's
+counted where the user looks: never a traceback, never a silent drop. The table in docs/bad-inputs.md is this module's
 output, with the messages the cases actually produced:
 
     python tests/test_bad_inputs.py --table
@@ -345,7 +345,7 @@ def run_script(script: str, argv: list[str]) -> Result:
 def run_judge(settings: dict, ws: str) -> Result:
     """The process reward of one well-formed, right completion, as train_grpo scores it -> the reward and the
     judge's counters that moved. An InputError is printed as the scripts print it."""
-    from inputs import InputError
+    from pathvlm.inputs import InputError
     from rewards import process_reward
 
     settings = dict(settings)
@@ -413,7 +413,7 @@ def run_cases(ws: str) -> dict[str, Result]:
             proc.kill()  # a no-op for those that have exited; one that timed out does not outlive the test
         os.chdir(cwd)
         os.environ.pop(API_KEY_ENV, None)
-    for result in results.values():  # what is machine-specific, as the README shows it
+    for result in results.values():  # what is machine-specific, as docs/bad-inputs.md shows it
         for path, placeholder in [(os.path.realpath(ws), "<tmp>"), (ws, "<tmp>"), (HUB_CACHE, "<hub-cache>")]:
             result.output = result.output.replace(path, placeholder)
         result.output = re.sub(r"http://127\.0\.0\.1:\d+", "<loopback>", result.output)

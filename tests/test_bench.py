@@ -39,7 +39,7 @@ def test_gpu_grpo_tiny_prints_and_saves_the_figures(tmp_path):
     assert figure(out, "peak memory, process RSS (GiB)") > 0
     assert re.search(r"^SFT step .* = [0-9.]+$", out, re.MULTILINE)
 
-    # the saved figures are the printed ones, and --table turns them into README rows
+    # the saved figures are the printed ones, and --table turns them into bench/README.md rows
     figures = json.loads(saved.read_text())
     assert set(figures["runs"]) == {"ours", "sft"} and len(figures["runs"]["ours"]["steps"]) == 2
     assert f"{figures['runs']['ours']['steps'][1]['step_s']:.4g}" in out
@@ -62,7 +62,7 @@ def test_bench_architectures_have_the_real_parameter_counts(arch, parameters):
     from gpu_grpo import arch_config
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from tiny import build_tiny_tokenizer
+    from pathvlm.tiny import build_tiny_tokenizer
 
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(arch_config(arch, build_tiny_tokenizer()))

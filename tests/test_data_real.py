@@ -2,7 +2,7 @@
 PathMMU's data.json + images.zip, OmniMedVQA's QA_information/Open-access/*.json + Images/ (or the zip),
 PathVQA's parquet shards (yes/no and open questions, prepared by --kind). Each fixture holds one broken record
 of every kind; the tests check exact counts, the report's skipped ids and reasons, and that the output loads
-with mcq.load_split and datasets. Then: no image in two splits (PathMMU's deal, the demo's patches), and bad
+with records.load_split and datasets. Then: no image in two splits (PathMMU's deal, the demo's patches), and bad
 inputs run as real commands, each stopping with a message that names the file."""
 
 import hashlib
@@ -24,7 +24,7 @@ from PIL import Image
 from data.omnimedvqa import prepare as omnimedvqa
 from data.pathmmu import prepare as pathmmu
 from data.pathvqa import prepare as pathvqa
-from mcq import LETTERS, load_split
+from pathvlm.records import LETTERS, load_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +44,7 @@ def skipped_reasons(report: dict) -> dict:
 
 
 def load_everywhere(out_dir: str, splits: list[str], cache_dir) -> dict:
-    """Each split through mcq.load_split and datasets.load_dataset('json'); they must agree."""
+    """Each split through records.load_split and datasets.load_dataset('json'); they must agree."""
     import datasets
 
     files = {split: os.path.join(out_dir, f"{split}.jsonl") for split in splits}
@@ -478,7 +478,7 @@ def test_pathvqa_all_keeps_both_kinds_in_one_split(pathvqa_dir, tmp_path, capsys
     saved = json.loads((out / "report-test_all.json").read_text())
     assert saved["kinds"] == report["kinds"] and saved["skipped_records"] == report["skipped_records"]
     assert "kinds kept in test_all: closed 5, open 4 (--kind all)" in capsys.readouterr().out
-    # Mixed options ([] beside ["yes", "no"]) read alike by mcq.load_split and datasets; ids follow the rows
+    # Mixed options ([] beside ["yes", "no"]) read alike by records.load_split and datasets; ids follow the rows
     records = load_everywhere(str(out), ["test_all"], tmp_path / "cache")["test_all"]
     assert {r.id: r.answer for r in records} == {**CLOSED_ANSWERS, **OPEN_ANSWERS}
     assert [r.id for r in records] == sorted(r.id for r in records)  # the rows' order

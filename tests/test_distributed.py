@@ -200,7 +200,7 @@ CACHE_WRITER = """
 import json, os, sys
 sys.path.insert(0, {root!r})
 os.environ["CACHE_TEST_KEY"] = "k"
-from judges import APIJudge
+from pathvlm.judges import APIJudge
 judge = APIJudge("m", api_key_env="CACHE_TEST_KEY", cache_dir={cache!r})
 for i in range(300):
     key = f"shared-{{i % 20}}"  # every process writes the same 20 keys, over and over

@@ -9,12 +9,14 @@ import socket
 
 import pytest
 
-import report
-from eval import REASONING_KEYS, REASONING_RUBRIC, reasoning_request, run
-from evaluation import load_sets, score
-from judges import JudgeDown, make_judge, parse_scores
-from mcq import Record
-from rule_judge import rule_reasoning_scores
+from tools import report
+from eval import run
+from pathvlm.reasoning import REASONING_KEYS, REASONING_RUBRIC, reasoning_request
+from pathvlm.evaluation import load_sets, score
+from pathvlm.judges import make_judge
+from pathvlm.verdicts import JudgeDown, parse_scores
+from pathvlm.records import Record
+from pathvlm.rule_judge import rule_reasoning_scores
 from test_eval import data, eval_cfg, one_thread, read_lines, tiny  # noqa: F401  (fixtures)
 from test_rewards import API_KEY, API_KEY_ENV, GOOD_REPLY, ChatHandler, running_server
 from test_rewards import server  # noqa: F401  (fixture; it resets this module's chat_server)
@@ -254,7 +256,7 @@ def test_a_dead_judge_stops_eval_with_the_url_and_the_last_error(tiny, data, ser
 def test_reasoning_checks_need_no_judge():
     """evaluation.set_metrics with the records: whether the reasoning leads to its answer, and (image_facts)
     whether it states the image rightly; computed from the saved completions, so resumed runs have them."""
-    from evaluation import set_metrics
+    from pathvlm.evaluation import set_metrics
 
     brown = Record(id="b", image="b.png", question="Which stain dominates this patch?", options=OPTIONS, answer="A",
                    image_facts={"stain": "brown", "dab": 0.07, "hematoxylin": 0.01})

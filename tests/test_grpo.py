@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo import equal_reward_groups, group_advantages, grpo_loss
+from pathvlm.grpo import equal_reward_groups, group_advantages, grpo_loss, step_normalisers
 
 
 def test_group_advantages_by_hand():
@@ -92,3 +92,50 @@ def test_groups_not_counted_take_no_part_in_the_batch_std():
     assert torch.allclose(together[:8], alone) and torch.equal(together[8:], torch.zeros(24))
     uncorrected = group_advantages(rewards, 4, "batch")[:8]
     assert uncorrected.abs().max() / alone.abs().max() == pytest.approx(0.5345 / 0.3360, rel=1e-3)  # std 8 vs 32 rows
+
+
+def test_step_normalisers_by_hand():
+    counted = torch.tensor([True, True, False, False])  # the last group is dynamic sampling's filler
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]])  # 3 counted-or-not tokens + 3 + 0
+    assert step_normalisers("grpo", counted, mask) == (2.0, 6.0, 6.0)
+    # a second process with 3 counted rows and 4 tokens: S and K count both; bnpo keeps this process's
+    # 6 tokens, times 2 processes (the mean over processes of each one's token mean)
+    other = {2.0: 3.0, 6.0: 4.0}
+    total = lambda x: float(x) + other[float(x)]  # noqa: E731  (what Processes.sum does with two)
+    assert step_normalisers("dapo", counted, mask, total, 2) == (5.0, 10.0, 10.0)
+    assert step_normalisers("bnpo", counted, mask, total, 2) == (5.0, 12.0, 10.0)
+    # nothing to count: 1, never a division by zero
+    assert step_normalisers("grpo", torch.zeros(2, dtype=torch.bool), torch.zeros(2, 3)) == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_micro_batches_and_processes_add_up_to_one_pass(loss_type):
+    """What train_grpo.update_policy relies on: with step_normalisers' S and K, the losses of any split of
+    the step into micro-batches, on any number of processes, add up to the loss of one pass over it (bnpo:
+    to the mean over processes of each process's one-pass loss)."""
+    torch.manual_seed(0)
+    n, t = 8, 5
+    logp = -torch.rand(n, t)
+    old_logp, ref_logp = logp + 0.1 * torch.randn(n, t), logp + 0.1 * torch.randn(n, t)
+    advantages, mask = torch.randn(n), (torch.rand(n, t) > 0.3).long()
+    kw = dict(kl_coef=0.1, loss_type=loss_type, max_completion_len=t)
+
+    def loss(rows, **normalisers):
+        return grpo_loss(logp[rows], old_logp[rows], ref_logp[rows], advantages[rows], mask[rows], **kw,
+                         **normalisers)[0]
+
+    whole = loss(slice(0, n))
+    counted = torch.ones(n, dtype=torch.bool)
+    s, k, _ = step_normalisers(loss_type, counted, mask)
+    assert torch.allclose(loss(slice(0, 3), num_sequences=s, num_tokens=k)
+                          + loss(slice(3, n), num_sequences=s, num_tokens=k), whole, atol=1e-6)
+    halves = [slice(0, 4), slice(4, n)]  # two processes, each with its half of the rows
+    parts = []
+    for mine, theirs in (halves, halves[::-1]):
+        seen = {float(counted[mine].sum()): float(counted[theirs].sum()),  # this process's count -> the other's
+                float(mask[mine].sum()): float(mask[theirs].sum())}
+        total = lambda x: float(x) + seen[float(x)]  # noqa: E731
+        s, k, _ = step_normalisers(loss_type, counted[mine], mask[mine], total, 2)
+        parts.append(loss(mine, num_sequences=s, num_tokens=k))
+    expected = (loss(halves[0]) + loss(halves[1])) / 2 if loss_type == "bnpo" else whole
+    assert torch.allclose(parts[0] + parts[1], expected, atol=1e-6)

@@ -10,9 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from config import ConfigError, EvalConfig, load_config, parse_args
-from eval import format_table, run
-from evaluation import BLANK_RGB, control_sets, derangement, evaluate, load_sets
+from pathvlm.config import ConfigError, EvalConfig, load_config, parse_args
+from eval import run
+from pathvlm.evaluation import format_table
+from pathvlm.evaluation import BLANK_RGB, control_sets, derangement, evaluate, load_sets
 from test_eval import one_thread, read_lines, tiny  # noqa: F401  (fixtures, as test_eval_judge takes them)
 
 OPTIONS = ["brown", "blue", "mixed"]

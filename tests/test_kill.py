@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
+from pathvlm import checkpoint
 from test_train_grpo import LENGTH_REWARD, grpo_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +72,7 @@ def args_for(loop: str, demo_data: str, out: str) -> list[str]:
 def command(loop: str, argv: list[str], fault: str | None = None) -> list[str]:
     """`loop`.main(argv) in a new Python process, with the length reward that gives an untrained tiny
     model's groups a reward spread (see test_train_grpo.py)."""
-    script = (f"import os, signal, sys, time, checkpoint, rewards, {loop}\n"
+    script = (f"import os, signal, sys, time, rewards, {loop}\nfrom pathvlm import checkpoint\n"
               f"rewards.REWARDS['length'] = {LENGTH_REWARD}\n"
               f"{FAULTS[fault] if fault else ''}\n"
               f"{loop}.main(sys.argv[1:])\n")
@@ -124,7 +124,7 @@ def start():
 def uninterrupted(demo_data, tmp_path_factory):
     """uninterrupted(loop): the output dir of that loop's uninterrupted run, once it has finished. Both
     loops' runs start at once in the background, and the tests share them."""
-    from tiny import resolve_model_path
+    from pathvlm.tiny import resolve_model_path
 
     resolve_model_path("tiny")  # built here once, not by each process
     root = str(tmp_path_factory.mktemp("uninterrupted"))
@@ -208,7 +208,8 @@ def test_kill_9_while_a_finished_run_saves_its_last_checkpoint_again(tmp_path):
     be deleted in place: killed midway, a half-deleted step_N would be the newest for resume=auto."""
     out = str(tmp_path)
     script = f"""
-import os, signal, torch, checkpoint
+import os, signal, torch
+from pathvlm import checkpoint
 model = torch.nn.Linear(2, 2)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 for step in (2, 4):

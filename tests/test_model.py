@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from config import ModelConfig
-from mcq import Record, prompt_messages
-from model import LORA_TARGET, completion_mask, encode_prompts, generate, load_model, load_processor
-from tiny import build_tiny_model, resolve_model_path
+from pathvlm.config import ModelConfig
+from pathvlm.records import Record, prompt_messages
+from pathvlm.model import LORA_TARGET, load_model, load_processor
+from pathvlm.generation import completion_mask, encode_prompts, generate
+from pathvlm.tiny import build_tiny_model, resolve_model_path
 
 RECORD = Record("r", "a.png", "Which stain dominates this patch?", ["brown", "blue", "mixed"], "A")
 
@@ -117,8 +118,8 @@ def test_unsloth_backend_without_gpu_is_one_clear_error():
 
 
 def test_group_generation_with_shared_prefill_matches_plain_generate():
-    from model import generation_config, image_features
-    from rollout import generate_groups
+    from pathvlm.generation import generation_config, image_features
+    from pathvlm.rollout import generate_groups
 
     model, processor = load_model(ModelConfig(), trainable=False)
     model.eval()

@@ -1,4 +1,4 @@
-"""A split that mixes open questions with multiple choice, written as the preparers write one (mcq.SplitWriter,
+"""A split that mixes open questions with multiple choice, written as the preparers write one (records.SplitWriter,
 PNG patches of a real IHC image): inputs.check_split and check_inputs accept it and say how many records of each
 kind every split holds, and an open record without its reference answer stops the run, named."""
 
@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from skimage.data import immunohistochemistry
 
-from config import EvalConfig, SFTConfig
-from inputs import BadInput, check_inputs, check_split
-from mcq import Record, SplitWriter, load_split
+from pathvlm.config import EvalConfig, SFTConfig
+from pathvlm.inputs import BadInput, check_inputs, check_split
+from pathvlm.records import Record, SplitWriter, load_split
 
 ITEMS = [  # (question, options, answer, alternatives): two closed, then three open
     ("Which stain dominates?", ["brown", "blue", "mixed"], "B", []),

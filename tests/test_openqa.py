@@ -9,13 +9,14 @@ import os
 import pytest
 
 import eval as eval_script
-import openqa
+from pathvlm import openqa
 import train_grpo
 import train_sft
-from evaluation import kind_metrics, score
-from mcq import Record, is_correct, is_well_formed, parse_open_answer, prompt_messages, target_text
+from pathvlm.evaluation import kind_metrics, score
+from pathvlm.records import Record, prompt_messages, target_text
+from pathvlm.answers import is_correct, is_well_formed, parse_open_answer
 from rewards import EQUIVALENCE_RUBRIC, open_answer_reward_scores, process_request, process_reward, score_completions
-from rule_judge import RuleJudge
+from pathvlm.rule_judge import RuleJudge
 from test_rewards import API_KEY, API_KEY_ENV, ChatHandler, api_judge, running_server
 
 GRANULOMA = Record("pv-1", "x.png", "What is present?", [], "granulomas")
@@ -200,7 +201,7 @@ def test_api_judge_failures_are_counted_not_credited(equivalence_server, tmp_pat
     rewards = open_answer_reward_scores("judged", [answer("granulomatous inflammation")] * 2, [GRANULOMA] * 2,
                                         judge, [image] * 2)
     assert rewards == [0.0, 0.0]
-    assert judge.stats.fallbacks == 2 and list(judge.stats.recent) == [False, False]  # judges.judge_down reads it
+    assert judge.stats.fallbacks == 2 and list(judge.stats.recent) == [False, False]  # verdicts.judge_down reads it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,8 +263,7 @@ def test_open_demo_sft_grpo_eval(open_demo, tmp_path, capsys):
     assert "(closed 0, open 6)" in printed and "exact %" in printed and "judged %" in printed
     line = json.loads(open(f"{tmp_path}/eval/predictions.jsonl").readline())
     assert line["kind"] == "open" and "f1" in line and line["gold_text"] == openqa.normalise(line["gold"])
-    import report
-
+    from tools import report
     markdown = open(report.write_report([f"{tmp_path}/eval"], str(tmp_path / "report"))).read()
     table = markdown[markdown.index("## Open questions"):].splitlines()
     row = next(line for line in table if line.startswith("| eval | demo_open |"))
@@ -271,15 +271,15 @@ def test_open_demo_sft_grpo_eval(open_demo, tmp_path, capsys):
 
 
 def test_the_judge_audit_names_open_questions_it_cannot_perturb(open_demo):
-    import audit_judge
-    from inputs import BadInput
+    from tools import audit_judge
+    from pathvlm.inputs import BadInput
 
     with pytest.raises(BadInput, match=r"12 open questions.*perturbations need options"):
         audit_judge.main(["configs/demo_open_grpo.yaml", "judge=rule", f"data={open_demo}/rl.jsonl"])
 
 
 def test_a_judged_open_reward_needs_a_judge():
-    from config import ConfigError, GRPOConfig, load_config
+    from pathvlm.config import ConfigError, GRPOConfig, load_config
 
     with pytest.raises(ConfigError, match="open_answer_reward=judged needs a judge"):
         load_config(GRPOConfig, "configs/demo_open_grpo.yaml", ["open_answer_reward=judged", "judge=none"])

@@ -10,14 +10,15 @@ import torch
 from PIL import Image
 
 import eval as eval_script
-import rollout
+from pathvlm import rollout
 import train_grpo
 import train_sft
-from config import GRPOConfig, ModelConfig
-from mcq import image_path, load_split, prompt_messages
-from model import (completion_mask, encode_prompts, generate, image_features, load_model, special_token_ids,
-                   stop_token_ids)
-from rollout import generate_groups
+from pathvlm.config import GRPOConfig, ModelConfig
+from pathvlm.records import image_path, load_split, prompt_messages
+from pathvlm.model import load_model
+from pathvlm.generation import (completion_mask, encode_prompts, generate, image_features, special_token_ids,
+                                stop_token_ids)
+from pathvlm.rollout import generate_groups
 
 
 def prompts(demo_data, processor, n=2, split="rl"):
@@ -124,8 +125,8 @@ def test_device_auto_refuses_a_7b_on_the_cpu(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     from gpu_grpo import arch_config
 
-    from model import estimate_params, pick_device
-    from tiny import build_tiny_tokenizer
+    from pathvlm.model import estimate_params, pick_device
+    from pathvlm.tiny import build_tiny_tokenizer
 
     arch_config("7b", build_tiny_tokenizer()).save_pretrained(tmp_path)  # config.json only: no weights
     assert 0.9 < estimate_params(str(tmp_path)) / 8_292_166_656 < 1.1

@@ -1,4 +1,4 @@
-"""reproduce.py --dry-run end to end, as a real process: the fixtures prepared by the real preparers, every row's
+"""tools/reproduce.py --dry-run end to end, as a real process: the fixtures prepared by the real preparers, every row's
 stages run by their scripts on the tiny model, the report beside the paper's numbers; run again, every stage is
 skipped and the report is the same. Then what the report rests on: the interval and the flag on known numbers,
 the settings check, each stage's provenance, --rows, and bad input without a traceback. ~1.5 min on 2 CPU cores."""
@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-import reproduce
-from paper import beside_paper, paper_number
-from provenance import answer_code, eval_settings, file_sha256, settings_warnings, weights_fingerprint
+from tools import reproduce
+from tools.paper import beside_paper, paper_number
+from pathvlm.provenance import answer_code, eval_settings, file_sha256, settings_warnings, weights_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # 13 processes one after another: each alone on the cores
@@ -22,8 +22,8 @@ STAGES = [f"{letter} {kind}" for letter in ("base", "α", "β", "γ", "δ", "ε"
 
 
 def reproduce_command(out, *args, timeout=600):
-    return subprocess.run([sys.executable, "reproduce.py", "--dry-run", "--out", str(out), *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "tools/reproduce.py", "--dry-run", "--out", str(out), *args], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +134,7 @@ def test_settings_that_differ_between_runs_are_warned_of():
 
 
 def test_report_py_labels_tiny_rows_and_warns_of_other_settings(dry_run, tmp_path):
-    import report
-
+    from tools import report
     out = dry_run[0]
     other = tmp_path / "alpha-eval"
     shutil.copytree(out / "alpha" / "eval", other)
@@ -201,7 +200,7 @@ def test_what_would_stop_a_stage_stops_the_plan_first(tmp_path, monkeypatch):
     (["--size", "13b"], "argument --size: invalid choice: '13b'"),
 ])
 def test_bad_arguments_stop_with_one_message(args, message, tmp_path):
-    done = subprocess.run([sys.executable, "reproduce.py", *args, "--out", str(tmp_path / "out")], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "tools/reproduce.py", *args, "--out", str(tmp_path / "out")], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()

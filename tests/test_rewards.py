@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from judges import JudgeRequest, judge_down, make_judge, parse_scores
-from rule_judge import rule_scores
-from mcq import Record
+from pathvlm.judges import make_judge
+from pathvlm.verdicts import JudgeRequest, judge_down, parse_scores
+from pathvlm.rule_judge import rule_scores
+from pathvlm.records import Record
 from rewards import (PROCESS_KEYS, PROCESS_RUBRIC, REWARDS, accuracy_reward, format_reward, process_reward,
                      score_completions)
 
@@ -486,8 +487,8 @@ def test_make_judge_unknown_kind():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from config import ModelConfig
-    from model import load_model
+    from pathvlm.config import ModelConfig
+    from pathvlm.model import load_model
 
     return load_model(ModelConfig())
 

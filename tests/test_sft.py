@@ -15,12 +15,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from config import ModelConfig, SFTConfig
-from mcq import load_split, target_text
-from model import load_model
+from pathvlm.config import ModelConfig, SFTConfig
+from pathvlm.records import load_split, target_text
+from pathvlm.model import load_model
 import train_sft
-import training
-
+from pathvlm import training
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -63,9 +62,9 @@ def test_adapter_reloads_identically(demo_data, tmp_path):
     run(demo_data, out, "max_steps=3", "lr=1e-2", "warmup_steps=0", "finetune=lora", "eval_every=100")
     # the adapter loads in plain transformers + peft, and gives the trained model's logits
     from transformers import Qwen2_5_VLForConditionalGeneration
-    from model import encode_prompts
-    from tiny import resolve_model_path
-    from mcq import image_path, prompt_messages
+    from pathvlm.generation import encode_prompts
+    from pathvlm.tiny import resolve_model_path
+    from pathvlm.records import image_path, prompt_messages
     from PIL import Image
 
     ours, processor = load_model(SFTConfig(model="tiny"), adapter=out, trainable=False)
@@ -139,23 +138,40 @@ def test_sigterm_finishes_the_step_then_resumes_exactly(demo_data, tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # exact, not approximately
 
 
-def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back():
-    import checkpoint
-
+def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back(tmp_path):
+    from pathvlm import checkpoint
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    stop = checkpoint.StopAfterStep()
+    stop = checkpoint.StopAfterStep(str(tmp_path))
     try:
         os.kill(os.getpid(), signal.SIGINT)
         deadline = time.monotonic() + 5
         while stop.requested is None and time.monotonic() < deadline:
             time.sleep(0.01)  # the handler runs in this thread between two bytecodes
         assert stop.requested == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit, match="stopped at once: the step in progress is lost; no checkpoint was saved"):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
     finally:
         stop.restore()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_signal_landing_during_the_stop_collective_waits_for_the_next_step(tmp_path):
+    """The processes agree to stop by one collective; a signal whose handler runs as that call returns must
+    not send this process to save alone while the others, who answered no, go on to the next step (under
+    torchrun that was a collective mismatch and an abort)."""
+    from pathvlm import checkpoint
+
+    stop = checkpoint.StopAfterStep(str(tmp_path))
+    try:
+        def answered_no_then_signalled(flag):
+            stop.requested = "SIGTERM"
+            return False
+        stop.exit_if_requested(1, 10, save=lambda step: pytest.fail("saved alone"), anywhere=answered_no_then_signalled)
+        with pytest.raises(SystemExit, match="stopped by SIGTERM after step 2"):  # the next step's check stops
+            stop.exit_if_requested(2, 10, save=lambda step: "saved", anywhere=lambda flag: flag)
+    finally:
+        stop.restore()
 
 
 def test_4bit_qlora_path_trains(demo_data, tmp_path):
@@ -193,8 +209,8 @@ def test_merge_export_gives_the_adapter_model(demo_data, tmp_path):
     from PIL import Image
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from mcq import image_path, prompt_messages
-    from model import encode_prompts
+    from pathvlm.records import image_path, prompt_messages
+    from pathvlm.generation import encode_prompts
 
     out = str(tmp_path / "m")
     run(demo_data, out, "max_steps=2", "lr=1e-2", "warmup_steps=0", "finetune=lora", "eval_every=100",
@@ -212,7 +228,7 @@ def test_frozen_vision_tower_takes_no_part_in_backward(demo_data, tmp_path, monk
     """QLoRA SFT with gradient checkpointing, as configs/sft.yaml runs it: the hook that makes the
     inputs require grad (so the adapters get one) must not carry the backward pass into the vision
     tower. No vision block may produce an output that requires grad."""
-    from model import unwrap
+    from pathvlm.model import unwrap
 
     outputs_need_grad = []
 
@@ -235,10 +251,11 @@ def test_trained_vision_tower_travels_with_the_adapter(demo_data, tmp_path, monk
     from PIL import Image
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from config import GRPOConfig
-    from mcq import image_path, prompt_messages
-    from model import encode_prompts, image_features, unwrap
-    from tiny import resolve_model_path
+    from pathvlm.config import GRPOConfig
+    from pathvlm.records import image_path, prompt_messages
+    from pathvlm.model import unwrap
+    from pathvlm.generation import encode_prompts, image_features
+    from pathvlm.tiny import resolve_model_path
 
     trained = []
 
@@ -284,7 +301,7 @@ def test_merge_export_loads_its_copy_after_the_trained_model_is_freed(demo_data,
     optimizer must be gone by then, or a 24 GB GPU holds both and runs out of memory."""
     import weakref
 
-    from model import unwrap
+    from pathvlm.model import unwrap
 
     refs, alive_at_load = {}, []
 
@@ -316,7 +333,7 @@ def test_bf16_full_finetuning_updates_weights_like_fp32(demo_data, tmp_path):
     weights (forward under bf16 autocast) the step is the fp32 step, up to bf16 rounding of the gradients."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from tiny import resolve_model_path
+    from pathvlm.tiny import resolve_model_path
 
     init = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(resolve_model_path("tiny")).named_parameters())
 

@@ -10,7 +10,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import rewards
-import rollout
+from pathvlm import rollout
 import train_grpo
 import train_sft
 from test_rewards import ChatHandler, running_server
@@ -79,8 +79,8 @@ def test_step_moves_policy_not_reference(demo_data, sft_dir, tmp_path, length_re
 
 
 def test_reference_pass_leaves_policy_weights(demo_data, sft_dir):
-    from config import GRPOConfig
-    from model import load_model
+    from pathvlm.config import GRPOConfig
+    from pathvlm.model import load_model
 
     cfg = GRPOConfig(model="tiny", init_adapter=sft_dir)
     model, _ = load_model(cfg, adapter=sft_dir)
@@ -216,8 +216,8 @@ def tiny_rows(demo_data, model, processor, completions, group_size=2, uneven=Fal
     uneven: the last prompt gets a longer question and a 4x larger image, so the others are left-padded."""
     from PIL import Image
 
-    from mcq import image_path, load_split, prompt_messages
-    from model import encode_completions, encode_prompts, image_features
+    from pathvlm.records import image_path, load_split, prompt_messages
+    from pathvlm.generation import encode_completions, encode_prompts, image_features
 
     path = f"{demo_data}/rl.jsonl"
     records = load_split(path)[:len(completions) // group_size]
@@ -233,8 +233,8 @@ def tiny_rows(demo_data, model, processor, completions, group_size=2, uneven=Fal
 def test_rows_positions_equal_transformers_own(demo_data):
     """Rows builds M-RoPE positions from the prompts alone; they must equal what transformers
     computes for the whole prompt + completion sequences."""
-    from config import GRPOConfig
-    from model import load_model, unwrap
+    from pathvlm.config import GRPOConfig
+    from pathvlm.model import load_model, unwrap
 
     model, processor = load_model(GRPOConfig(model="tiny", reference="base"))
     rows = tiny_rows(demo_data, model, processor, ["<think>a</think>", "b", "<answer>A</answer>", "c c c"])
@@ -248,8 +248,8 @@ def test_rows_positions_equal_transformers_own(demo_data):
 
 
 def test_shared_prompt_logprobs_equal_full_pass(demo_data):
-    from config import GRPOConfig
-    from model import load_model
+    from pathvlm.config import GRPOConfig
+    from pathvlm.model import load_model
 
     cfg = GRPOConfig(model="tiny", reference="base", micro_batch_size=4, group_size=2, gradient_checkpointing=True)
     model, processor = load_model(cfg)
@@ -259,7 +259,7 @@ def test_shared_prompt_logprobs_equal_full_pass(demo_data):
     mask = rows.mask
     with torch.no_grad():
         full = torch.cat([rollout.completion_logprobs(model, **rows.part(i, 2)) for i in range(0, 6, 2)])
-    shared = train_grpo.logprobs_no_grad(model, rows, 4, cfg)  # micro-batches of 2 groups, then 1
+    shared = train_grpo.logprobs_no_grad(model, rows, cfg)  # micro_batch_size 4: 2 groups, then 1
     assert torch.allclose(full * mask, shared * mask, atol=1e-5)
 
 
@@ -267,8 +267,8 @@ def test_logprobs_leave_out_the_padding_columns(demo_data):
     """Prompts of different lengths (a larger image, a longer question) and completions of different
     lengths: each micro-batch leaves out the columns that are padding in all its rows, and its
     log-probs equal the full, padded pass, with and without prompt sharing."""
-    from config import GRPOConfig
-    from model import load_model
+    from pathvlm.config import GRPOConfig
+    from pathvlm.model import load_model
 
     model, processor = load_model(GRPOConfig(model="tiny", reference="base"))
     model.eval()
@@ -289,8 +289,8 @@ def test_logprobs_leave_out_the_padding_columns(demo_data):
 def test_shared_prompt_policy_pass_has_the_full_pass_gradients(demo_data, checkpointing):
     """The policy pass runs each prompt once for its group, under gradient checkpointing too (the
     layers replay in backward): the gradients equal those of the full pass over every row."""
-    from config import GRPOConfig
-    from model import load_model, unwrap
+    from pathvlm.config import GRPOConfig
+    from pathvlm.model import load_model, unwrap
 
     model, processor = load_model(GRPOConfig(model="tiny", reference="base", gradient_checkpointing=checkpointing))
     model.train()
@@ -313,8 +313,8 @@ def test_shared_prompt_policy_pass_has_the_full_pass_gradients(demo_data, checkp
 
 
 def test_lora_merged_sampling_restores_weights_exactly(sft_dir):
-    from config import GRPOConfig
-    from model import load_model
+    from pathvlm.config import GRPOConfig
+    from pathvlm.model import load_model
 
     model, _ = load_model(GRPOConfig(model="tiny", reference="base"), adapter=sft_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -381,8 +381,8 @@ def test_unequal_micro_batches_give_the_one_pass_step(demo_data, sft_dir, tmp_pa
 def test_a_group_of_eos_only_completions_is_scored(demo_data, checkpointing):
     """Every completion of a micro-batch is EOS alone (width 1): the shared-prompt pass equals the full
     pass, without and with gradients."""
-    from config import GRPOConfig
-    from model import load_model
+    from pathvlm.config import GRPOConfig
+    from pathvlm.model import load_model
 
     model, processor = load_model(GRPOConfig(model="tiny", reference="base", gradient_checkpointing=checkpointing))
     model.train()
@@ -399,7 +399,7 @@ def test_a_group_of_eos_only_completions_is_scored(demo_data, checkpointing):
 def test_a_non_finite_micro_batch_leaves_no_gradient_behind(demo_data, tmp_path, length_reward, monkeypatch):
     """The second of two micro-batches turns NaN after the first has run backward(): the step is
     skipped, and its first half's gradient must not wait in .grad to be added to the next update."""
-    from model import unwrap
+    from pathvlm.model import unwrap
 
     seen = {}
 
@@ -439,7 +439,7 @@ def test_kl_is_zero_at_the_first_step_after_sft_with_dropout(demo_data, tmp_path
 
 
 def test_grpo_refuses_what_would_make_its_numbers_meaningless():
-    from config import ConfigError, GRPOConfig, load_config
+    from pathvlm.config import ConfigError, GRPOConfig, load_config
 
     with pytest.raises(ConfigError, match="group_size' must be at least 2"):
         load_config(GRPOConfig, None, ["group_size=1", "reference=base"])
@@ -450,7 +450,7 @@ def test_grpo_refuses_what_would_make_its_numbers_meaningless():
 def test_16_bit_models_run_their_lora_layers_under_autocast(demo_data, tmp_path, length_reward, monkeypatch):
     """A bf16 base (as on a GPU) with fp32 LoRA weights: the adapters' matmuls must run in bf16, not
     on fp32 copies of their inputs. Checked on the CPU's bf16 autocast through one real GRPO step."""
-    from model import unwrap
+    from pathvlm.model import unwrap
 
     dtypes = set()
 
@@ -511,7 +511,7 @@ def test_dynamic_sampling_draws_until_groups_differ_and_resumes_exactly(demo_dat
     """All-equal rewards (format + accuracy on an untrained policy): every group is dropped, each step
     draws max_sampling_rounds rounds, goes on with filler groups, and says so. A length reward: no group
     is dropped. The data order moves by the rounds drawn, and resume is exact."""
-    from training import DataOrder
+    from pathvlm.training import DataOrder
 
     common = ["init_adapter=null", "reference=base", "dynamic_sampling=true", "max_sampling_rounds=3",
               "num_prompts=2", "max_steps=2", "sample_every=1"]
@@ -521,7 +521,7 @@ def test_dynamic_sampling_draws_until_groups_differ_and_resumes_exactly(demo_dat
     assert rows[0]["loss"] == 0.0  # filler groups carry no loss
     order = DataOrder(24, 0)
     first_rounds, second_step = order.next(6), order.next(2)  # step 1 drew 3 rounds of 2
-    from mcq import load_split
+    from pathvlm.records import load_split
     ids = [r.id for r in load_split(f"{demo_data}/rl.jsonl")]
     step2 = [json.loads(line)["id"] for line in open(os.path.join(out, "samples.jsonl")) if '"step": 2' in line]
     assert set(step2) <= {ids[i] for i in first_rounds + second_step} and set(step2) & {ids[i] for i in second_step}
@@ -538,7 +538,7 @@ def test_dynamic_sampling_draws_until_groups_differ_and_resumes_exactly(demo_dat
 
 def test_merge_for_sampling_auto_is_on_for_cpu_only():
     """auto: a GPU run keeps its memory (the exact restore copies every adapted layer); a 4-bit base never merges."""
-    from config import GRPOConfig
+    from pathvlm.config import GRPOConfig
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert rollout.merge_while_sampling(GRPOConfig(reference="base"), cpu)

@@ -41,12 +41,12 @@ from skimage.color import rgb2hed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from data.common import out_folder, write_report  # noqa: E402
-from mcq import Record, SplitWriter  # noqa: E402
+from pathvlm.records import Record, SplitWriter  # noqa: E402
 
 CLASSES = ["brown", "blue", "mixed"]
 QUESTION = "Which stain dominates this patch?"
 OPEN_QUESTION = "Which stain dominates this patch? Answer in one or two words."
-# other wordings of each class an open answer is credited for (mcq.Record.alternatives): the stain's name,
+# other wordings of each class an open answer is credited for (records.Record.alternatives): the stain's name,
 # its colour with it, and the words for a balance of the two
 ALTERNATIVES = {"brown": ["DAB", "DAB brown", "mostly brown"], "blue": ["hematoxylin", "mostly blue"],
                 "mixed": ["both", "brown and blue", "balanced", "both brown and blue"]}

@@ -30,11 +30,11 @@ import sys
 import zipfile
 from collections import Counter
 
-# Run as `python data/omnimedvqa/prepare.py` only this folder is on sys.path; add the repo root for mcq and data.
+# Run as `python data/omnimedvqa/prepare.py` only this folder is on sys.path; add the repo root for pathvlm and data.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from data.common import (answer_letter, answer_problem, copy_image, image_path_in, out_folder, outside,  # noqa: E402
                          outside_reason, parse_json, require, shape_error, short, write_report)
-from mcq import Record, SplitWriter, check_fields  # noqa: E402
+from pathvlm.records import Record, SplitWriter, check_fields  # noqa: E402
 
 # The set's file name in QA_information/Open-access -> the split it becomes.
 SETS = {"Chest CT Scan": "chest_ct", "ISIC2020": "isic2020", "Retinal OCT-C8": "oct_c8",

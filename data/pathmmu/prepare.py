@@ -35,11 +35,11 @@ import sys
 import zipfile
 from collections import Counter
 
-# Run as `python data/pathmmu/prepare.py` only this folder is on sys.path; add the repo root for mcq and data.
+# Run as `python data/pathmmu/prepare.py` only this folder is on sys.path; add the repo root for pathvlm and data.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from data.common import (answer_letter, answer_problem, copy_image, file_hash, image_path_in, out_folder,  # noqa: E402
                          outside, outside_reason, read_json, require, shape_error, short, write_report)
-from mcq import Record, SplitWriter, check_fields, check_record  # noqa: E402
+from pathvlm.records import Record, SplitWriter, check_fields, check_record  # noqa: E402
 
 PAPER_SUBSETS = ["PubMed", "EduContent"]
 SPLITS = ["sft", "rl", "test"]

@@ -41,11 +41,11 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# Run as `python data/pathvqa/prepare.py` only this folder is on sys.path; add the repo root for mcq and data.
+# Run as `python data/pathvqa/prepare.py` only this folder is on sys.path; add the repo root for pathvlm and data.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from data.common import image_path_in, out_folder, require, save_image, write_report  # noqa: E402
-from images import image_problem, open_image  # noqa: E402
-from mcq import Record, SplitWriter  # noqa: E402
+from pathvlm.images import image_problem, open_image  # noqa: E402
+from pathvlm.records import Record, SplitWriter  # noqa: E402
 
 OPTIONS = ["yes", "no"]
 KINDS = {"closed": ["closed"], "open": ["open"], "all": ["closed", "open"]}  # --kind -> the record kinds kept

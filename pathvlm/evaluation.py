@@ -1,0 +1,345 @@
+"""Greedy answers to test sets (multiple-choice and open questions, mixed or not) and their metrics: what
+eval.py reports, and what train_grpo.py's held-out curve measures; the image-reliance controls (blank and
+shuffled images); reading runs' JSONL files; each accuracy's Wilson interval. McNemar's test on paired
+answers is tools/stats.py's.
+Nothing here imports torch until a model is asked for answers.
+"""
+
+import json
+import os
+import random
+import time
+from dataclasses import replace
+
+import scipy.stats
+from PIL import Image
+
+from pathvlm import openqa
+from pathvlm.allowed import IMAGE_CONTROLS
+from pathvlm.images import open_image
+from pathvlm.answers import THINK_RE, is_well_formed, parse_answer, parse_open_answer
+from pathvlm.records import KINDS, LETTERS, Record, image_path, load_split, prompt_messages
+
+
+def load_sets(specs: list[str], limit: int = 0) -> dict[str, list[Record]]:
+    """["name=path.jsonl", ...] -> {name: records}, the first `limit` of each if limit > 0. Image
+    paths become absolute and are checked here, not hours into the run."""
+    if not specs:
+        raise ValueError("no test sets: give sets=[name=path.jsonl, ...]")
+    sets = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"test set must be given as name=path.jsonl, got '{spec}'")
+        if name.strip() in sets:
+            raise ValueError(f"test set '{name.strip()}' is given twice")
+        records = load_split(path.strip())  # its errors name the file (and line)
+        records = records[:limit] if limit > 0 else records
+        for r in records:
+            r.image = image_path(path.strip(), r)
+            if not os.path.isfile(r.image):
+                raise FileNotFoundError(f"{path.strip()}: image of '{r.id}' not found: {r.image}")
+        sets[name.strip()] = records
+    return sets
+
+
+# ----------------------------------------------------------------------------------------------
+# Image-reliance controls: the same questions with an image that carries no answer. A model that
+# reads the image falls to chance; one that answers from the text alone (option order, priors) does not.
+
+# Uniform mid-grey: no stain hue (R = G = B) and close to the processor's mean pixel (Qwen2.5-VL's
+# image_mean is 0.48, 0.46, 0.41), so the normalised input is near zero everywhere. White would be
+# glass, which a pathology patch shows where there is no tissue: the model may have learnt to read it.
+BLANK_RGB = (128, 128, 128)
+
+
+def control_name(set_name: str, control: str) -> str:
+    """The name a control's predictions carry in predictions.jsonl: "demo[blank]"."""
+    return f"{set_name}[{control}]"
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A random permutation p of range(n) with p[i] != i for every i (n >= 2): item i is shown item
+    p[i]'s image. Permutations are drawn until one has no fixed point: uniform over derangements, and
+    about e = 2.72 draws on average (a random permutation has none with probability ~1/e)."""
+    if n < 2:
+        raise ValueError(f"no derangement of {n} item(s): every item would keep its own image")
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        if all(order[i] != i for i in range(n)):
+            return order
+
+
+def blank_image(size: tuple[int, int], out_dir: str) -> str:
+    """out_dir/blank-WxH.png, a BLANK_RGB image of that size, written once and shared by every item
+    of that size. -> its path. Written to a temporary name and renamed, so processes that write it at
+    the same time never read half a file."""
+    path = os.path.join(out_dir, f"blank-{size[0]}x{size[1]}.png")
+    if not os.path.isfile(path):
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        Image.new("RGB", size, BLANK_RGB).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    return path
+
+
+def control_sets(full_sets: dict[str, list[Record]], controls: list[str], seed: int, blank_dir: str,
+                 limit: int = 0) -> tuple[dict[str, list[Record]], dict[str, str]]:
+    """The records of each control of each set, under control_name, with their image replaced:
+      blank:    by a BLANK_RGB image of the same size (blank_image, in blank_dir);
+      shuffled: by another item's of the same set, a derangement seeded by `seed`, its image_facts with it.
+    full_sets are whole sets (load_sets without a limit): an item is shown the same image whatever
+    `limit` a run (or its resume) takes, and the first `limit` items of each control are returned.
+    -> (control sets, {control name: why skipped}); shuffled skips a set of fewer than 2 items."""
+    out, skipped = {}, {}
+    for control in controls:
+        if control not in IMAGE_CONTROLS:
+            raise ValueError(f"unknown image control '{control}': use {' and/or '.join(IMAGE_CONTROLS)}")
+    for name, records in full_sets.items():
+        asked = records[:limit] if limit > 0 else records
+        for control in controls:
+            if control == "blank":
+                shown = []
+                for r in asked:
+                    with Image.open(r.image) as image:  # reads the size from the header, not the pixels
+                        size = image.size
+                    shown.append(replace(r, image=blank_image(size, blank_dir), image_facts={}))
+            elif len(records) < 2:
+                skipped[control_name(name, control)] = f"{len(records)} item(s): no other image to show"
+                continue
+            else:
+                order = derangement(len(records), seed)
+                shown = [replace(r, image=records[j].image, image_facts=records[j].image_facts)
+                         for r, j in zip(asked, order)]
+            out[control_name(name, control)] = shown
+    return out, skipped
+
+
+def score(completion: str, record: Record) -> dict:
+    """An empty or unparseable completion is a wrong answer (parsed None), never an error.
+    closed: parsed is the chosen letter. open: parsed is the answer's text; correct is an exact match after
+    openqa.normalise, f1 and recall are token F1 and recall against the best reference (openqa.py)."""
+    if record.options:
+        parsed = parse_answer(completion, record.options)
+        return {"kind": "closed", "parsed": parsed, "correct": parsed is not None and parsed == record.answer}
+    parsed, refs = parse_open_answer(completion), openqa.references(record)
+    return {"kind": "open", "parsed": parsed, "correct": openqa.exact_match(parsed, refs),
+            "f1": openqa.token_f1(parsed, refs), "recall": openqa.token_recall(parsed, refs)}
+
+
+def option_texts(parsed: str | None, record: Record) -> dict:
+    """The gold and the given answer as text (parsed: score's): letters are shuffled per item, texts are what
+    a confusion matrix compares (tools/report.py); an open question's in normalised form (openqa.normalise), so
+    "Granulomas." and "granuloma" are one answer. parsed_text is None when nothing parsed."""
+    if not record.options:
+        return {"gold_text": openqa.normalise(record.answer),
+                "parsed_text": None if parsed is None else openqa.normalise(parsed)}
+    return {"gold_text": record.answer_text(),
+            "parsed_text": None if parsed is None else record.options[LETTERS.index(parsed)]}
+
+
+def confusion(predictions: list[dict]) -> dict[tuple[str, str], int]:
+    """{(gold option text, predicted option text or "unparsed"): count} over predictions that carry
+    option_texts (eval.py writes them; older predictions files do not and are left out)."""
+    counts: dict[tuple[str, str], int] = {}
+    for p in predictions:
+        if "gold_text" in p:
+            key = (p["gold_text"], p["parsed_text"] or "unparsed")
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def read_predictions(path: str) -> list[dict]:
+    """Predictions written so far. A last line cut by a kill is first cut from the file, so that item
+    is generated again and the next append starts on a line of its own."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+    return read_jsonl(path)
+
+
+def set_metrics(predictions: list[dict], records: list[Record] | None = None) -> dict:
+    """A set's metrics from its predictions; with the records (in the same order), also the shares of
+    reasoning_checks over them, computed from the saved completions (so a resumed evaluation has them too)."""
+    n = len(predictions)
+    correct = sum(bool(p["correct"]) for p in predictions)
+    ci_low, ci_high = wilson_interval(correct, n)
+    metrics = {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "ci_low": ci_low,
+               "ci_high": ci_high,
+               "format_rate": sum(is_well_formed(p["completion"]) for p in predictions) / n if n else 0.0,
+               "unparseable": sum(p["parsed"] is None for p in predictions),
+               "mean_completion_tokens": sum(p["completion_tokens"] for p in predictions) / n if n else 0.0}
+    metrics.update(kind_metrics(predictions))
+    if records is not None:
+        checks = [reasoning_checks(p["completion"], p["parsed"], r) for p, r in zip(predictions, records)]
+        for key in ("reasoning_agrees", "image_stated_right"):
+            known = [c[key] for c in checks if c[key] is not None]
+            metrics[key] = sum(known) / len(known) if known else None  # None: no record says what its image shows
+    return metrics
+
+
+def kind_metrics(predictions: list[dict]) -> dict:
+    """Per kind of question (predictions from before open questions have no "kind": closed):
+    kinds {closed: n, open: n}; closed_accuracy; open_exact, open_f1 and open_recall (means over the open
+    items: the PathVQA literature's open-question metrics). A kind the set lacks has no keys."""
+    by_kind = {k: [p for p in predictions if p.get("kind", "closed") == k] for k in KINDS}
+    out = {"kinds": {k: len(v) for k, v in by_kind.items() if v}}
+    if by_kind["closed"]:
+        out["closed_accuracy"] = sum(bool(p["correct"]) for p in by_kind["closed"]) / len(by_kind["closed"])
+    if by_kind["open"]:
+        n = len(by_kind["open"])
+        out.update(open_exact=sum(bool(p["correct"]) for p in by_kind["open"]) / n,
+                   open_f1=sum(p["f1"] for p in by_kind["open"]) / n,
+                   open_recall=sum(p["recall"] for p in by_kind["open"]) / n)
+    return out
+
+
+def reasoning_checks(completion: str, parsed: str | None, record: Record) -> dict:
+    """Two checks of the reasoning by rule_judge's rules (no judge needed): whether it leads to the answer
+    given (parsed: score's letter; reasoning_agrees: False without reasoning, None on an open question), and,
+    where the record says what its image measures (image_facts; else None), whether what it says about the
+    image is right (image_stated_right)."""
+    from pathvlm.rule_judge import agrees_with_answer, image_stated_correctly
+
+    think = THINK_RE.search(completion)
+    think = think.group(1) if think and think.group(1).strip() else ""
+    # an open question has no options for the reasoning to agree with: not checked (None)
+    return {"reasoning_agrees": None if not record.options else bool(think) and agrees_with_answer(
+                record.options, think, parsed),
+            "image_stated_right": (None if not record.image_facts else
+                                   image_stated_correctly(think, record.image_facts, record.options) is True)}
+
+
+def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_size: int = 8,
+             max_new_tokens: int = 256, predictions_path: str | None = None, log=print,
+             procs=None) -> dict[str, dict]:
+    """Greedy answers to every record -> {set name: metrics}; each set's "generated" counts the items
+    answered in this call. Record images must be openable paths (load_sets makes them absolute).
+    With predictions_path, each prediction is appended there as it comes and (set, id) pairs
+    already there are not generated again; the metrics cover all of `records_by_set`.
+    Several processes (procs): each answers its share of every round of batch_size x N items; the
+    main process writes the round's predictions in the order one process would have."""
+    from pathvlm.generation import completion_mask, encode_prompts, generate, stop_token_ids
+    from pathvlm.training import Processes
+
+    procs = procs or Processes()
+    done = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)} if predictions_path else {}
+    if predictions_path and procs.main:
+        os.makedirs(os.path.dirname(os.path.abspath(predictions_path)), exist_ok=True)
+    out = open(predictions_path, "a") if predictions_path and procs.main else None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stop_ids = stop_token_ids(processor.tokenizer)
+    results = {}
+    try:
+        for name, records in records_by_set.items():
+            todo = [r for r in records if (name, r.id) not in done]
+            start = time.time()
+            step = batch_size * procs.world_size  # items per round, all processes together
+            for i in range(0, len(todo), step):
+                batch = todo[i:i + step][procs.rank::procs.world_size]  # this process's share of the round
+                preds = []
+                if batch:
+                    images = [open_image(r.image) for r in batch]
+                    inputs = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
+                    ids, texts = generate(model, processor, inputs, max_new_tokens, temperature=0.0)  # (B, T)
+                    lengths = completion_mask(ids, stop_ids).sum(1).tolist()  # tokens up to and including EOS
+                    scores = [score(text, record) for record, text in zip(batch, texts)]
+                    preds = [{"id": record.id, "set": name, "completion": text, **scored, "gold": record.answer,
+                              "completion_tokens": length, **option_texts(scored["parsed"], record)}
+                             for record, text, length, scored in zip(batch, texts, lengths, scores)]
+                shares = procs.gather(preds)
+                for k in range(len(todo[i:i + step])):  # back in the order of todo
+                    pred = shares[k % procs.world_size][k // procs.world_size]
+                    done[(name, pred["id"])] = pred
+                    if out:
+                        out.write(json.dumps(pred, ensure_ascii=False) + "\n")
+                        out.flush()
+                if (i // step) % 10 == 0 or i + step >= len(todo):
+                    log(f"  {name}: {min(i + step, len(todo))}/{len(todo)} generated, {time.time() - start:.1f}s")
+            seconds = time.time() - start
+            results[name] = set_metrics([done[(name, r.id)] for r in records], records)
+            results[name]["items_per_s"] = round(len(todo) / seconds, 3) if todo else None
+            results[name]["generated"] = len(todo)
+    finally:
+        if out:
+            out.close()
+        model.train(was_training)
+    return results
+
+
+def wilson_interval(correct: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion (scipy's binomtest): unlike p ± z·sqrt(p(1-p)/n) it stays
+    inside [0, 1] and is not zero-width at 0/n or n/n. n = 0 -> (0, 1): nothing is known."""
+    if n == 0:
+        return 0.0, 1.0
+    ci = scipy.stats.binomtest(correct, n).proportion_ci(confidence_level=level, method="wilson")
+    # at 0/n and n/n the bound is exactly 0 or 1; floating point would give 1e-17 or 0.9999999999999999
+    return (0.0 if correct == 0 else float(ci.low)), (1.0 if correct == n else float(ci.high))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """One JSON object per line. A last line that does not parse was cut by a killed writer and is
+    ignored; a bad line anywhere else is an error naming the file and line."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):  # no newline after it: cut mid-write
+                continue
+            raise ValueError(f"{path}:{n}: not valid JSON") from None
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The tables eval.py prints
+
+def format_table(sets: dict[str, dict]) -> str:
+    """One row per set; evaluation.score's reasoning checks (agrees: the reasoning leads to the answer given;
+    image: it states the image's measured facts rightly, "-" without image_facts), then a column of accuracy %
+    per image control that any set has ("-": skipped)."""
+    controls = list(dict.fromkeys(c for m in sets.values() for c in m.get("controls", {})))
+    rows = [f"{'set':<22}{'n':>6}{'acc %':>8}{'95% CI':>15}{'format':>8}{'unparse':>9}{'tokens':>8}{'items/s':>9}"
+            f"{'agrees %':>10}{'image %':>9}" + "".join(f"{c + ' %':>12}" for c in controls)]
+    for name, m in sets.items():
+        ci = f"{100 * m['ci_low']:.1f}–{100 * m['ci_high']:.1f}"
+        speed = "-" if m["items_per_s"] is None else f"{m['items_per_s']:.2f}"
+        shown = [m.get("controls", {}).get(c, {}) for c in controls]
+        rows.append(f"{name:<22}{m['n']:>6}{100 * m['accuracy']:>8.1f}{ci:>15}{m['format_rate']:>8.2f}"
+                    f"{m['unparseable']:>9}{m['mean_completion_tokens']:>8.1f}{speed:>9}"
+                    + "".join(f"{'-' if m.get(k) is None else f'{100 * m[k]:.1f}':>{w}}"
+                              for k, w in (("reasoning_agrees", 10), ("image_stated_right", 9)))
+                    + "".join(f"{'-':>12}" if "accuracy" not in c else f"{100 * c['accuracy']:>12.1f}" for c in shown))
+    return "\n".join(rows)
+
+
+def kinds_note(records: list[Record]) -> str:
+    """" (closed 120, open 80)" for a set with open questions, "" for multiple choice alone."""
+    opened = sum(not r.options for r in records)
+    return f" (closed {len(records) - opened}, open {opened})" if opened else ""
+
+
+def format_kinds_table(sets: dict[str, dict]) -> str | None:
+    """Per set and kind of question, where any set has open questions (None otherwise): closed accuracy;
+    open exact match, token F1 and recall (the PathVQA literature's), and judged accuracy with judge=."""
+    if not any("open" in m.get("kinds", {}) for m in sets.values()):
+        return None
+    pct = lambda v, width: f"{'-' if v is None else f'{100 * v:.1f}':>{width}}"  # noqa: E731
+    rows = [f"{'set':<22}{'closed':>8}{'acc %':>8}{'open':>7}{'exact %':>9}{'F1 %':>7}{'recall %':>10}{'judged %':>10}"]
+    for name, m in sets.items():
+        kinds, judged = m.get("kinds", {}), m.get("reasoning", {}).get("open_judged")
+        rows.append(f"{name:<22}{kinds.get('closed', 0):>8}{pct(m.get('closed_accuracy'), 8)}{kinds.get('open', 0):>7}"
+                    f"{pct(m.get('open_exact'), 9)}{pct(m.get('open_f1'), 7)}{pct(m.get('open_recall'), 10)}"
+                    f"{pct(judged, 10)}")
+    return "\n".join(rows)
