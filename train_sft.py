@@ -1,7 +1,7 @@
 """Stage 1 of PathVLM-R1: supervised fine-tuning on `<think>why</think><answer>X) text</answer>`.
 
     python train_sft.py configs/sft.yaml               # Qwen2.5-VL-7B, QLoRA, PathMMU SFT split
-    python train_sft.py configs/demo_sft.yaml          # the embedded tiny model on the demo data (CPU)
+    python train_sft.py configs/demo_sft.yaml          # the embedded tiny model, demo data (CPU)
     python train_sft.py configs/demo_sft.yaml lr=1e-3 max_steps=50
 
 Reads top to bottom: config -> data (over-long examples dropped and named) -> model -> loop
@@ -139,9 +139,9 @@ def main(argv=None):
         # The merge loads a second, unquantised base (16.6 GB for the 7B). Everything of training
         # that holds GPU memory goes first: the model, its trainable weights, the optimizer (and the
         # scheduler that refers to it), and the last loss, whose graph holds those weights (tested);
-        # run.finish let go of its own references. gc.collect() for what only a reference cycle still holds;
-        # empty_cache() hands the freed blocks back to the driver, so the merge's load is not
-        # refused for memory torch's allocator still reserves.
+        # run.finish let go of its own references. gc.collect() for what only a reference cycle
+        # still holds; empty_cache() hands the freed blocks back to the driver, so the merge's load
+        # is not refused for memory torch's allocator still reserves.
         model = trainable = optimizer = scheduler = loss = None
         gc.collect()
         if torch.cuda.is_available():

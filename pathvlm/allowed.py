@@ -17,7 +17,7 @@ class ConfigError(ValueError):
     pass
 
 
-
+# ----------------------------------------------------------------------------------------------
 # What each key may hold: checked as the key is read (the message names the file or the command line), so
 # a bad value stops the run before anything loads, not at step 1. A new key with a set of values or a range
 # gets one line here; tests/test_config.py fails for a numeric or enumerated key that has none.
