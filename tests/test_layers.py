@@ -140,3 +140,11 @@ def test_every_import_follows_the_layers():
 @pytest.mark.parametrize("module", ["pathvlm.config", "pathvlm.allowed", "pathvlm.grpo", "pathvlm.errors"])
 def test_the_lowest_modules_import_no_project_module(module):
     assert imports_of(project_files()[module], module) <= {"pathvlm.allowed"}
+
+
+def test_the_docs_page_shows_the_same_layers():
+    """docs/layers.md repeats the table for readers of the docs: it may not drift from the one enforced."""
+    page = open(os.path.join(ROOT, "docs", "layers.md"), encoding="utf-8").read()
+    rows = re.findall(r"(?m)^\| (\d) \w+ \| ((?:`\w+` ?)+) \|", page)
+    shown = {f"pathvlm.{m}": int(n) for n, modules in rows for m in re.findall(r"`(\w+)`", modules)}
+    assert shown == layer_table()
