@@ -14,10 +14,9 @@ hand the same context to all of them. A new reward is one function plus one line
 
 import json
 
-from pathvlm.answers import ANSWER_RE, THINK_RE, is_correct, is_well_formed, parse_answer, parse_open_answer
-
-from pathvlm.records import Record, option_lines
 from pathvlm import openqa
+from pathvlm.answers import ANSWER_RE, THINK_RE, is_correct, is_well_formed, parse_answer, parse_open_answer
+from pathvlm.records import Record, option_lines
 from pathvlm.verdicts import JudgeRequest, parse_scores
 
 

@@ -25,10 +25,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from pathvlm.config import ModelConfig  # noqa: E402
-from pathvlm.images import open_image  # noqa: E402
-from pathvlm.records import Record, format_prompt_text, image_path, load_split, target_text  # noqa: E402
 from pathvlm.generation import special_token_ids  # noqa: E402
+from pathvlm.images import open_image  # noqa: E402
 from pathvlm.model import LORA_TARGET, load_model  # noqa: E402
+from pathvlm.records import Record, format_prompt_text, image_path, load_split, target_text  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from PIL import Image
 
 from pathvlm import openqa
 from pathvlm.allowed import IMAGE_CONTROLS
-from pathvlm.images import open_image
 from pathvlm.answers import THINK_RE, is_well_formed, parse_answer, parse_open_answer
+from pathvlm.images import open_image
 from pathvlm.records import KINDS, LETTERS, Record, image_path, load_split, prompt_messages
 
 

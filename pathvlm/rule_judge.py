@@ -25,8 +25,8 @@ import re
 
 from pathvlm.answers import _contains, _norm, is_well_formed, parse_answer
 
-from pathvlm.records import LETTERS
 from pathvlm import openqa
+from pathvlm.records import LETTERS
 from pathvlm.verdicts import JudgeStats
 MIN_WORDS, MAX_WORDS = 3, 60
 CLAUSE_SPLIT_RE = re.compile(r"(?<=[.!?;])\s+|\n+|,\s*(?=(?:because|since|as|so|therefore|thus|hence)\b)", re.I)

@@ -8,8 +8,8 @@ import datasets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pathvlm.records import LETTERS, Record, check_record, load_split, prompt_messages, target_text
 from pathvlm.answers import _norm, is_well_formed, parse_answer
+from pathvlm.records import LETTERS, Record, check_record, load_split, prompt_messages, target_text
 from rewards import score_completions
 
 OPTIONS = ["brown", "blue", "mixed", "adenocarcinoma of the colon"]

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from tools import audit_judge
-from tools.audit_judge import CASES, main, probes
 from data.pathmmu import prepare as pathmmu
 from pathvlm.records import load_split
 from rewards import process_request
+from tools import audit_judge
+from tools.audit_judge import CASES, main, probes
 from test_data_real import build_mmu_files
 from test_rewards import API_KEY, API_KEY_ENV, GOOD_REPLY, ChatHandler, running_server
 

@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pathvlm import evaluation
-from tools import report, stats
 from pathvlm.config import EvalConfig, parse_args
+from tools import report, stats
 from eval import run
 from pathvlm.evaluation import evaluate, load_sets, read_predictions, score, set_metrics
-from pathvlm.records import Record, load_split
 from pathvlm.model import load_model
+from pathvlm.records import Record, load_split
 
 OPTIONS = ["brown", "blue", "mixed"]
 

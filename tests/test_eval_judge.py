@@ -11,12 +11,12 @@ import pytest
 
 from tools import report
 from eval import run
-from pathvlm.reasoning import REASONING_KEYS, REASONING_RUBRIC, reasoning_request
 from pathvlm.evaluation import load_sets, score
 from pathvlm.judges import make_judge
-from pathvlm.verdicts import JudgeDown, parse_scores
+from pathvlm.reasoning import REASONING_KEYS, REASONING_RUBRIC, reasoning_request
 from pathvlm.records import Record
 from pathvlm.rule_judge import rule_reasoning_scores
+from pathvlm.verdicts import JudgeDown, parse_scores
 from test_eval import data, eval_cfg, one_thread, read_lines, tiny  # noqa: F401  (fixtures)
 from test_rewards import API_KEY, API_KEY_ENV, GOOD_REPLY, ChatHandler, running_server
 from test_rewards import server  # noqa: F401  (fixture; it resets this module's chat_server)

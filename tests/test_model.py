@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from pathvlm.config import ModelConfig
-from pathvlm.records import Record, prompt_messages
-from pathvlm.model import LORA_TARGET, load_model, load_processor
 from pathvlm.generation import completion_mask, encode_prompts, generate
+from pathvlm.model import LORA_TARGET, load_model, load_processor
+from pathvlm.records import Record, prompt_messages
 from pathvlm.tiny import build_tiny_model, resolve_model_path
 
 RECORD = Record("r", "a.png", "Which stain dominates this patch?", ["brown", "blue", "mixed"], "A")

@@ -10,13 +10,13 @@ import pytest
 
 import eval as eval_script
 from pathvlm import openqa
-import train_grpo
-import train_sft
+from pathvlm.answers import is_correct, is_well_formed, parse_open_answer
 from pathvlm.evaluation import kind_metrics, score
 from pathvlm.records import Record, prompt_messages, target_text
-from pathvlm.answers import is_correct, is_well_formed, parse_open_answer
-from rewards import EQUIVALENCE_RUBRIC, open_answer_reward_scores, process_request, process_reward, score_completions
 from pathvlm.rule_judge import RuleJudge
+from rewards import EQUIVALENCE_RUBRIC, open_answer_reward_scores, process_request, process_reward, score_completions
+import train_grpo
+import train_sft
 from test_rewards import API_KEY, API_KEY_ENV, ChatHandler, api_judge, running_server
 
 GRANULOMA = Record("pv-1", "x.png", "What is present?", [], "granulomas")

@@ -11,14 +11,14 @@ from PIL import Image
 
 import eval as eval_script
 from pathvlm import rollout
-import train_grpo
-import train_sft
 from pathvlm.config import GRPOConfig, ModelConfig
-from pathvlm.records import image_path, load_split, prompt_messages
-from pathvlm.model import load_model
 from pathvlm.generation import (completion_mask, encode_prompts, generate, image_features, special_token_ids,
                                 stop_token_ids)
+from pathvlm.model import load_model
+from pathvlm.records import image_path, load_split, prompt_messages
 from pathvlm.rollout import generate_groups
+import train_grpo
+import train_sft
 
 
 def prompts(demo_data, processor, n=2, split="rl"):

@@ -20,8 +20,8 @@ from PIL import Image
 from data.omnimedvqa import prepare as omnimedvqa
 from data.pathmmu import prepare as pathmmu
 from data.pathvqa import prepare as pathvqa
-from pathvlm.inputs import BadInput, MissingInput, check_split
 from pathvlm.images import MAX_ASPECT_RATIO, open_image, to_rgb
+from pathvlm.inputs import BadInput, MissingInput, check_split
 from pathvlm.records import Record, check_record, load_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

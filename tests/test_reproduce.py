@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from pathvlm.provenance import answer_code, eval_settings, file_sha256, settings_warnings, weights_fingerprint
 from tools import reproduce
 from tools.paper import beside_paper, paper_number
-from pathvlm.provenance import answer_code, eval_settings, file_sha256, settings_warnings, weights_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # 13 processes one after another: each alone on the cores

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pathvlm.judges import make_judge
-from pathvlm.verdicts import JudgeRequest, judge_down, parse_scores
-from pathvlm.rule_judge import rule_scores
 from pathvlm.records import Record
+from pathvlm.rule_judge import rule_scores
+from pathvlm.verdicts import JudgeRequest, judge_down, parse_scores
 from rewards import (PROCESS_KEYS, PROCESS_RUBRIC, REWARDS, accuracy_reward, format_reward, process_reward,
                      score_completions)
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from pathvlm.config import ModelConfig, SFTConfig
-from pathvlm.records import load_split, target_text
-from pathvlm.model import load_model
-import train_sft
 from pathvlm import training
+from pathvlm.config import ModelConfig, SFTConfig
+from pathvlm.model import load_model
+from pathvlm.records import load_split, target_text
+import train_sft
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

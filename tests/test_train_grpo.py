@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import rewards
 from pathvlm import rollout
+import rewards
 import train_grpo
 import train_sft
 from test_rewards import ChatHandler, running_server

@@ -37,10 +37,10 @@ import sys
 # run as `python tools/audit_judge.py`, only tools/ is on sys.path: add the repository root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pathvlm.records import LETTERS, image_path, load_split, Record  # noqa: E402
 from pathvlm.config import GRPOConfig, parse_args  # noqa: E402
 from pathvlm.inputs import BadInput, InputError, check_adapter, check_split  # noqa: E402
 from pathvlm.judges import judge_from_config  # noqa: E402
+from pathvlm.records import LETTERS, Record, image_path, load_split  # noqa: E402
 from rewards import REWARDS, process_reward  # noqa: E402
 
 CASES = {
