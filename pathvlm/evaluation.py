@@ -11,7 +11,6 @@ import random
 import time
 from dataclasses import replace
 
-import scipy.stats
 from PIL import Image
 
 from pathvlm import openqa
@@ -279,6 +278,8 @@ def wilson_interval(correct: int, n: int, level: float = 0.95) -> tuple[float, f
     inside [0, 1] and is not zero-width at 0/n or n/n. n = 0 -> (0, 1): nothing is known."""
     if n == 0:
         return 0.0, 1.0
+    import scipy.stats  # here, not at the top: it takes ~1 s to import, and train_grpo.py and eval.py import this
+
     ci = scipy.stats.binomtest(correct, n).proportion_ci(confidence_level=level, method="wilson")
     # at 0/n and n/n the bound is exactly 0 or 1; floating point would give 1e-17 or 0.9999999999999999
     return (0.0 if correct == 0 else float(ci.low)), (1.0 if correct == n else float(ci.high))

@@ -14,6 +14,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from pathvlm.grpo import equal_reward_groups
 from pathvlm.model import autocast, unwrap
 
 
@@ -288,8 +289,8 @@ def informative_groups(sampled: dict, sample_more, cfg, any_process, encode, pad
     G, kept, spare, rounds = cfg.group_size, [], [], 0
     while True:
         rounds += 1
-        rewards = torch.tensor(sampled["scores"]["total"]).view(-1, G)  # (B, G)
-        for b, equal in enumerate((rewards == rewards[:, :1]).all(1).tolist()):
+        rewards = torch.tensor(sampled["scores"]["total"])  # (B*G,)
+        for b, equal in enumerate(equal_reward_groups(rewards, G).tolist()):
             (spare if equal else kept).append((sampled, b))
         # every process draws as long as any still needs groups: the data order is one for all of them
         if not any_process(len(kept) < cfg.num_prompts) or rounds == cfg.max_sampling_rounds:
