@@ -39,6 +39,7 @@ from pathvlm.model import load_model
 from pathvlm.provenance import answer_code, weights_fingerprint
 from pathvlm.reasoning import REASONING_KEYS, format_reasoning_table, reasoning_metrics, reasoning_request
 from pathvlm.records import Record
+from pathvlm.sampler import sampler_settings
 from pathvlm.training import Processes
 
 # config keys that change what the model answers: predictions made under other values are not resumed
@@ -226,12 +227,13 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
     #    controls/predictions.jsonl under their own set names ("demo[blank]") and resume the same way;
     #    predictions.jsonl keeps the real images' answers only, which the judge and tools/report.py read.
     log = print if procs.main else lambda _: None
+    sampling = sampler_settings(cfg, next(model.parameters()).device)  # greedy: sampler.greedy
     with base_only:
         sets = evaluate(model, processor, records_by_set, cfg.batch_size, cfg.max_new_tokens, predictions_path,
-                        log=log, procs=procs)
+                        log=log, procs=procs, **sampling)
         control_metrics = evaluate(model, processor, controls, cfg.batch_size, cfg.max_new_tokens,
                                    os.path.join(cfg.output_dir, "controls", "predictions.jsonl"), log=log,
-                                   procs=procs) if controls else {}
+                                   procs=procs, **sampling) if controls else {}
     for name in records_by_set:  # each control's metrics go beside the real images'
         for control in cfg.image_controls:
             key = control_name(name, control)

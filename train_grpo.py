@@ -31,17 +31,16 @@ import torch
 from pathvlm.answers import is_correct, is_well_formed
 from pathvlm.config import GRPOConfig, parse_args
 from pathvlm.evaluation import evaluate, load_sets
-from pathvlm.generation import (completion_mask, encode_prompts, generation_config, image_features,
-                                special_token_ids, stop_token_ids)
+from pathvlm.generation import encode_prompts, image_features, special_token_ids
 from pathvlm.grpo import equal_reward_groups, group_advantages, grpo_loss, step_normalisers
 from pathvlm.images import open_image
 from pathvlm.inputs import InputError, check_inputs
 from pathvlm.judges import judge_from_config
 from pathvlm.model import count_params, freeze_vision_copy, load_model
 from pathvlm.records import image_path, prompt_messages
-from pathvlm.rollout import (Rows, generate_groups, informative_groups, lora_merged,
-                             merge_while_sampling)
+from pathvlm.rollout import Rows, informative_groups, lora_merged, merge_while_sampling
 from pathvlm.run import Run, save_trained
+from pathvlm.sampler import Completions, add_gap, gap_metrics, sample, sampler_settings
 from pathvlm.training import (DataOrder, load_examples, make_optimizer, make_scheduler,
                               mean_of_scored, peak_memory_gib)
 from pathvlm.verdicts import judge_down
@@ -120,29 +119,18 @@ def reference_context(model, reference: str):
 # ----------------------------------------------------------------------------------------------
 # 1. sample and score
 
-def sampling_config(cfg, tokenizer):
-    """What the sampler draws from: softmax(logits / temperature) without the special tokens, top_p
-    as configured; nothing from the checkpoint's generation_config.json."""
-    return generation_config(tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-
-
 @torch.no_grad()
-def sample_groups(model, processor, prompt, features, cfg):
-    """B prompts -> B*G completions (ids, mask up to and including EOS, texts, truncated flags).
-    `features`: the B images' vision outputs, computed once for the whole step."""
-    tok = processor.tokenizer
+def sample_groups(model, processor, prompt, features, cfg) -> tuple[Completions, list[str]]:
+    """B prompts -> B*G completions (sampler.Completions) and their texts. `features`: the B
+    images' vision outputs, computed once for the whole step."""
     model.eval()  # no dropout while sampling, and generate keeps its KV cache under checkpointing
-    with lora_merged(model, merge_while_sampling(cfg, prompt["input_ids"].device)):
-        out = generate_groups(model, prompt, features, cfg.group_size, sampling_config(cfg, tok))
+    device = prompt["input_ids"].device
+    with lora_merged(model, merge_while_sampling(cfg, device)):
+        out = sample(model, processor.tokenizer, prompt, features,
+                     max_new_tokens=cfg.max_new_tokens, group_size=cfg.group_size,
+                     temperature=cfg.temperature, top_p=cfg.top_p, **sampler_settings(cfg, device))
     model.train()
-    ids = out[:, prompt["input_ids"].shape[1]:]  # (N, T)
-    stop_ids = stop_token_ids(tok)
-    # (N,): no EOS within max_new_tokens
-    truncated = ~torch.isin(ids, torch.tensor(stop_ids, device=ids.device)).any(1)
-    mask = completion_mask(ids, stop_ids)  # (N, T)
-    ids = ids.masked_fill(mask == 0, tok.pad_token_id)
-    texts = tok.batch_decode(ids, skip_special_tokens=True)
-    return ids, mask, texts, truncated
+    return out, processor.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
 
 
 def encode_batch(batch, processor, cfg, device) -> dict:
@@ -155,7 +143,7 @@ def sample_and_score(batch, model, processor, cfg, judge) -> dict:
     """B records -> their prompts, image features, B*G sampled completions, every reward of them."""
     prompt = encode_batch(batch, processor, cfg, next(model.parameters()).device)
     features = image_features(model, prompt)  # vision tower once per step, shared by every pass
-    ids, mask, texts, truncated = sample_groups(model, processor, prompt, features, cfg)
+    out, texts = sample_groups(model, processor, prompt, features, cfg)
     records = [r for r in batch for _ in range(cfg.group_size)]  # (N,) each completion's record
     details = {}  # the process reward's components, logged beside the rewards (not in the total)
     scores = score_completions(cfg.rewards, texts, records, judge=judge,
@@ -163,8 +151,9 @@ def sample_and_score(batch, model, processor, cfg, judge) -> dict:
                                require_format=cfg.accuracy_requires_format,
                                open_answer_reward=cfg.open_answer_reward, details=details)
     scores.update(details)
-    return dict(batch=batch, prompt=prompt, features=features, ids=ids, mask=mask, texts=texts,
-                truncated=truncated, records=records, scores=scores)
+    return dict(batch=batch, prompt=prompt, features=features, ids=out.ids, mask=out.mask,
+                logprobs=out.logprobs, truncated=out.truncated, texts=texts, records=records,
+                scores=scores)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,27 +176,30 @@ def logprobs_no_grad(model, rows: Rows, cfg) -> torch.Tensor:
     return logp
 
 
-def update_policy(model, optimizer, scheduler, rows: Rows, advantages, loss_mask, counted,
-                  old_logp, ref_logp, *, step: int, counters: dict, cfg, procs) -> dict:
+def update_policy(model, optimizer, scheduler, rows: Rows, advantages, loss_mask, counted, old_logp,
+                  ref_logp, sampler_logp, *, step: int, counters: dict, cfg, procs) -> dict:
     """μ = num_iterations updates of grpo_loss over this process's rows, micro-batch by
     micro-batch, one optimizer step each, the gradients summed over the processes first. A
     non-finite reward, loss or gradient skips the update (every process takes the same branch),
     counted in counters.
-    -> the step's loss, KL, clipped fraction and learning rate, and whether it was finite."""
+    -> the step's loss, KL, clipped fraction and learning rate, whether it was finite, and the
+    sampler's gap to the first update's log-probs (sampler.add_gap), for the log."""
     # grpo_loss divides by the step's sequences and tokens, all processes' together: micro-batches
     # of any sizes, on any number of processes, add up to the loss of one pass over the whole step
     num_sequences, num_tokens, all_tokens = step_normalisers(cfg.loss_type, counted, loss_mask,
                                                              procs.sum, procs.world_size)
     trainable, size = [p for p in model.parameters() if p.requires_grad], micro_batch_size(cfg)
     # a non-finite reward makes its group's advantages non-finite
-    loss_total, kl_sum, clip_sum = 0.0, 0.0, 0.0
+    loss_total, kl_sum, clip_sum, gap = 0.0, 0.0, 0.0, [0.0, 0, 0.0]  # gap: sampler.add_gap
     finite = bool(torch.isfinite(advantages).all())
-    for _ in range(cfg.num_iterations):
+    for iteration in range(cfg.num_iterations):
         for i in range(0, rows.ids.shape[0], size):
             if not finite:
                 break
             part = slice(i, i + size)
             logp = rows.logprobs(model, i, size, cfg.logprob_chunk, share_prompt=True)  # (size, T)
+            if iteration == 0 and sampler_logp is not None:  # the weights the sampler used
+                gap = add_gap(gap, logp.detach(), sampler_logp[part], rows.mask[part])
             loss, stats = grpo_loss(
                 logp=logp, old_logp=logp.detach() if old_logp is None else old_logp[part],
                 ref_logp=None if ref_logp is None else ref_logp[part], advantages=advantages[part],
@@ -236,7 +228,8 @@ def update_policy(model, optimizer, scheduler, rows: Rows, advantages, loss_mask
     if not finite:
         print(f"\nstep {step}: non-finite loss, reward or gradient; update skipped "
               f"({counters['bad_steps']} in a row)", file=sys.stderr)
-    return {"loss": loss_total, "kl": kl_sum, "clip": clip_sum, "lr": lr, "finite": finite}
+    return {"loss": loss_total, "kl": kl_sum, "clip": clip_sum, "lr": lr, "finite": finite,
+            "gap": gap if sampler_logp is not None else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,6 +242,7 @@ def step_record(sampled: dict, update: dict, equal, rows: Rows, judge, sampling:
             "lengths": mask.sum(1).tolist(), "truncated": sampled["truncated"].tolist(),
             "equal": int(equal.sum()), "loss": update["loss"], "kl": update["kl"],
             "clip": update["clip"], "judge": judge.stats.as_dict() if judge else {},
+            "gap": [update["gap"]] if update["gap"] else [],  # a list: merged by concatenation
             "tokens": int(rows.prompt["attention_mask"].sum() + mask.sum()), **sampling}
 
 
@@ -274,6 +268,7 @@ def step_metrics(step: int, merged: dict, update: dict, times: dict, counters: d
             "score_logprob_s": times["scored"] - times["generated"], "train_s": train_s,
             "peak_mem_gib": peak_memory_gib(device),  # the main process's
             "skipped_steps": counters["skipped_steps"],
+            **gap_metrics(merged["gap"]),
             **{f"judge/{k}": v for k, v in merged["judge"].items()},
             **{k: merged[k] for k in ("groups_drawn", "groups_dropped", "groups_short")
                if k in merged}}
@@ -357,8 +352,8 @@ def main(argv=None):
 
         # 4. μ policy updates, one optimizer step each ----------------------------------------
         update = update_policy(model, optimizer, scheduler, rows, advantages, loss_mask, counted,
-                               old_logp, ref_logp, step=step, counters=counters, cfg=cfg,
-                               procs=procs)
+                               old_logp, ref_logp, sampled["logprobs"], step=step,
+                               counters=counters, cfg=cfg, procs=procs)
         if counters["bad_steps"] >= cfg.max_bad_steps:
             sys.exit(f"{cfg.max_bad_steps} non-finite steps in a row: stopped; last state saved to "
                      f"{run.save(step, loop_state())}. Lower lr or check the rewards.")
@@ -370,7 +365,8 @@ def main(argv=None):
         if heldout and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             # greedy answers on the held-out split: no sampling, the RNG (and resume) untouched
             held = evaluate(model, processor, heldout, cfg.micro_batch_size, cfg.max_new_tokens,
-                            log=lambda _: None, procs=procs)["heldout"]
+                            log=lambda _: None, procs=procs,
+                            **sampler_settings(cfg, device))["heldout"]
             row.update(eval_accuracy=held["accuracy"], eval_format_rate=held["format_rate"])
         run.log(row, reward=f"{row['reward/total']:.2f}", acc=f"{row['accuracy']:.2f}",
                 fmt=f"{row['format_rate']:.2f}", kl=f"{row['kl']:.3f}",

@@ -25,7 +25,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from pathvlm.config import ModelConfig  # noqa: E402
-from pathvlm.generation import special_token_ids  # noqa: E402
+from pathvlm.generation import special_token_ids, stop_token_ids  # noqa: E402
 from pathvlm.images import open_image  # noqa: E402
 from pathvlm.model import LORA_TARGET, load_model  # noqa: E402
 from pathvlm.records import Record, format_prompt_text, image_path, load_split, target_text  # noqa: E402
@@ -42,16 +42,20 @@ def prepare_demo_data(out_dir: str, sft_size: int = 64, rl_size: int = 32) -> st
     return out_dir
 
 
-def full_length(sampling_config, new_tokens: int):
-    """train_grpo.sampling_config with EOS unsampleable for the first `new_tokens` (min_new_tokens): every
-    completion is exactly new_tokens long, so both loops of a comparison do the same work per step (TRL
-    gets the same setting through `GRPOConfig.generation_kwargs`). For benchmarks only: it changes
-    the distribution sampled from, which the log-prob passes do not know."""
-    def wrapper(*args, **kwargs):
-        config = sampling_config(*args, **kwargs)
-        config.min_new_tokens = new_tokens
-        return config
-    return wrapper
+@contextlib.contextmanager
+def full_length():
+    """Inside the block no stop token can be sampled, by either sampler (static or hf): every completion
+    is exactly max_new_tokens long, so both loops of a comparison do the same work per step (TRL gets
+    min_new_tokens = max_new_tokens through `GRPOConfig.generation_kwargs`). For benchmarks only: it
+    changes the distribution sampled from, which the log-prob passes do not know."""
+    import pathvlm.generation
+    import pathvlm.sampler
+
+    def with_stops(special_token_ids):
+        return lambda tokenizer: special_token_ids(tokenizer) + stop_token_ids(tokenizer)
+    with patched(pathvlm.generation, "special_token_ids", with_stops), \
+            patched(pathvlm.sampler, "special_token_ids", with_stops):
+        yield
 
 
 def load_plain_model(model_dir: str, **model_keys):

@@ -50,7 +50,7 @@ def run_ours(model_dir: str, data: str, steps: int, out_dir: str) -> list[dict]:
 
     generate_s = []
     with patched(train_grpo, "sample_groups", lambda fn: timed(fn, generate_s)), \
-            patched(train_grpo, "sampling_config", lambda fn: full_length(fn, MAX_NEW_TOKENS)):
+            full_length():
         train_grpo.main([
             os.path.join(ROOT, "configs/demo_grpo.yaml"), f"model={model_dir}", f"output_dir={out_dir}",
             f"data={data}", "eval_data=null", "init_adapter=null", "reference=base", f"kl_coef={BETA}", f"num_prompts={NUM_PROMPTS}",

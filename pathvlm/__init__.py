@@ -7,13 +7,13 @@ import is for a module that is slow or optional (unsloth), never a way round thi
 tests/test_layers.py reads the table below and enforces it.
 
     layer 1  pure:    errors allowed config grpo images openqa records answers
-    layer 2  model:   tiny model generation rollout unsloth_backend
+    layer 2  model:   tiny model generation rollout sampler unsloth_backend
     layer 3  judges:  verdicts rule_judge judges reasoning
     layer 4  run:     checkpoint inputs training run evaluation provenance
 
 Layer 1 holds no model: errors, the config and what it allows, the GRPO math, images, the record format
-and the answer parser, which every other layer reads. Layer 2 loads the model, LoRA, the sampler and the
-log-probs. Layer 3 asks judges and reads their verdicts (the self-judge asks the model), and holds eval.py's
+and the answer parser, which every other layer reads. Layer 2 loads the model and LoRA, samples (sampler.py) and
+computes log-probs. Layer 3 asks judges and reads their verdicts (the self-judge asks the model), and holds eval.py's
 reasoning rubric. Layer 4 is what
 both loops and eval.py share: data order, optimizer, checkpoints, processes, a run's setup and teardown.
 

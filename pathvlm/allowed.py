@@ -40,6 +40,8 @@ CHOICES = {
     "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "scale_rewards": ("group", "batch", "none"),
     "merge_for_sampling": (True, False, "auto"),
+    "sampler": ("static", "hf"),
+    "cuda_graph": (True, False, "auto"),
     "open_answer_reward": ("exact", "f1", "judged"),
     "image_controls": IMAGE_CONTROLS,
     # "rewards": the names of rewards.REWARDS, which lives above this layer: the scripts that read the key pass

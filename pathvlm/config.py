@@ -188,7 +188,24 @@ class JudgeConfig:
 
 
 @dataclass
-class EvalConfig(JudgeConfig, ModelConfig):
+class SamplerConfig:
+    """Keys of whatever generates: GRPO's rollouts, eval.py's greedy answers, the self-judge (sampler.py)."""
+
+    sampler: str = "static"  # static (sampler.py: a cache allocated once, fixed-shape steps) | hf (generate)
+    # record the static sampler's decode step as a CUDA graph and replay it: auto = on CUDA only
+    cuda_graph: bool | str = "auto"
+
+    def validate_sampler(self):
+        if self.sampler == "static" and self.attn_implementation == "flash_attention_2":
+            raise ConfigError("sampler=static passes its own attention mask, which flash_attention_2 does not take: "
+                              "use attn_implementation=sdpa, or sampler=hf")
+        if self.sampler == "static" and self.backend == "unsloth":
+            raise ConfigError("sampler=static runs the model's own layers, which Unsloth replaces: use sampler=hf "
+                              "with backend=unsloth")
+
+
+@dataclass
+class EvalConfig(JudgeConfig, SamplerConfig, ModelConfig):
     adapter: str | None = None  # LoRA adapter directory; none = the base model
     # test sets as name=path-to-jsonl; the first one gives the top-level `accuracy`
     sets: list[str] = field(default_factory=lambda: ["demo=data/demo/prepared/test.jsonl"])
@@ -202,6 +219,7 @@ class EvalConfig(JudgeConfig, ModelConfig):
     image_controls: list[str] = field(default_factory=list)
 
     def validate(self):  # each control is checked against allowed.IMAGE_CONTROLS by CHOICES
+        self.validate_sampler()
         if len(set(self.image_controls)) < len(self.image_controls):
             raise ConfigError(f"key 'image_controls' names a control twice: {self.image_controls}")
 
@@ -255,7 +273,7 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
-class GRPOConfig(JudgeConfig, TrainConfig):
+class GRPOConfig(JudgeConfig, SamplerConfig, TrainConfig):
     data: str = "data/demo/prepared/rl.jsonl"
     eval_data: str | None = None  # a held-out split answered greedily every eval_every steps
     eval_every: int = 0  # 0 = never
@@ -312,6 +330,7 @@ class GRPOConfig(JudgeConfig, TrainConfig):
             raise ConfigError("backend=unsloth is for SFT only: GRPO samples each group from one shared prompt "
                               "cache, which Unsloth's static-cache generate cannot take; use backend=hf for GRPO "
                               "(4-bit QLoRA works there: quantization=4bit)")
+        self.validate_sampler()
         if self.reference == "sft" and self.init_adapter is None and self.kl_coef != 0:
             raise ConfigError("reference=sft needs init_adapter (the SFT adapter); or use reference=base")
         if self.reference == "none" and self.kl_coef != 0:

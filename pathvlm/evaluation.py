@@ -216,14 +216,16 @@ def reasoning_checks(completion: str, parsed: str | None, record: Record) -> dic
 
 def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_size: int = 8,
              max_new_tokens: int = 256, predictions_path: str | None = None, log=print,
-             procs=None) -> dict[str, dict]:
+             procs=None, sampler: str = "static", cuda_graph: bool = False) -> dict[str, dict]:
     """Greedy answers to every record -> {set name: metrics}; each set's "generated" counts the items
     answered in this call. Record images must be openable paths (load_sets makes them absolute).
     With predictions_path, each prediction is appended there as it comes and (set, id) pairs
     already there are not generated again; the metrics cover all of `records_by_set`.
     Several processes (procs): each answers its share of every round of batch_size x N items; the
-    main process writes the round's predictions in the order one process would have."""
-    from pathvlm.generation import completion_mask, encode_prompts, generate, stop_token_ids
+    main process writes the round's predictions in the order one process would have.
+    sampler, cuda_graph: sampler.greedy's."""
+    from pathvlm.generation import encode_prompts
+    from pathvlm.sampler import greedy
     from pathvlm.training import Processes
 
     procs = procs or Processes()
@@ -234,7 +236,6 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stop_ids = stop_token_ids(processor.tokenizer)
     results = {}
     try:
         for name, records in records_by_set.items():
@@ -247,8 +248,8 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
                 if batch:
                     images = [open_image(r.image) for r in batch]
                     inputs = encode_prompts(processor, [prompt_messages(r) for r in batch], images, device)
-                    ids, texts = generate(model, processor, inputs, max_new_tokens, temperature=0.0)  # (B, T)
-                    lengths = completion_mask(ids, stop_ids).sum(1).tolist()  # tokens up to and including EOS
+                    answers, texts = greedy(model, processor, inputs, max_new_tokens, sampler, cuda_graph)
+                    lengths = answers.mask.sum(1).tolist()  # tokens up to and including EOS
                     scores = [score(text, record) for record, text in zip(batch, texts)]
                     preds = [{"id": record.id, "set": name, "completion": text, **scored, "gold": record.answer,
                               "completion_tokens": length, **option_texts(scored["parsed"], record)}

@@ -1,6 +1,6 @@
-"""What runs a loaded model: chat messages and images encoded as inputs, the vision tower once, generation
-(greedy for eval; GRPO's groups are sampled by rollout.py), and which tokens end or may never appear in a
-completion. Loading the model is model.py's.
+"""What runs a loaded model: chat messages and images encoded as inputs, the vision tower once, the
+distribution completions are drawn from, and which tokens end or may never appear in a completion.
+Loading the model is model.py's; drawing the completions, sampler.py's.
 """
 
 import torch
@@ -68,20 +68,6 @@ def image_features(model, inputs: dict):
         out = unwrap(model).model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
                                                      return_dict=True)
     return {"image": out}
-
-
-@torch.no_grad()
-def generate(model, processor, inputs: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             num_return_sequences: int = 1):
-    """-> completion_ids (N*num_return_sequences, T) padded with pad id after EOS, and their decoded texts.
-    temperature 0: greedy (eval), whatever the checkpoint's generation_config.json says."""
-    tok = processor.tokenizer
-    config = generation_config(tok, max_new_tokens, temperature, top_p, num_return_sequences=num_return_sequences)
-    with autocast(model):
-        out = model.generate(**inputs, generation_config=config)
-    completion_ids = out[:, inputs["input_ids"].shape[1]:]
-    texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
-    return completion_ids, texts
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int | list[int]) -> torch.Tensor:

@@ -195,9 +195,11 @@ class SelfJudge:
     """Greedy replies from the frozen base model. With a PEFT model the adapters are disabled for
     the call, so the judge does not drift with the policy it grades."""
 
-    def __init__(self, model, processor, max_new_tokens: int = 64, batch_size: int = 8):
+    def __init__(self, model, processor, max_new_tokens: int = 64, batch_size: int = 8, sampler: str = "static",
+                 cuda_graph: bool = False):
         self.model, self.processor = model, processor
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.sampler = {"sampler": sampler, "cuda_graph": cuda_graph}  # sampler.greedy's
         self.stats = JudgeStats()
         self.name = "the self-judge (the frozen base model)"
 
@@ -223,7 +225,8 @@ class SelfJudge:
 
     def _generate(self, requests: list[JudgeRequest]) -> list[str]:
         from pathvlm.images import open_image
-        from pathvlm.generation import completion_mask, encode_prompts, generate, stop_token_ids
+        from pathvlm.generation import encode_prompts
+        from pathvlm.sampler import greedy
 
         messages, images = [], []
         for r in requests:
@@ -234,9 +237,9 @@ class SelfJudge:
             messages.append([{"role": "system", "content": r.system}, {"role": "user", "content": user}])
         device = next(self.model.parameters()).device
         inputs = encode_prompts(self.processor, messages, images or None, device)
-        ids, texts = generate(self.model, self.processor, inputs, self.max_new_tokens)
+        out, texts = greedy(self.model, self.processor, inputs, self.max_new_tokens, **self.sampler)
         self.stats.add(calls=len(requests), prompt_tokens=int(inputs["attention_mask"].sum()),
-                       completion_tokens=int(completion_mask(ids, stop_token_ids(self.processor.tokenizer)).sum()))
+                       completion_tokens=int(out.mask.sum()))
         return texts
 
 
@@ -247,14 +250,18 @@ JUDGE_KINDS = ("api", "self", "rule")
 
 def judge_from_config(cfg, model=None, processor=None, **self_settings):
     """The judge a config's JudgeConfig keys name (None for judge=none). judge=self needs the policy's
-    model and processor; self_settings go to SelfJudge (max_new_tokens, batch_size)."""
+    model and processor; self_settings go to SelfJudge (max_new_tokens, batch_size), the config's
+    sampler keys too."""
     if cfg.judge == "api":
         return make_judge("api", model=cfg.judge_model, base_url=cfg.judge_base_url, api_key_env=cfg.judge_api_key_env,
                           max_concurrency=cfg.judge_concurrency, timeout=cfg.judge_timeout,
                           deadline=cfg.judge_deadline, max_retries=cfg.judge_max_retries,
                           cache_dir=cfg.judge_cache_dir)
     if cfg.judge == "self":
-        return make_judge("self", model=model, processor=processor, **self_settings)
+        from pathvlm.sampler import sampler_settings  # torch: only for the self-judge
+
+        device = next(model.parameters()).device
+        return make_judge("self", model=model, processor=processor, **sampler_settings(cfg, device), **self_settings)
     return make_judge(cfg.judge)
 
 

@@ -308,6 +308,8 @@ def informative_groups(sampled: dict, sample_more, cfg, any_process, encode, pad
     groups = dict(batch=batch, prompt=encode(batch), features={"image": features},
                   ids=torch.cat([pad(s["ids"][i:i + 1], pad_id) for s, i in rows]),
                   mask=torch.cat([pad(s["mask"][i:i + 1], 0) for s, i in rows]),
+                  logprobs=None if sampled["logprobs"] is None else  # sampler=hf returns none
+                  torch.cat([pad(s["logprobs"][i:i + 1], 0.0) for s, i in rows]),
                   texts=[s["texts"][i] for s, i in rows], truncated=torch.stack([s["truncated"][i] for s, i in rows]),
                   records=[s["records"][i] for s, i in rows],
                   scores={k: [s["scores"][k][i] for s, i in rows] for k in sampled["scores"]})

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import eval as eval_script  # noqa: E402
 from pathvlm.inputs import InputError  # noqa: E402
+from pathvlm.sampler import Completions  # noqa: E402
 import rewards  # noqa: E402
 import train_grpo  # noqa: E402
 import train_sft  # noqa: E402
@@ -46,11 +47,15 @@ def sample_each_prompt_alone(model, processor, prompt, features, cfg):
         torch.manual_seed(calls["n"] * 1_000_003 + int(image.abs().sum().item() * 1000))
         pieces.append(sample_groups(model, processor, one,
                                     {"image": BaseModelOutputWithPooling(pooler_output=[image])}, cfg))
-    width = max(p[0].shape[1] for p in pieces)
-    pad = processor.tokenizer.pad_token_id
-    ids = torch.cat([torch.nn.functional.pad(p[0], (0, width - p[0].shape[1]), value=pad) for p in pieces])
-    mask = torch.cat([torch.nn.functional.pad(p[1], (0, width - p[1].shape[1])) for p in pieces])
-    return ids, mask, [t for p in pieces for t in p[2]], torch.cat([p[3] for p in pieces])
+    width = max(out.ids.shape[1] for out, _ in pieces)
+
+    def cat(key, value):
+        return torch.cat([torch.nn.functional.pad(getattr(out, key), (0, width - out.ids.shape[1]), value=value)
+                          for out, _ in pieces])
+    logprobs = None if pieces[0][0].logprobs is None else cat("logprobs", 0.0)
+    out = Completions(cat("ids", processor.tokenizer.pad_token_id), cat("mask", 0),
+                      torch.cat([out.truncated for out, _ in pieces]), logprobs)
+    return out, [t for _, texts in pieces for t in texts]
 
 
 train_grpo.sample_groups = sample_each_prompt_alone

@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from pathvlm.config import ModelConfig
-from pathvlm.generation import completion_mask, encode_prompts, generate
+from pathvlm.generation import completion_mask, encode_prompts
 from pathvlm.model import LORA_TARGET, load_model, load_processor
 from pathvlm.records import Record, prompt_messages
+from pathvlm.sampler import greedy
 from pathvlm.tiny import build_tiny_model, resolve_model_path
 
 RECORD = Record("r", "a.png", "Which stain dominates this patch?", ["brown", "blue", "mixed"], "A")
@@ -75,16 +76,17 @@ def test_lora_only_on_language_model_and_vision_frozen():
     assert re.fullmatch(LORA_TARGET, "model.language_model.layers.0.mlp.down_proj")
 
 
-def test_left_padded_batched_generation():
+@pytest.mark.parametrize("sampler", ["static", "hf"])
+def test_left_padded_batched_generation(sampler):
     model, processor = load_model(ModelConfig(), trainable=False)
     short = Record("s", "a.png", "Dominant stain?", ["a", "b"], "A")
     inputs = encode_prompts(processor, [prompt_messages(RECORD), prompt_messages(short)], [image(56, 56), image(56, 56, 1)],
                             "cpu")
     assert inputs["attention_mask"][1, 0] == 0 and inputs["attention_mask"][:, -1].all()  # padding on the left
-    ids, texts = generate(model, processor, inputs, max_new_tokens=6)
+    out, texts = greedy(model, processor, inputs, max_new_tokens=6, sampler=sampler)
     single = encode_prompts(processor, [prompt_messages(short)], [image(56, 56, 1)], "cpu")
-    ids_single, _ = generate(model, processor, single, max_new_tokens=6)
-    assert torch.equal(ids[1, :ids_single.shape[1]], ids_single[0])  # padding does not change the answer
+    alone, _ = greedy(model, processor, single, max_new_tokens=6, sampler=sampler)
+    assert torch.equal(out.ids[1, :alone.ids.shape[1]], alone.ids[0])  # padding does not change the answer
     assert len(texts) == 2
 
 
@@ -154,6 +156,6 @@ def test_4bit_training_survives_eval_passes_on_avx512_bf16_cpus(monkeypatch):
     model.eval()
     with torch.no_grad():
         model(**inputs)
-    generate(model, processor, inputs, max_new_tokens=4)
+    greedy(model, processor, inputs, max_new_tokens=4)
     after = lora_grads()
     assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -12,11 +12,12 @@ from PIL import Image
 import eval as eval_script
 from pathvlm import rollout
 from pathvlm.config import GRPOConfig, ModelConfig
-from pathvlm.generation import (completion_mask, encode_prompts, generate, image_features, special_token_ids,
-                                stop_token_ids)
+from pathvlm.generation import (completion_mask, encode_prompts, generation_config, image_features,
+                                special_token_ids, stop_token_ids)
 from pathvlm.model import load_model
 from pathvlm.records import image_path, load_split, prompt_messages
 from pathvlm.rollout import generate_groups
+from pathvlm.sampler import greedy, sample as static_sample
 import train_grpo
 import train_sft
 
@@ -66,25 +67,45 @@ def test_sampler_draws_from_the_policy_the_loop_scores(hub_model, demo_data, tem
             scored = rows.logprobs(model, 0, ids.shape[0], 1024, share_prompt=True)
         return (sampler - scored).abs().max().item(), int(mask.sum())
 
-    diff, n_tokens = sample(train_grpo.sampling_config(cfg, tok))
+    diff, n_tokens = sample(generation_config(tok, cfg.max_new_tokens, temperature, cfg.top_p))
     assert n_tokens > 2 * cfg.group_size and diff < 1e-4
     # the test can fail: sampling with the checkpoint's repetition penalty (what transformers fills in
     # when it is not given) moves the sampler's log-probs away from the policy's
     from transformers import GenerationConfig
 
-    inherited = train_grpo.sampling_config(cfg, tok)
+    inherited = generation_config(tok, cfg.max_new_tokens, temperature, cfg.top_p)
     inherited.repetition_penalty = GenerationConfig.from_pretrained(hub_model).repetition_penalty
     assert sample(inherited)[0] > 1e-3
 
 
-def test_eval_is_greedy_whatever_the_checkpoint_says(hub_model, demo_data):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_static_sampler_draws_from_the_policy_the_loop_scores(hub_model, demo_data, temperature):
+    """The static sampler's own log-probs (sampler.py) equal the loop's log-prob pass on the real-shaped
+    checkpoint: nothing of its generation_config.json reaches the static sampler either."""
+    cfg = GRPOConfig(model=hub_model, temperature=temperature, max_new_tokens=16, group_size=3)
+    model, processor = load_model(cfg)
+    model.eval()
+    tok = processor.tokenizer
+    prompt = prompts(demo_data, processor)
+    features = image_features(model, prompt)
+    torch.manual_seed(0)
+    out = static_sample(model, tok, prompt, features, max_new_tokens=16, group_size=3, temperature=temperature)
+    rows = rollout.Rows(model, prompt, features, out.ids, out.mask, 3, temperature, special_token_ids(tok))
+    with torch.no_grad():
+        scored = rows.logprobs(model, 0, out.ids.shape[0], 1024, share_prompt=True)
+    assert int(out.mask.sum()) > 2 * cfg.group_size
+    assert (out.logprobs - scored).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["static", "hf"])
+def test_eval_is_greedy_whatever_the_checkpoint_says(hub_model, demo_data, sampler):
     """Every answer token is the arg-max of the model's own logits (special tokens excluded): no
     repetition penalty, top-k or temperature from generation_config.json."""
     model, processor = load_model(ModelConfig(model=hub_model), trainable=False)
     model.eval()
     prompt = prompts(demo_data, processor, n=4, split="test")
-    ids, _ = generate(model, processor, prompt, max_new_tokens=24)
-    mask = completion_mask(ids, stop_token_ids(processor.tokenizer))
+    out, _ = greedy(model, processor, prompt, max_new_tokens=24, sampler=sampler)
+    ids, mask = out.ids, out.mask
     with torch.no_grad():
         logits = model(input_ids=torch.cat([prompt["input_ids"], ids], 1),
                        attention_mask=torch.cat([prompt["attention_mask"], mask], 1),

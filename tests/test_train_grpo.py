@@ -74,7 +74,8 @@ def test_step_moves_policy_not_reference(demo_data, sft_dir, tmp_path, length_re
     logged = rows[-1]
     for key in ["reward/format", "reward/accuracy", "reward/total", "accuracy", "format_rate", "kl", "clip_frac",
                 "completion_len_mean", "completion_len_max", "truncated_frac", "equal_reward_groups",
-                "gen_tokens_per_s", "train_tokens_per_s", "peak_mem_gib", "eval_accuracy", "eval_format_rate"]:
+                "gen_tokens_per_s", "train_tokens_per_s", "peak_mem_gib", "eval_accuracy", "eval_format_rate",
+                "sampler/logp_gap_mean", "sampler/ratio_max"]:
         assert key in logged, key
 
 
@@ -466,6 +467,17 @@ def test_16_bit_models_run_their_lora_layers_under_autocast(demo_data, tmp_path,
     rows = grpo(demo_data, str(tmp_path / "g"), "init_adapter=null", "reference=base", "rewards={length: 1.0}",
                 "dtype=bf16", "max_steps=1", "merge_for_sampling=false")
     assert dtypes == {torch.bfloat16} and rows[0]["skipped_steps"] == 0
+
+
+def test_the_sampler_trainer_gap_is_logged(demo_data, tmp_path, length_reward):
+    """fp32, LoRA not merged, temperature 0.7: the static sampler's log-probs are the trainer's own, so
+    the gap is float noise; sampler=hf returns no log-probs and logs no gap."""
+    common = ["init_adapter=null", "reference=base", "rewards={length: 1.0}", "max_steps=1", "merge_for_sampling=false",
+              "temperature=0.7"]
+    static = grpo(demo_data, str(tmp_path / "static"), *common)
+    assert static[0]["sampler/logp_gap_mean"] < 1e-5 and 1 <= static[0]["sampler/ratio_max"] < 1 + 1e-4
+    hf = grpo(demo_data, str(tmp_path / "hf"), *common, "sampler=hf")
+    assert "sampler/logp_gap_mean" not in hf[0] and hf[0]["skipped_steps"] == 0
 
 
 # ----------------------------------------------------------------------------------------------
