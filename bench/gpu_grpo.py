@@ -1,11 +1,16 @@
 """GPU benchmark: GRPO steps of Qwen2.5-VL-7B / 3B with random weights, QLoRA, the paper's lengths.
 
-    python bench/gpu_grpo.py --arch 7b                     # our loop: s/step, phases, tokens/s, peak memory
-    python bench/gpu_grpo.py --arch 7b --runs ours trl sft # ... TRL's GRPOTrainer on the same work, one SFT step
-    python bench/gpu_grpo.py --arch 7b --runs trl --json runs/bench/7b-trl.json   # one part per call
+    python bench/gpu_grpo.py --arch 7b --runs sft --json runs/bench/7b-sft.json       # build + load + 20 SFT steps
+    python bench/gpu_grpo.py --arch 7b --runs hf --json runs/bench/7b-hf.json         # GRPO, transformers' generate
+    python bench/gpu_grpo.py --arch 7b --runs static --json runs/bench/7b-static.json # GRPO, sampler.py
+    python bench/gpu_grpo.py --arch 7b --runs graph --json runs/bench/7b-graph.json   # ... its step as a CUDA graph
+    python bench/gpu_grpo.py --arch 7b --runs trl --json runs/bench/7b-trl.json       # TRL's GRPOTrainer
     python bench/gpu_grpo.py --table runs/bench/*.json     # the bench/README.md table from saved results
-    python bench/gpu_grpo.py --arch tiny --steps 2         # the same code on CPU in seconds (tests/test_bench.py)
-    python bench/gpu_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --runs ours sft   # the real checkpoint, by hub id
+    python bench/gpu_grpo.py --arch tiny --steps 2 --runs hf static graph sft   # all of it on CPU in a minute
+    python bench/gpu_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --runs static sft   # the real checkpoint, by hub id
+
+Each part is one call that fits in 10 minutes on one H100 (by estimate: the 7B's GRPO parts are 3 steps of
+2 x 4 completions of 1,024 tokens); bench/gpu_parts.sh runs them all, 3B then 7B, each into its JSON.
 
 The model has the real architecture (layer sizes from the public configs, in ARCHS below) and random
 weights: nothing is downloaded. It is built once in bf16 on the GPU (7B: 16.6 GB), saved in 2 GB
@@ -22,8 +27,12 @@ completion with EOS unsampleable (common.full_length sets min_new_tokens, so eve
 full length), LoRA r=64 on the language model, 4-bit base, gradient checkpointing,
 micro-batches of 4, paged 8-bit AdamW, reference = the base with the adapter disabled (β = 0.04).
 
-Ours is train_grpo.main itself, on a synthetic JSONL; phases are timed by wrapping two of its helpers
-(common.patched): generation = train_grpo.sample_groups, log-prob = train_grpo.logprobs_no_grad
+Ours is train_grpo.main itself, on a synthetic JSONL, with each sampler: `hf` (transformers' generate,
+one shared prefill per group), `static` (sampler.py, cuda_graph=false) and `graph` (sampler.py with its decode
+step recorded as a CUDA graph; where recording fails, e.g. on bitsandbytes 4-bit kernels, it says so in
+one line and the part measures the static sampler again). Phases are timed by wrapping two of its helpers
+(common.patched): generation = train_grpo.sample_groups (s/token = its seconds / completion length),
+log-prob = train_grpo.logprobs_no_grad
 (the reference pass), backward = the rest of the step (vision features, the policy forward and
 backward under checkpointing, the optimizer step). TRL (--runs trl): GRPOTrainer with the same model
 directory, processor, LoRA, lengths and settings (common.make_trl_grpo_trainer); generation =
@@ -37,9 +46,10 @@ must fit on the card, plus ~0.5 GiB of CUDA context); `weights` is what was allo
 model was loaded (ours with its LoRA attached; TRL attaches its own later). On CPU all three are the
 process's peak RSS, which cannot be reset.
 
-On a machine that limits the length of one command, run one part per call (`--runs ours`, then
-`--runs trl`, `--runs sft`) with `--json`: each file holds its part's figures as soon as the part ends,
-and `--table` prints the bench/README.md table from any number of them.
+On a machine that limits the length of one command, run one part per call with `--json`: each file holds
+its part's figures as soon as the part ends, with the GPU's name and the library versions, and `--table`
+prints the bench/README.md table from any number of them. The SFT part: 20 steps of configs/sft.yaml's
+work (micro-batch 2, QLoRA r=64, checkpointing), its load time, s/step and peak memory.
 """
 
 import argparse
@@ -138,6 +148,14 @@ def write_synthetic_data(out_dir: str, model_dir: str, image_px: int, prompt_tok
     return path, n_tokens
 
 
+def versions() -> dict:
+    """What the figures depend on besides the code: the libraries, CUDA, the driver's GPU."""
+    import importlib.metadata
+
+    found = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "peft", "bitsandbytes")}
+    return {**found, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+
+
 def peak_reset():
     gc.collect()
     if torch.cuda.is_available():
@@ -166,17 +184,22 @@ def after_load(fn, out: dict):
     return wrapper
 
 
-def run_ours(model_dir, data, prompt_tokens, new_tokens, steps, out_dir) -> dict:
+# --runs name -> train_grpo's sampler keys
+SAMPLERS = {"hf": ["sampler=hf"], "static": ["sampler=static", "cuda_graph=false"],
+            "graph": ["sampler=static", "cuda_graph=true"]}
+
+
+def run_ours(model_dir, data, prompt_tokens, new_tokens, steps, out_dir, sampler: str) -> dict:
     import train_grpo
 
     generate_s, logprob_s, loaded = [], [], {}
     peak_reset()
     with patched(train_grpo, "sample_groups", lambda fn: timed(fn, generate_s, cuda_sync)), \
             patched(train_grpo, "logprobs_no_grad", lambda fn: timed(fn, logprob_s, cuda_sync)), \
-            patched(train_grpo, "load_model", lambda fn: after_load(fn, loaded)), \
-            patched(train_grpo, "sampling_config", lambda fn: full_length(fn, new_tokens)):
+            patched(train_grpo, "load_model", lambda fn: after_load(fn, loaded)), full_length():
         train_grpo.main([
             os.path.join(ROOT, "configs/grpo.yaml"), f"model={model_dir}", f"output_dir={out_dir}", f"data={data}",
+            *SAMPLERS[sampler],
             "init_adapter=null", "reference=base", f"kl_coef={BETA}", f"num_prompts={NUM_PROMPTS}",
             f"group_size={GROUP_SIZE}", f"micro_batch_size={MICRO_BATCH}", f"max_prompt_len={prompt_tokens}",
             f"max_new_tokens={new_tokens}", f"max_pixels={MAX_PIXELS}", f"lora_r={LORA_R}", f"lora_alpha={LORA_ALPHA}",
@@ -187,7 +210,7 @@ def run_ours(model_dir, data, prompt_tokens, new_tokens, steps, out_dir) -> dict
     rows = read_metrics(out_dir)
     n = NUM_PROMPTS * GROUP_SIZE
     return {"steps": [{"step_s": r["step_s"], "generation_s": g, "logprob_s": lp, "backward_s": r["step_s"] - g - lp,
-                       "completion_len": r["completion_len_mean"],
+                       "completion_len": r["completion_len_mean"], "s_per_token": g / r["completion_len_max"],
                        "gen_tokens_per_s": r["completion_len_mean"] * n / g}
                       for r, g, lp in zip(rows, generate_s, logprob_s)],
             "peak_gib": max(r["peak_mem_gib"] for r in rows), "reserved_gib": memory_gib("reserved"), **loaded}
@@ -206,25 +229,30 @@ def run_trl(model_dir, data, new_tokens, steps, out_dir) -> dict:
         optim="paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch")
     n = NUM_PROMPTS * GROUP_SIZE
     out = [{**r, "logprob_s": r["rollout_s"] - r["generation_s"], "backward_s": r["step_s"] - r["rollout_s"],
+            "s_per_token": r["generation_s"] / r["completion_len"],
             "gen_tokens_per_s": r["completion_len"] * n / r["generation_s"]} for r in train_trl_timed(trainer, lengths, n)]
     result = {"steps": out, "peak_gib": memory_gib("peak"), "reserved_gib": memory_gib("reserved"), **loaded}
     del trainer, model
     return result
 
 
-def run_sft_step(model_dir, data, prompt_tokens, out_dir) -> dict:
-    """Peak memory of one optimizer step of train_sft.main with configs/sft.yaml (micro-batch 2,
-    QLoRA r=64, checkpointing); grad_accum=1, as further micro-batches repeat the same peak."""
+def run_sft(model_dir, data, prompt_tokens, out_dir, steps: int) -> dict:
+    """`steps` optimizer steps of train_sft.main with configs/sft.yaml (micro-batch 2, QLoRA r=64,
+    checkpointing; grad_accum=1, as further micro-batches repeat the same peak): load time, s/step
+    (median after the first), peak memory."""
     import train_sft
 
     peak_reset()
     loaded = {}
     with patched(train_sft, "load_model", lambda fn: after_load(fn, loaded)):
         train_sft.main([os.path.join(ROOT, "configs/sft.yaml"), f"model={model_dir}", f"output_dir={out_dir}",
-                        f"data={data}", "eval_data=null", "max_steps=1", "grad_accum=1", "save_every=0",
+                        f"data={data}", "eval_data=null", f"max_steps={steps}", "grad_accum=1", "save_every=0",
                         "resume=none", f"max_pixels={MAX_PIXELS}", f"max_len={prompt_tokens + 256}",
                         f"optimizer={'paged_adamw_8bit' if torch.cuda.is_available() else 'adamw'}"])
-    return {"peak_gib": memory_gib("peak"), "reserved_gib": memory_gib("reserved"), **loaded}
+    rows = read_metrics(out_dir)
+    tokens = [r["tokens_per_s"] for r in rows[1:] or rows]
+    return {"peak_gib": memory_gib("peak"), "reserved_gib": memory_gib("reserved"), "sft_steps": len(rows),
+            "sft_tokens_per_s": median(tokens), **loaded}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,39 +274,43 @@ def print_phases(result: dict):
         rows = [row("s/step (median)", "step_s"), row("  generation", "generation_s"),
                 row("  log-prob (reference, no grad)", "logprob_s"),
                 row("  backward (policy fwd+bwd, optimizer)", "backward_s"),
+                row("generation s/token", "s_per_token"),
                 row("generation tokens/s", "gen_tokens_per_s"), row("completion tokens (mean)", "completion_len"),
                 (memory, *[r["peak_gib"] for r in runs.values()])]
         if not cpu:
             rows += [("peak GPU memory reserved (GiB)", *[r["reserved_gib"] for r in runs.values()]),
                      ("weights after loading (GiB)", *[r["weights_gib"] for r in runs.values()])]
         print_table(rows + [("model load (s)", *[r["load_s"] for r in runs.values()])], header=("", *runs))
-    if "ours" in runs and "TRL" in runs:
-        ratio = median(s["step_s"] for s in runs["ours"]["steps"][w:]) / \
-            median(s["step_s"] for s in runs["TRL"]["steps"][w:])
-        print(f"ours / TRL seconds per step = {ratio:.3f} (lower is better for us)")
+    for name in [n for n in runs if n != "TRL"]:
+        if "TRL" in runs:
+            ratio = median(s["step_s"] for s in runs[name]["steps"][w:]) / \
+                median(s["step_s"] for s in runs["TRL"]["steps"][w:])
+            print(f"{name} / TRL seconds per step = {ratio:.3f} (lower is better for us)")
     if "sft" in result["runs"]:
-        print(f"SFT step (configs/sft.yaml: micro-batch 2, QLoRA r=64, checkpointing): {memory} = "
-              f"{result['runs']['sft']['peak_gib']:.2f}")
+        sft = result["runs"]["sft"]
+        print(f"SFT, {sft['sft_steps']} steps (configs/sft.yaml: micro-batch 2, QLoRA r=64, checkpointing): "
+              f"{sft['sft_tokens_per_s']:.0f} tokens/s, load {sft['load_s']:.1f} s, {memory} = {sft['peak_gib']:.2f}")
 
 
 def print_readme_table(paths: list[str]):
     """One markdown row per run in the saved results (--json files), in bench/README.md's columns."""
     print("| date | GPU | model | run | quantisation | G x prompts | prompt + new tokens | peak GiB allocated "
-          "(reserved) | s/step | generation tok/s | command |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "(reserved) | s/step | generation ms/token | generation tok/s | command |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         with open(path) as f:
             result = json.load(f)
         for name, r in result["runs"].items():
-            if name == "sft":  # one step of configs/sft.yaml on the same prompts, with their short answers
-                work, speed = ("SFT, micro-batch 2", f"{result['prompt_tokens']:,} + answer"), ("", "")
+            if name == "sft":  # configs/sft.yaml's steps on the same prompts, with their short answers
+                work, speed = ("SFT, micro-batch 2", f"{result['prompt_tokens']:,} + answer"), ("", "", "")
             else:
                 steps = r["steps"][result["warmup"]:]
                 work = (f"{GROUP_SIZE} x {NUM_PROMPTS}", f"{result['prompt_tokens']:,} + {result['new_tokens']:,}")
                 speed = (f"{median(s['step_s'] for s in steps):.1f}",
+                         f"{1000 * median(s['s_per_token'] for s in steps):.1f}",
                          f"{median(s['gen_tokens_per_s'] for s in steps):.0f}")
             print(f"| {result['date']} | {result['device']} | {result['arch']} | {name} | NF4, LoRA r={LORA_R} | "
-                  f"{work[0]} | {work[1]} | {r['peak_gib']:.1f} ({r['reserved_gib']:.1f}) | {speed[0]} | {speed[1]} | "
+                  f"{work[0]} | {work[1]} | {r['peak_gib']:.1f} ({r['reserved_gib']:.1f}) | {' | '.join(speed)} | "
                   f"`{result['command']}` |")
 
 
@@ -287,8 +319,10 @@ def main(argv=None):
     p.add_argument("--arch", choices=list(ARCHS), default="7b")
     p.add_argument("--model", default=None, help="a real checkpoint (hub id or local directory) instead of random "
                    "weights of --arch, which then only sets the work's default sizes")
-    p.add_argument("--runs", nargs="+", choices=["ours", "trl", "sft"], default=["ours"],
-                   help="ours: our GRPO loop; trl: TRL's GRPOTrainer (bench/requirements.txt); sft: one SFT step")
+    p.add_argument("--runs", nargs="+", choices=[*SAMPLERS, "trl", "sft"], default=["static"],
+                   help="hf | static | graph: our GRPO loop with that sampler; trl: TRL's GRPOTrainer "
+                   "(bench/requirements.txt); sft: --sft-steps SFT steps")
+    p.add_argument("--sft-steps", type=int, default=20)
     p.add_argument("--steps", type=int, default=None, help="GRPO steps per run (default: 3; tiny 2)")
     p.add_argument("--warmup", type=int, default=1, help="first steps left out of s/step")
     p.add_argument("--image-px", type=int, default=None)
@@ -310,7 +344,8 @@ def main(argv=None):
     result = {"date": time.strftime("%Y-%m-%d"), "arch": args.model or args.arch, "steps": steps,
               "warmup": args.warmup if steps > args.warmup else 0, "image_px": image_px, "new_tokens": new_tokens,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (1 thread)",
-              "command": "python bench/gpu_grpo.py " + " ".join(sys.argv[1:] if argv is None else argv), "runs": {}}
+              "command": "python bench/gpu_grpo.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "versions": versions(), "runs": {}}
 
     def save():
         if args.json:
@@ -324,12 +359,12 @@ def main(argv=None):
                                                              prompt_tokens)
         for name in args.runs:  # in the order given; each saved as soon as it ends
             out = os.path.join(tmp, name)
-            if name == "ours":
-                result["runs"]["ours"] = run_ours(model_dir, data, result["prompt_tokens"], new_tokens, steps, out)
+            if name in SAMPLERS:
+                result["runs"][name] = run_ours(model_dir, data, result["prompt_tokens"], new_tokens, steps, out, name)
             elif name == "trl":
                 result["runs"]["TRL"] = run_trl(model_dir, data, new_tokens, steps, out)
             else:
-                result["runs"]["sft"] = run_sft_step(model_dir, data, result["prompt_tokens"], out)
+                result["runs"]["sft"] = run_sft(model_dir, data, result["prompt_tokens"], out, args.sft_steps)
             save()
     print_phases(result)
 

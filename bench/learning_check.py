@@ -4,9 +4,11 @@
     python bench/learning_check.py --seeds 0 --out runs/check
 
 For each seed: SFT (configs/demo_sft.yaml, seed=s) -> GRPO (configs/demo_grpo.yaml, seed=s) and greedy
-test accuracy of the base model, the SFT model and SFT+GRPO on the demo test split. Runs are resumable
-(each stage skips what its output_dir already holds). Extra `key=value` arguments go to both training
-scripts' configs, e.g. `max_steps=...` is better given per stage with --sft/--grpo.
+test accuracy of the base model, the SFT model and SFT+GRPO on the demo test split, and the GRPO stage's
+wall time. Runs are resumable (each stage skips what its output_dir already holds). Extra `key=value`
+arguments go to each stage with --sft / --grpo / --eval, e.g. the sampler against its reference:
+
+    python bench/learning_check.py --out runs/check_hf --grpo sampler=hf --eval sampler=hf
 """
 
 import argparse
@@ -15,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -24,10 +27,11 @@ def script(*args: str):
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
 
 
-def accuracy(out_dir: str, **keys) -> float:
+def accuracy(out_dir: str, extra: list[str], **keys) -> float:
     path = os.path.join(out_dir, "metrics.json")
     if not os.path.isfile(path):
-        script("eval.py", "configs/demo_eval.yaml", f"output_dir={out_dir}", *[f"{k}={v}" for k, v in keys.items()])
+        script("eval.py", "configs/demo_eval.yaml", f"output_dir={out_dir}", *[f"{k}={v}" for k, v in keys.items()],
+               *extra)
     with open(path) as f:
         return 100 * json.load(f)["accuracy"]
 
@@ -38,6 +42,7 @@ def main():
     p.add_argument("--out", default="runs/learning_check")
     p.add_argument("--sft", nargs="*", default=[], help="extra key=value for train_sft.py")
     p.add_argument("--grpo", nargs="*", default=[], help="extra key=value for train_grpo.py")
+    p.add_argument("--eval", nargs="*", default=[], help="extra key=value for eval.py")
     args = p.parse_args()
 
     rows = []
@@ -46,19 +51,24 @@ def main():
         sft_dir, grpo_dir = os.path.join(root, "sft"), os.path.join(root, "grpo")
         if not os.path.isfile(os.path.join(sft_dir, "config.json")):
             script("train_sft.py", "configs/demo_sft.yaml", f"seed={seed}", f"output_dir={sft_dir}", *args.sft)
+        grpo_s = None  # the GRPO stage's wall time, start-up included (when it ran in this call)
         if not os.path.isfile(os.path.join(grpo_dir, "adapter_config.json")):
+            start = time.perf_counter()
             script("train_grpo.py", "configs/demo_grpo.yaml", f"seed={seed}", f"init_adapter={sft_dir}",
                    f"output_dir={grpo_dir}", *args.grpo)
+            grpo_s = round(time.perf_counter() - start, 1)
         # the base model of the demo is the random-init tiny-small of the same seed
-        row = {"seed": seed, "base": accuracy(os.path.join(root, "eval_base"), seed=seed),
-               "sft": accuracy(os.path.join(root, "eval_sft"), model=sft_dir),
-               "grpo": accuracy(os.path.join(root, "eval_grpo"), model=sft_dir, adapter=grpo_dir)}
+        row = {"seed": seed, "base": accuracy(os.path.join(root, "eval_base"), args.eval, seed=seed),
+               "sft": accuracy(os.path.join(root, "eval_sft"), args.eval, model=sft_dir),
+               "grpo": accuracy(os.path.join(root, "eval_grpo"), args.eval, model=sft_dir, adapter=grpo_dir),
+               "grpo_s": grpo_s}
         rows.append(row)
         print(json.dumps(row))
 
-    print("\n| seed | base | SFT | GRPO | GRPO - SFT |\n|---|---|---|---|---|")
+    print("\n| seed | base | SFT | GRPO | GRPO - SFT | GRPO stage (s) |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['seed']} | {r['base']:.1f} | {r['sft']:.1f} | {r['grpo']:.1f} | {r['grpo'] - r['sft']:+.1f} |")
+        print(f"| {r['seed']} | {r['base']:.1f} | {r['sft']:.1f} | {r['grpo']:.1f} | {r['grpo'] - r['sft']:+.1f} "
+              f"| {r['grpo_s'] if r['grpo_s'] is not None else '(earlier run)'} |")
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("base", "sft", "grpo")}
     print(f"| mean | {mean['base']:.1f} | {mean['sft']:.1f} | {mean['grpo']:.1f} | {mean['grpo'] - mean['sft']:+.1f} |")
     gains = [r["grpo"] - r["sft"] for r in rows]

@@ -110,7 +110,8 @@ def pick(logits, temperature: float, top_p: float, suppressed: torch.Tensor):
     """(N, V) logits -> the next token of each row and its log-prob under softmax(logits / temperature)
     without the suppressed ids (the full softmax, also with top_p < 1: what the trainer scores).
     Sampling stays on the device: argmax of p_i / E_i with E_i ~ Exp(1) picks i with probability
-    p_i / sum(p) (the smallest of independent exponential clocks E_i / p_i rings first)."""
+    p_i / sum(p) (the smallest of independent exponential clocks E_i / p_i rings first); E_i = -log U_i
+    with U_i uniform, which on a CPU is twice as fast as exponential_()."""
     logits = logits.float().index_fill(-1, suppressed, float("-inf"))
     if temperature == 0:
         token, logp = logits.argmax(-1), logits.log_softmax(-1)  # greedy; log-probs of the plain model
@@ -121,7 +122,7 @@ def pick(logits, temperature: float, top_p: float, suppressed: torch.Tensor):
             sorted_p, order = probs.sort(-1, descending=True)
             sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        token = (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+        token = (probs / torch.rand_like(probs).log_().neg_()).argmax(-1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
@@ -162,28 +163,28 @@ def static_sample(model, prompt, features, group_size, max_new_tokens, temperatu
     done = torch.isin(token, stops)  # (N,) rows that have written their stop token
     mask_of = _mask_builder(base.config._attn_implementation, layers[0].keys.dtype)
 
-    def step():  # token t is given; write its keys/values, pick token t + 1
+    def step():  # token t is given; write its keys/values, pick token t + 1 (under the loop's autocast)
         allowed.index_fill_(1, index, True)
-        with autocast(model):
-            hidden = text_model(inputs_embeds=text_model.embed_tokens(token[:, None]),
-                                attention_mask={"full_attention": mask_of(allowed)},
-                                position_ids=position.view(1, N, 1).expand(3, N, 1), past_key_values=cache,
-                                use_cache=True).last_hidden_state[:, -1]
-            new_token, new_logp = pick(base.lm_head(hidden), temperature, top_p, suppressed)
+        hidden = text_model(inputs_embeds=text_model.embed_tokens(token[:, None]),
+                            attention_mask={"full_attention": mask_of(allowed)},
+                            position_ids=position.view(1, N, 1).expand(3, N, 1), past_key_values=cache,
+                            use_cache=True).last_hidden_state[:, -1]
+        new_token, new_logp = pick(base.lm_head(hidden), temperature, top_p, suppressed)
         token.copy_(new_token.masked_fill(done, pad_id))
         logp.copy_(new_logp.masked_fill(done, 0.0))
         done.logical_or_(torch.isin(token, stops))
         index.add_(1)
         position.add_(1)
 
-    run_step = captured(step, (token, logp, done, index, position, allowed)) if cuda_graph else step
     ids = torch.full((N, T), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, T, device=device)
-    for t in range(T):
-        ids[:, t], logprobs[:, t] = token, logp
-        if t + 1 == T or bool(done.all()):  # one sync a token: stop as soon as every row has
-            break
-        run_step()
+    with autocast(model):
+        run_step = captured(step, (token, logp, done, index, position, allowed)) if cuda_graph else step
+        for t in range(T):
+            ids[:, t], logprobs[:, t] = token, logp
+            if t + 1 == T or bool(done.all()):  # one sync a token: stop as soon as every row has
+                break
+            run_step()
     return ids[:, :t + 1], logprobs[:, :t + 1]
 
 
