@@ -230,7 +230,8 @@ def run_trl(model_dir, data, new_tokens, steps, out_dir) -> dict:
     n = NUM_PROMPTS * GROUP_SIZE
     out = [{**r, "logprob_s": r["rollout_s"] - r["generation_s"], "backward_s": r["step_s"] - r["rollout_s"],
             "s_per_token": r["generation_s"] / r["completion_len"],
-            "gen_tokens_per_s": r["completion_len"] * n / r["generation_s"]} for r in train_trl_timed(trainer, lengths, n)]
+            "gen_tokens_per_s": r["completion_len"] * n / r["generation_s"]}
+           for r in train_trl_timed(trainer, lengths, n)]
     result = {"steps": out, "peak_gib": memory_gib("peak"), "reserved_gib": memory_gib("reserved"), **loaded}
     del trainer, model
     return result

@@ -4,14 +4,37 @@ commit to, and is that the record's answer. Every reward and eval.py read answer
     <think>the stain is brown</think><answer>A) brown</answer>
 
 The completion is the policy's untrusted text: a policy optimised against this parser will look for any
-loophole, so a hedge, a list of letters or a negated option commits to nothing.
+loophole, so a hedge, a list of letters or a negated option commits to nothing. Untrusted text is put into
+one canonical form (`canonical`) before the format check, this parser and every judge read it.
 """
 
 import re
+import unicodedata
 from collections import Counter
 
 from pathvlm import openqa
 from pathvlm.records import LETTERS, Record
+
+
+# ----------------------------------------------------------------------------------------------
+# One normalisation of untrusted text: rewards.score_completions and evaluation.score apply it to every
+# completion before anything reads it, and the parser's comparisons apply it to option texts.
+
+LINE_BREAKS = str.maketrans({"\u2028": "\n", "\u2029": "\n", "\u0085": "\n"})
+TAG_NAME_RE = re.compile(r"<\s*(/?)\s*(think|answer)\s*>", re.IGNORECASE)
+
+
+def canonical(text: str) -> str:
+    """The text as every reader sees it: Unicode NFKC (fullwidth "Ｂ" is "B", "ﬁ" is "fi"), format
+    characters removed (Unicode category Cf: zero-width spaces and joiners, bidi marks, soft hyphens),
+    U+2028, U+2029 and U+0085 as line breaks, and the tags written <think>, </answer> whatever their case or
+    inner spaces. Without it a zero-width space inside "</answer>" or a fullwidth letter is read one way by
+    the format check, another by the parser and a third by a judge."""
+    if not isinstance(text, str):
+        return text
+    text = unicodedata.normalize("NFKC", text).translate(LINE_BREAKS)
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return TAG_NAME_RE.sub(lambda m: f"<{m.group(1)}{m.group(2).lower()}>", text)
 
 
 FORMAT_RE = re.compile(r"^\s*<think>(?P<think>.+?)</think>\s*<answer>(?P<answer>.+?)</answer>\s*$", re.DOTALL)
@@ -26,8 +49,10 @@ LETTER_RE = re.compile(r"^\(?\s*([A-Za-z])\s*(?:\)|\.|:|$)\s*(.*)$", re.DOTALL)
 # is not one: "a" is the article in "C) a mixed stain".
 MARKER_RE = re.compile(r"(?<![\w'’])(?:\(\s*([A-Za-z])\s*\)|([A-Za-z])\s*\)|([A-Za-z])[.:](?!\w)"
                        r"|([A-Z])(?![\w'’]))")
-NEGATION_RE = re.compile(r"\b(?:not|no|neither|nor|none|never|except|excluding|excluded|rather than|instead of|"
-                         r"other than|ruled out|unlikely|incorrect|wrong)\b|\b\w+n['’]t\b")
+# one list of negations for the parser and the rule judge: "without", "absent" and the prefix "non-" included
+NEGATION_WORDS = (r"not|no|neither|nor|none|never|except|excluding|excluded|rather than|instead of|other than|"
+                  r"ruled out|unlikely|incorrect|wrong|without|absent|lacks?|lacking|non")
+NEGATION_RE = re.compile(rf"\b(?:{NEGATION_WORDS})\b|\b\w+n['’]t\b", re.IGNORECASE)
 
 
 def is_well_formed(completion: str) -> bool:
@@ -40,7 +65,7 @@ def is_well_formed(completion: str) -> bool:
 
 
 def _norm(text: str) -> str:
-    return " ".join(text.lower().split()).strip(" .;,")
+    return " ".join(canonical(text).lower().split()).strip(" .;,")
 
 
 def parse_answer(completion: str, options: list[str]) -> str | None:

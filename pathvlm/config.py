@@ -292,6 +292,9 @@ class GRPOConfig(JudgeConfig, SamplerConfig, TrainConfig):
     # the accuracy reward on an open question (no options; rewards.open_answer_reward_scores): exact (after
     # openqa.normalise) | f1 (token F1, partial credit) | judged (equivalence by the judge: api | self | rule)
     open_answer_reward: str = "exact"
+    # judge=rule checks the image statement only against a record's image_facts (the demo's): on records without
+    # them a content-free template earns the image step, so GRPO refuses the pair unless this says to go on
+    rule_judge_without_image_facts: bool = False
     # objective (grpo.py)
     scale_rewards: str = "group"  # group | batch | none
     skip_equal_groups: bool = False  # drop groups whose rewards are all equal (their advantage is 0)

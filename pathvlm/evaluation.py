@@ -15,7 +15,7 @@ from PIL import Image
 
 from pathvlm import openqa
 from pathvlm.allowed import IMAGE_CONTROLS
-from pathvlm.answers import THINK_RE, is_well_formed, parse_answer, parse_open_answer
+from pathvlm.answers import THINK_RE, canonical, is_well_formed, parse_answer, parse_open_answer
 from pathvlm.images import open_image
 from pathvlm.records import KINDS, LETTERS, Record, image_path, load_split, prompt_messages
 
@@ -119,7 +119,9 @@ def control_sets(full_sets: dict[str, list[Record]], controls: list[str], seed: 
 def score(completion: str, record: Record) -> dict:
     """An empty or unparseable completion is a wrong answer (parsed None), never an error.
     closed: parsed is the chosen letter. open: parsed is the answer's text; correct is an exact match after
-    openqa.normalise, f1 and recall are token F1 and recall against the best reference (openqa.py)."""
+    openqa.normalise, f1 and recall are token F1 and recall against the best reference (openqa.py).
+    The completion is read in answers.canonical form, as the rewards read it in training."""
+    completion = canonical(completion)
     if record.options:
         parsed = parse_answer(completion, record.options)
         return {"kind": "closed", "parsed": parsed, "correct": parsed is not None and parsed == record.answer}
@@ -170,7 +172,7 @@ def set_metrics(predictions: list[dict], records: list[Record] | None = None) ->
     ci_low, ci_high = wilson_interval(correct, n)
     metrics = {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "ci_low": ci_low,
                "ci_high": ci_high,
-               "format_rate": sum(is_well_formed(p["completion"]) for p in predictions) / n if n else 0.0,
+               "format_rate": sum(is_well_formed(canonical(p["completion"])) for p in predictions) / n if n else 0.0,
                "unparseable": sum(p["parsed"] is None for p in predictions),
                "mean_completion_tokens": sum(p["completion_tokens"] for p in predictions) / n if n else 0.0}
     metrics.update(kind_metrics(predictions))

@@ -5,6 +5,7 @@ path, and a traceback would only bury it. The model name itself is checked by mo
 
 import os
 import sys
+from collections import Counter
 
 from pathvlm.config import EvalConfig, GRPOConfig, SFTConfig
 from pathvlm.errors import BadInput, InputError, MissingInput  # noqa: F401  (the scripts catch InputError)
@@ -37,6 +38,8 @@ def check_inputs(cfg) -> dict[str, dict[str, int]]:
             splits["eval_data"] = cfg.eval_data, check_split("eval_data", cfg.eval_data)
         # train_grpo.py takes a finetune=full SFT model as its base (the demo's path)
         check_adapter("init_adapter", cfg.init_adapter, full_model_ok=isinstance(cfg, GRPOConfig))
+    if isinstance(cfg, GRPOConfig):
+        check_rule_judge_scope(cfg)
     if getattr(cfg, "judge", "none") == "api" and not os.environ.get(cfg.judge_api_key_env):
         raise BadInput(f"judge=api reads its key from the environment variable {cfg.judge_api_key_env}, which is not "
                        f"set: export {cfg.judge_api_key_env}=... (or judge=self | rule)")
@@ -45,6 +48,23 @@ def check_inputs(cfg) -> dict[str, dict[str, int]]:
             counts = ", ".join(f"{kind} {n}" for kind, n in kinds.items())
             print(f"key '{key}': {path}: {sum(kinds.values())} records, {counts}")
     return {key: kinds for key, (_, kinds) in splits.items()}
+
+
+def check_rule_judge_scope(cfg):
+    """The rule judge is the demo's judge: it checks what a reasoning says about the image only against the
+    record's image_facts. Trained against it on records without them, a policy is paid the image step for any
+    sentence shaped like an image statement; refused unless rule_judge_without_image_facts says to go on."""
+    if cfg.judge != "rule" or "process" not in cfg.rewards or cfg.rule_judge_without_image_facts:
+        return
+    from pathvlm.records import load_split
+
+    records = load_split(cfg.data)
+    lacking = [r for r in records if not r.image_facts]
+    if lacking:
+        raise BadInput(f"judge=rule: {len(lacking)} of {len(records)} records in {cfg.data} carry no image_facts "
+                       f"(e.g. '{lacking[0].id}'), so the rule judge cannot check what their reasoning says about "
+                       "the image, and a content-free template would earn the image step. Use judge=api | self, or "
+                       "rule_judge_without_image_facts=true to train against the rule judge anyway (docs/judges.md)")
 
 
 def check_device(device: str):
@@ -86,7 +106,7 @@ def check_split(key: str, path: str) -> dict[str, int]:
     them; open: a reference answer; an image that decodes to the end with an aspect ratio the processor takes).
     Images outside the split's folder (absolute, ../, a symlink) are allowed in a split written by hand, with a
     note: the API judge uploads them. Returns how many records of each kind it holds: {"closed": n, "open": m}."""
-    from pathvlm.records import KINDS, check_records, load_split
+    from pathvlm.records import KINDS, check_records, load_split, text_warnings
 
     try:
         records = load_split(path)
@@ -115,6 +135,10 @@ def check_split(key: str, path: str) -> dict[str, int]:
         raise BadInput(f"key '{key}': {path}: {len(bad)} of {len(records)} records cannot be used ({'; '.join(bad[:3])}"
                        f"{' ...' if len(bad) > 3 else ''}); the data preparers drop such records (and list them in "
                        "report.json): re-run the preparation or fix the file")
+    warned = Counter(w for r in records for w in text_warnings(r))
+    for warning, n in warned.items():
+        print(f"warning: key '{key}': {n} of {len(records)} records in {path} have {warning}; the model sees it as "
+              "written, a judge as escaped JSON", file=sys.stderr)
     return {kind: sum(r.kind == kind for r in records) for kind in KINDS}
 
 

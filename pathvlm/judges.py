@@ -11,8 +11,10 @@ RuleJudge  (rule_judge.py) rules for the process-reward rubric and eval.py's rea
            which check the reasoning's statement about the image against what the image measures
            (record.image_facts) where a preparer gives it: no model, no cost.
 
-A judge's replies are untrusted text read by verdicts.parse_scores (the last JSON object, in range, or nothing); a
-judge that fails is counted (JudgeStats), printed at first, and stops the run past a share (judge_down).
+A judge's replies are untrusted text read by verdicts.parse_scores (the whole reply one JSON object with exactly the
+rubric's keys, each in [0, 1], or nothing); an API judge is asked for that object by its JSON schema
+(response_format), and for plain JSON once its server refuses that. A judge that fails is counted (JudgeStats),
+printed at first, and stops the run past a share (judge_down).
 """
 
 import base64
@@ -21,13 +23,14 @@ import json
 import mimetypes
 import os
 import random
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from pathvlm.errors import InputError
 from pathvlm.rule_judge import RuleJudge
-from pathvlm.verdicts import JudgeRequest, JudgeStats
+from pathvlm.verdicts import JudgeRequest, JudgeStats, verdict_schema
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,6 +67,7 @@ class APIJudge:
         # max_retries=0: our loop owns retries, so it can count them and back off across threads
         self.client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
         self.stats = JudgeStats()
+        self.structured = True  # ask for the verdict's JSON schema until the server refuses it
 
     def __repr__(self):  # never shows the key
         return f"APIJudge(model={self.model!r}, base_url={self.base_url!r}, cache_dir={self.cache_dir!r})"
@@ -112,8 +116,7 @@ class APIJudge:
                 break
             self.stats.add(calls=1)
             try:
-                response = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
-                                                               max_tokens=self.max_tokens, timeout=min(self.timeout, left))
+                response = self._create(messages, r.keys, min(self.timeout, left))
             except openai.APIStatusError as e:
                 if e.status_code in self.FATAL_STATUS:
                     raise JudgeRefused(f"judge API at {self.base_url} answered HTTP {e.status_code} "
@@ -136,6 +139,30 @@ class APIJudge:
                 break  # asking again would not change it
         self.stats.fail(f"request failed: {why}")
         return None
+
+    def _create(self, messages: list[dict], keys: tuple[str, ...], timeout: float):
+        """One chat completion, asked for the verdict's JSON schema while the server takes it. A server that
+        answers a schema with HTTP 400 or 422 is asked again at once without it, and from then on (noted once)."""
+        import openai
+
+        ask = dict(model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens, timeout=timeout)
+        if self.structured and keys:
+            try:
+                return self.client.chat.completions.create(**ask, response_format=verdict_schema(keys))
+            except openai.APIStatusError as e:
+                if e.status_code not in (400, 422):
+                    raise
+                self._refuse_schema(e.status_code)
+        return self.client.chat.completions.create(**ask)
+
+    def _refuse_schema(self, status: int):
+        with self.stats._lock:
+            first, self.structured = self.structured, False
+        if first:
+            self.stats.add(schema_refused=1)
+            print(f"judge: {self.base_url} answered HTTP {status} to a request for structured output (response_format "
+                  "json_schema); asking for plain JSON verdicts from now on, read by the same strict protocol",
+                  file=sys.stderr, flush=True)
 
     def _content(self, response) -> tuple[str | None, str]:
         """(the reply's text, "") from a chat completion, or (None, why) for anything else a server may
@@ -162,7 +189,7 @@ class APIJudge:
             with open(r.image, "rb") as f:
                 image_sha = hashlib.sha256(f.read()).hexdigest()
         blob = json.dumps({"model": self.model, "system": r.system, "user": r.user, "image_sha256": image_sha,
-                           "temperature": 0, "max_tokens": self.max_tokens}, sort_keys=True)
+                           "temperature": 0, "max_tokens": self.max_tokens, "keys": list(r.keys)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _cache_path(self, key: str) -> str:

@@ -54,12 +54,13 @@ def singular(word: str) -> str:
 
 
 def normalise(text: str) -> str:
-    """Lower case; accents off (é -> e, æ -> ae); punctuation to spaces except a decimal point (2.5), and
-    no thousands separator (1,000 -> 1000); articles dropped; numbers written out up to twenty as digits;
-    each word singular.
+    """Lower case; accents off (é -> e, æ -> ae) but letters of every script kept (α, β, л: "α-actinin" and
+    "β-actinin" are two answers, and a negation in another script stays a word); punctuation to spaces
+    except a decimal point (2.5), and no thousands separator (1,000 -> 1000); articles dropped; numbers
+    written out up to twenty as digits; each word singular.
     "The Granulomas." -> "granuloma", "Two nuclei" -> "2 nucleus"."""
-    text = (text or "").lower().replace("æ", "ae").replace("œ", "oe")
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = unicodedata.normalize("NFKC", text or "").lower().replace("æ", "ae").replace("œ", "oe")
+    text = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
     text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,000 -> 1000
     text = re.sub(r"(?<=\d)\.(?=\d)", "\0", text)  # 2.5 kept whole through the punctuation pass
     text = re.sub(r"[^\w\s\0]|_", " ", text).replace("\0", ".")

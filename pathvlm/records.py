@@ -17,6 +17,7 @@ import json
 import os
 import string
 import typing
+import unicodedata
 from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
@@ -216,6 +217,29 @@ def check_fields(record: Record, seen_ids: set) -> str | None:
     return None
 
 
+# Characters that change how a text is laid out or read without being seen: control characters (a newline in an
+# option shows the model a phantom option line, "D) purple"), and the line and paragraph separators.
+HIDDEN_LAYOUT = {"\u2028", "\u2029", "\u0085"}
+
+
+def text_warnings(record: Record) -> list[str]:
+    """What a usable record's text holds that a reader should know of (warned and counted, not dropped): a
+    line break or control character in an option, or a control character in the question (line breaks in a
+    question are text layout). A judge sees all of it as JSON, escaped (verdicts.json_block)."""
+    found = []
+
+    def hidden(text: str, allow_newline: bool) -> bool:
+        return any((unicodedata.category(ch) == "Cc" and not (allow_newline and ch in "\n\t\r"))
+                   or ch in HIDDEN_LAYOUT for ch in text)
+    if isinstance(record.question, str) and hidden(record.question, allow_newline=True):
+        found.append("a control character in the question")
+    for option in record.options if isinstance(record.options, list) else []:
+        if isinstance(option, str) and hidden(option, allow_newline=False):
+            found.append("a line break or control character in an option")
+            break
+    return found
+
+
 def check_record(record: Record, root: str, seen_ids: set) -> str | None:
     """Why a record cannot be used, or None. `root` is the directory its image path is relative to."""
     return check_fields(record, seen_ids) or check_image(record, root)
@@ -255,6 +279,7 @@ class SplitWriter:
         self.out_dir = out_dir
         self.splits: dict[str, list[Record]] = {}
         self.skipped: list[dict] = []
+        self.warnings: Counter = Counter()  # records kept with text_warnings, by warning
         self.seen: set[str] = set()
         os.makedirs(out_dir, exist_ok=True)
 
@@ -266,6 +291,7 @@ class SplitWriter:
         if reason:
             self.skip(record.id, reason)
             return False
+        self.warnings.update(text_warnings(record))
         self.seen.add(record.id)
         self.splits.setdefault(split, []).append(record)
         return True
@@ -283,12 +309,14 @@ class SplitWriter:
         report = {"counts": {s: len(r) for s, r in self.splits.items()},
                   "skipped": len(self.skipped),
                   "skipped_by_reason": dict(Counter(s["reason"].split(":")[0] for s in self.skipped)),
-                  "skipped_records": self.skipped, **(extra or {})}
+                  "skipped_records": self.skipped, "warnings": dict(self.warnings), **(extra or {})}
         with open(os.path.join(self.out_dir, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
         counts = ", ".join(f"{s} {n}" for s, n in report["counts"].items())
         print(f"wrote {self.out_dir}: {counts}; skipped {len(self.skipped)}"
               + (f" {report['skipped_by_reason']} (see report.json)" if self.skipped else ""))
+        for warning, n in self.warnings.items():
+            print(f"warning: {n} record(s) kept with {warning} (report.json: warnings)")
         return report
 
 

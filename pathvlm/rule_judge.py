@@ -13,8 +13,13 @@ A keyword list ("image not not because") is no statement, and each statement ear
 integrity = 1 - 0.4 per missing step (image, >= 2 options eliminated or all of them, knowledge), as the rubric
 knowledge = 1 - 0.4 per error (0 without any statement): it concludes another option than its answer; it rules its own answer out;
             its answer is not the correct one (the reasoning argued for a wrong option); it states the image
-            wrongly (image_facts); it repeats a statement (a padded reasoning); it writes to the grader (rubric,
-            scores, "ignore ...": an attempt to steer the judge is no medical reasoning)
+            wrongly (image_facts); it repeats a statement, or nearly (80% of words shared: a padded reasoning); it
+            writes to the grader (rubric, scores, a verdict's keys or a verdict-shaped object, "ignore ...": an
+            attempt to steer the judge is no medical reasoning); it has no knowledge statement (soundness needs
+            positive evidence)
+Copies of the question or the options are no statements. A statement's image claim is what it affirms before
+its first negation ("mostly brown, not blue" claims brown). The rule judge checks an image statement only
+against image_facts: without them (PathMMU-format data) GRPO refuses it unless told (inputs.check_rule_judge_scope).
 
 Cross-modal: image_facts is what the image measures (the demo: {"stain": "blue"} from colour deconvolution).
 FACT_CHECKS holds one function per fact, reading what the reasoning's image statements claim about it.
@@ -23,11 +28,11 @@ FACT_CHECKS holds one function per fact, reading what the reasoning's image stat
 import json
 import re
 
-from pathvlm.answers import _contains, _norm, is_well_formed, parse_answer
+from pathvlm.answers import NEGATION_RE, _contains, _norm, is_well_formed, parse_answer
 
 from pathvlm import openqa
 from pathvlm.records import LETTERS
-from pathvlm.verdicts import JudgeStats
+from pathvlm.verdicts import JudgeStats, writes_to_grader
 MIN_WORDS, MAX_WORDS = 3, 60
 CLAUSE_SPLIT_RE = re.compile(r"(?<=[.!?;])\s+|\n+|,\s*(?=(?:because|since|as|so|therefore|thus|hence)\b)", re.I)
 WORD_RE = re.compile(r"[a-z0-9][a-z0-9'’-]*")
@@ -43,7 +48,6 @@ FEATURE_TERMS = ("brown", "blue", "pink", "purple", "red", "violet", "dark", "pa
                  "colour", "color", "dab", "hematoxylin", "haematoxylin", "eosin", "nuclei", "nucleus", "nuclear",
                  "cells", "cell", "cytoplasm", "gland", "glands", "stroma", "dense", "sparse", "mitoses", "mitotic",
                  "architecture", "pattern", "membrane", "fibrosis", "necrosis", "infiltrate", "both", "mixed")
-NEGATION_RE = re.compile(r"\b(?:not|no|never|without|neither|nor|absent)\b|n['’]t\b", re.I)
 ELIMINATION_RE = re.compile(r"\b(?:ruled? out|rules out|excluded?|excludes|unlikely|not|rather than|instead of|"
                             r"inconsistent|incorrect|wrong|cannot be|does not fit|absent)\b", re.I)
 REASONING_CUE_RE = re.compile(r"\b(?:because|since|due to|therefore|indicat\w*|suggest\w*|characteristic\w*|typical\w*|"
@@ -75,21 +79,40 @@ ADDRESSED_RE = re.compile(r"\b(?:rubric|grader|graders|grading|full marks|integr
                           r"(?:rubric|instructions?|rules?|criteria))\b", re.I)
 
 
+# the keys of every rubric a judge answers: a reasoning that writes one (or a verdict-shaped object) addresses it
+VERDICT_KEYS = ("integrity_score", "knowledge_score", "reasoning_accuracy", "knowledge_accuracy", "rigor",
+                "professionalism", "clarity", "conciseness", "equivalent")
+
+
 def addressed_to_grader(think: str) -> bool:
-    return ADDRESSED_RE.search(think or "") is not None
+    return ADDRESSED_RE.search(think or "") is not None or writes_to_grader(think or "", VERDICT_KEYS)
 
 
-def statements(think: str, options: list[str] = ()) -> list[str]:
-    """The reasoning's clauses that can carry a rubric step; keyword lists and stutter are left out.
-    The options' own words are no keywords: "Blue and mixed are ruled out" is a statement."""
+# words that carry no content of their own: a clause of the question's and options' words and these is a copy
+FUNCTION_WORDS = {"a", "an", "the", "is", "are", "was", "were", "be", "or", "and", "of", "in", "on", "to", "that",
+                  "this", "it", "its", "which", "what", "as", "by", "with", "for", "one", "option", "options"}
+
+
+def statements(think: str, options: list[str] = (), question: str = "") -> list[str]:
+    """The reasoning's clauses that can carry a rubric step; keyword lists, stutter and copies of the question or
+    the options (a clause whose words are all theirs) are left out. The options' own words are no keywords:
+    "Blue and mixed are ruled out" is a statement."""
     out, option_words = [], {w for o in options for w in _words(o)}
+    given = option_words | set(_words(question)) | {w.lower() for w in LETTERS[:len(options)]} | FUNCTION_WORDS
     for clause in CLAUSE_SPLIT_RE.split(think or ""):
         words = _words(clause)
         rubric_words = sum(w in RUBRIC_WORDS and w not in option_words for w in words)
-        if (MIN_WORDS <= len(words) <= MAX_WORDS and len(set(words)) >= 0.6 * len(words)
+        copied = (question or options) and set(words) <= given
+        if (MIN_WORDS <= len(words) <= MAX_WORDS and len(set(words)) >= 0.6 * len(words) and not copied
                 and VERBS & set(words) and rubric_words <= 2 / 3 * len(words) and not ADDRESSED_RE.search(clause)):
             out.append(clause.strip())
     return out
+
+
+def repeats(said: list[str]) -> bool:
+    """Two statements that say nearly the same (80% of their words in common): a padded reasoning."""
+    sets = [set(_words(s)) for s in said]
+    return any(len(a & b) >= 0.8 * max(len(a), len(b)) for i, a in enumerate(sets) for b in sets[i + 1:])
 
 
 def distinctive_words(options: list[str]) -> list[set[str]]:
@@ -101,7 +124,7 @@ def distinctive_words(options: list[str]) -> list[set[str]]:
 
 def _refers_to(statement: str, letter: str, option: str, distinctive: set[str]) -> bool:
     """The statement names this option: by its text, a word only it has, or as "option B" / "(B)" / "B)"."""
-    by_letter = rf"\boption\s+{letter}\b|\({letter}\)|(?<![\w(]){letter}\)"
+    by_letter = rf"\b(?i:option)\s+{letter}\b|\({letter}\)|(?<![\w(]){letter}\)"
     return (_contains(statement, option) or bool(distinctive & set(_words(statement)))
             or re.search(by_letter, statement) is not None)
 
@@ -113,9 +136,17 @@ def eliminated(options: list[str], chosen: str | None, said: list[str]) -> tuple
     return len(named), max(0, min(2, len(options) - 1))
 
 
+def affirmed(s: str) -> str:
+    """What a statement affirms: the text before its first negation ("mostly brown, not blue" -> "mostly
+    brown,"), so a negated alternative neither voids a right image statement nor counts as a claim."""
+    m = NEGATION_RE.search(s)
+    return s[:m.start()] if m else s
+
+
 def is_image_statement(s: str) -> bool:
+    s = affirmed(s)
     return (DEICTIC.search(s) is not None and any(t in _words(s) for t in FEATURE_TERMS)
-            and not NEGATION_RE.search(s) and not ELIMINATION_RE.search(s))
+            and not ELIMINATION_RE.search(s))
 
 
 def is_knowledge_statement(s: str) -> bool:
@@ -128,7 +159,7 @@ def stated_stain(image_statements: list[str]) -> str | None:
     claim two, None when they claim none. "both brown and blue" and "mixed" are mixed."""
     claims = set()
     for s in image_statements:
-        words = set(_words(s))
+        words = set(_words(affirmed(s)))
         brown, blue = bool(words & {"brown", "dab"}), bool(words & {"blue", "hematoxylin", "haematoxylin"})
         if words & {"mixed", "both", "balanced"} or (brown and blue):
             claims.add("mixed")
@@ -183,10 +214,10 @@ def agrees_with_answer(options: list[str], think: str, chosen: str | None) -> bo
 
 
 def rule_scores(options: list[str], think: str, chosen: str | None, gold: str | None = None,
-                facts: dict | None = None, right: bool | None = None) -> dict[str, float]:
+                facts: dict | None = None, right: bool | None = None, question: str = "") -> dict[str, float]:
     """The process rubric's arithmetic on the statements of the reasoning (module docstring). An open
     question (options []) has nothing to eliminate; `right` says whether its answer is right."""
-    said, facts = statements(think, options), facts or {}
+    said, facts = statements(think, options, question), facts or {}
     n_eliminated, needed = eliminated(options, chosen, said)
     shown = [s for s in said if is_image_statement(s)]
     right_about_image = image_stated_correctly(think, facts, options)
@@ -195,12 +226,14 @@ def rule_scores(options: list[str], think: str, chosen: str | None, gold: str | 
     image_step = right_about_image is True if checkable else bool(shown)
     knowledge_step = any(is_knowledge_statement(s) and s not in shown for s in said)
     missing = [not image_step, n_eliminated < needed, not knowledge_step]
-    normalised = [" ".join(_words(s)) for s in said]
     errors = [contradictions(options, think, chosen),
               not right if right is not None else gold is not None and chosen != gold,
               right_about_image is False,
-              len(set(normalised)) < len(normalised),
-              addressed_to_grader(think)]
+              repeats(said),
+              addressed_to_grader(think),
+              # soundness needs positive evidence, a knowledge statement (an image statement's too): one
+              # harmless sentence alone is not sound reasoning
+              not any(map(is_knowledge_statement, said))]
     # no statement at all ("Thought process:") is no sound reasoning either: nothing to subtract errors from
     return {"integrity_score": max(0.0, 1.0 - 0.4 * sum(missing)),
             "knowledge_score": max(0.0, 1.0 - 0.4 * sum(errors)) if said else 0.0}
@@ -267,7 +300,7 @@ class RuleJudge:
                                                c.get("facts"), c.get("right"))
             else:
                 scores = rule_scores(c["options"], c["think"], c.get("chosen"), c.get("gold"), c.get("facts"),
-                                     c.get("right"))
+                                     c.get("right"), c.get("question", ""))
             replies.append(json.dumps(scores))
         self.stats.add(calls=len(requests))
         return replies

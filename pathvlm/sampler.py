@@ -39,7 +39,9 @@ class Completions:
     ids: torch.Tensor  # (N, T) sampled tokens, pad id after the first stop token
     mask: torch.Tensor  # (N, T) 1 up to and including the first stop token
     truncated: torch.Tensor  # (N,) no stop token within max_new_tokens
-    logprobs: torch.Tensor | None  # (N, T) each token's log-prob as the sampler drew it, 0 after the stop; hf: None
+    # (N, T) each token's log-prob under softmax(logits / T) without the special tokens (what the trainer
+    # scores, top_p or not), 0 after the stop; None from sampler=hf
+    logprobs: torch.Tensor | None
 
 
 @torch.no_grad()

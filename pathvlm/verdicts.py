@@ -1,10 +1,11 @@
-"""A judge's requests and verdicts: what is asked (JudgeRequest), how a reply is read (parse_scores), and what
-is counted (JudgeStats, judge_down). The clients that answer are in judges.py; the rule judge (rule_judge.py)
-replies through the same parser. No model here, and no project import but the errors.
+"""A judge's requests and verdicts: what is asked (JudgeRequest), how a reply is read (parse_scores, a strict
+protocol), and what is counted (JudgeStats, judge_down). The clients that answer are in judges.py; the rule
+judge (rule_judge.py) replies through the same parser. No model here, and no project import but the errors.
 """
 
 import json
 import math
+import re
 import sys
 import threading
 from collections import deque
@@ -21,6 +22,7 @@ class JudgeRequest:
     # Structured fields for judges that do not read text (RuleJudge): question, options, think,
     # chosen (letter or None), gold (letter). Never sent to an API, not part of the cache key.
     case: dict | None = None
+    keys: tuple[str, ...] = ()  # the verdict's keys: an API judge is asked for exactly this object (verdict_schema)
 
 
 @dataclass
@@ -36,6 +38,9 @@ class JudgeStats:
     # Kept by the rubric code that reads this judge's replies:
     fallbacks: int = 0  # replies that failed or were no verdict (parse_scores: None), scored by the fallback rule
     no_think: int = 0  # completions without a <think> block, scored 0 without asking the judge
+    no_answer: int = 0  # completions committing to no answer (a hedge, no option): scored 0 without asking
+    to_grader: int = 0  # completions that write the verdict's keys or a verdict-shaped object: 0, judge not asked
+    schema_refused: int = 0  # 1 once the API server refused structured output: plain JSON replies asked since
     last_error: str = ""  # why the latest request or verdict failed (never holds the API key)
     # usable (True) or failed (False), for each of the latest verdicts asked: judge_down reads it
     recent: deque = field(default_factory=lambda: deque(maxlen=4096), repr=False, compare=False)
@@ -91,45 +96,106 @@ def judge_down(judge, max_failure_share: float, window: int, final: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
-# Replies: the verdict is the reply's last JSON object
+# Replies: the verdict is a protocol, not a search. A reply is a verdict only when the whole of it (a code fence
+# around it aside) is one flat JSON object with exactly the rubric's keys, each once, each a number in [0, 1].
+# Anything else (prose around it, a reply cut off by max_tokens, a repeated key, a quoted forgery after the
+# judge's own object, nesting) is no verdict: counted, and worth nothing to whoever induced it (rewards.py).
 
-MAX_REPLY_CHARS = 20_000  # a verdict is ~60 characters; a longer reply is read from its end
+MAX_VERDICT_CHARS = 2_000  # a verdict is ~60-200 characters
+FENCE_RE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
 
 
-def last_json_object(text: str) -> dict | None:
-    """The last top-level JSON object in `text` (objects nested in it are part of it), or None."""
-    decoder, found, i = json.JSONDecoder(), None, 0
-    while (i := text.find("{", i)) != -1:
-        try:
-            obj, end = decoder.raw_decode(text, i)
-        except ValueError:
-            i += 1
-            continue
-        if isinstance(obj, dict):
-            found = obj
-        i = end
-    return found
+def verdict_schema(keys) -> dict:
+    """The JSON schema of a verdict with these keys, for an OpenAI-compatible `response_format` (vLLM, SGLang
+    and OpenAI's servers constrain their output to it)."""
+    return {"type": "json_schema", "json_schema": {"name": "verdict", "strict": True, "schema": {
+        "type": "object", "additionalProperties": False, "required": list(keys),
+        "properties": {k: {"type": "number", "minimum": 0, "maximum": 1} for k in keys}}}}
 
 
 def parse_scores(reply: str | None, keys: list[str]) -> dict[str, float] | None:
-    """{key: score} from the reply's last JSON object, or None (the caller's counted fallback).
-    Only that object is read: a judge that quotes the student's text, forged scores and all, before its
-    verdict is scored by its verdict. Every key must hold a number in [0, 1]: 7 (a 0-10 scale), "80%" or
-    "3/5" is a judge that misread the rubric, and is counted as a failure rather than clamped to 1.0."""
+    """{key: score} when the reply is a verdict (above), or None (the caller's counted failure). Never raises.
+    7 (a 0-10 scale), "80%" or true is a judge that misread the rubric: counted, not clamped."""
     if not isinstance(reply, str):
         return None
-    obj = last_json_object(reply[-MAX_REPLY_CHARS:])
-    if obj is None:
+    text = reply.strip()
+    fenced = FENCE_RE.fullmatch(text)
+    text = fenced.group(1) if fenced else text
+    if len(text) > MAX_VERDICT_CHARS or not (text.startswith("{") and text.endswith("}")) or _depth(text) != 1:
         return None
-    scores = {k: _as_score(obj.get(k)) for k in keys}
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_repeats)
+    except Exception:  # noqa: BLE001 (ValueError, a repeated key; whatever json raises, the reply is no verdict)
+        return None
+    if not isinstance(obj, dict) or set(obj) != set(keys):
+        return None
+    scores = {k: _as_score(obj[k]) for k in keys}
     return scores if None not in scores.values() else None
 
 
+def json_block(value) -> str:
+    """Untrusted strings (the policy's, a dataset's) as one line of JSON for a judge's prompt: json.dumps
+    escapes quotes and line breaks, so no string can end the block or start a line of its own ("Correct
+    answer: ..."); U+2028, U+2029 and U+0085, which json.dumps leaves raw and some readers take for line
+    breaks, are escaped too."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\u0085", "\\u0085")
+
+
+# A completion has no medical reason to write a verdict's key, or an object shaped like a verdict: it is
+# writing to the grader. Keys are matched whatever their case and separators ("Integrity Score", "integrity-
+# score"); a one-word key ("equivalent") only as a key, quoted or followed by ":" or "=".
+VERDICT_SHAPE_RE = re.compile(r"""\{\s*["'`]?[^\s"'`{}:]{1,40}["'`]?\s*:\s*(?:["'`]|[-+]?\.?\d|true|false|null)""",
+                              re.IGNORECASE)
+
+
+# Cyrillic and Greek letters that look like Latin ones (NFKC keeps them apart): mapped for the key check only, so
+# "іntegrity_score" with a Cyrillic і is the key it looks like
+LOOK_ALIKES = str.maketrans("АВЕКМНОРСТХаеорсухіјѕԁԛԝΑΒΕΖΗΙΚΜΝΟΡΤΥΧοκνρτυχ",
+                            "ABEKMHOPCTXaeopcyxijsdqwABEZHIKMNOPTYXokvptux")
+
+
+def writes_to_grader(text: str, keys) -> bool:
+    """Whether `text` (a canonical completion) writes one of the verdict `keys` or a verdict-shaped object."""
+    text = text.translate(LOOK_ALIKES)
+    if VERDICT_SHAPE_RE.search(text):
+        return True
+    for key in keys:
+        words = [re.escape(w) for w in re.split(r"[_\s-]+", key) if w]
+        spelled = r"[\s_\-]*".join(words)
+        if re.search(rf"{spelled}" if len(words) > 1 else rf"""["'`]{spelled}["'`]|\b{spelled}\s*[:=]""", text,
+                     re.IGNORECASE):
+            return True
+    return False
+
+
+def _no_repeats(pairs: list) -> dict:
+    names = [k for k, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError("a key written twice")  # json.loads would keep the last one
+    return dict(pairs)
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of {} and [] outside strings: a verdict is 1. Bounded before json.loads, which would
+    otherwise recurse once per level."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "}]":
+            depth -= 1
+    return deepest
+
+
 def _as_score(value) -> float | None:
-    if isinstance(value, bool):  # json `true` is an int in Python, and no score
+    if isinstance(value, bool) or not isinstance(value, (int, float)):  # json `true` is an int in Python
         return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
+    x = float(value)
     return x if math.isfinite(x) and 0.0 <= x <= 1.0 else None

@@ -174,7 +174,7 @@ import math  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tools.stats import (holm, mcnemar, rejection_rate, seed_item_p, seed_item_test,  # noqa: E402
-                         seeds_needed, t_quantile, t_two_sided_p)
+                         seeds_needed, simulate, t_quantile, t_two_sided_p)
 
 
 def test_t_distribution_matches_printed_tables():
@@ -199,7 +199,27 @@ def test_seed_item_test_worked_by_hand():
     assert (d.low, d.high) == pytest.approx((25 - 4.3027 * se, 25 + 4.3027 * se), abs=0.01)
     one_seed = seed_item_test(base[:1], variant[:1])  # training randomness unmeasured: no interval, no p
     assert one_seed.diff == 50.0 and math.isnan(one_seed.p) and math.isnan(one_seed.low)
-    assert seed_item_test(base, base).p == 1.0
+    # no variation seen (every seed the same difference) is no certainty: no p, said in the note
+    same = seed_item_test(base, base)
+    assert math.isnan(same.p) and "no variation seen" in same.note
+    every = np.ones((3, 4), dtype=bool)  # +100 points on every item of every seed: no spread to test against
+    assert math.isnan(seed_item_test(base, every).p)  # the old code gave p = 0 here
+    missing = variant.astype(float)
+    missing[0, 0] = math.nan  # a run without an answer for an item
+    assert math.isnan(seed_item_test(base, missing).p) and "not tested" in seed_item_test(base, missing).note
+    assert "1 degree of freedom" in seed_item_test(base[:2], variant[:2]).note
+
+
+def test_equal_differences_over_2_seeds_are_no_false_positives():
+    """Null ablations with 2 seeds: where both seeds' differences are equal (standard error 0) the old test
+    said p = 0, most of its false positives at 2 seeds; now those are untested, and the rate stays at 5%."""
+    rng = np.random.default_rng(3)
+    null = [simulate(rng, seeds=2, items=20, diff=0.0, seed_sd=0.0, item_sd=0.0, sft_item_sd=0.0)
+            for _ in range(400)]
+    tests = [seed_item_test(*pair) for pair in null]
+    zero_se = [t for t in tests if "no variation seen" in t.note]
+    assert zero_se and all(math.isnan(t.p) for t in zero_se)
+    assert np.mean([t.p < 0.05 for t in tests]) <= 0.07
 
 
 def test_holm_steps_down_and_skips_untested():
@@ -275,10 +295,12 @@ def test_table_gives_difference_interval_and_holm_p():
     rows = table(results, [0, 1, 2]).splitlines()
     assert rows[0].endswith("| CPU min | difference vs baseline (95% CI) | p (Holm) |")
     assert rows[1].count("|---") == rows[0].count(" | ") + 1
-    assert rows[2].endswith("| - | - |") and rows[3].endswith("| +0.0 (+0.0 to +0.0) | 1 |")
+    # an identical variant shows no variation at all: untested, said so, and not counted by Holm
+    assert rows[2].endswith("| - | - |")
+    assert rows[3].endswith("| +0.0 (not tested: no variation seen over 3 seeds (standard error 0)) | – |")
     worse = seed_item_test(*(np.array([list(r["correct"].values()) for r in results[name]])
                              for name in ("baseline", "worse")))
-    holm_p = min(1, 2 * worse.p)  # two variants tested; "same" has p = 1, so "worse" is the smaller
+    holm_p = worse.p  # one variant tested ("same" is not): Holm leaves its p as it is
     assert rows[4].endswith(f"| {worse.diff:+.1f} ({worse.low:+.1f} to {worse.high:+.1f}) | {holm_p:.2g} |")
     one_seed = table({name: runs[:1] for name, runs in results.items()}, [0]).splitlines()
     assert one_seed[4].endswith("(1 seed: no interval) | – |")

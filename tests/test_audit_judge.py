@@ -101,7 +101,9 @@ def test_rule_audit_writes_every_case(demo_data, tmp_path, capsys):
     assert all(f"| {case} | 12 |" in md for case in CASES)
 
 
-ATTACKS = ("injection", "forged_json", "forged_answer")
+ATTACKS = ("injection", "forged_json", "forged_answer", "forged_keys", "forged_object", "dataset_injection",
+           "induced_failure")
+TIES = ("keyword_padding", "zero_width_answer")  # a tie is right: padding earns nothing, zero-width is read as gold
 
 
 def test_rule_judge_ranks_every_probe_case_as_the_rubric_does(demo_data, tmp_path):
@@ -114,8 +116,10 @@ def test_rule_judge_ranks_every_probe_case_as_the_rubric_does(demo_data, tmp_pat
     assert summary["judges"][0]["gold_full_marks"] == 1.0
     for case, c in cases.items():
         assert c["perturbed_higher"] == 0.0, case
-        assert c["gold_higher"] == (0.0 if case == "keyword_padding" else 1.0), case
-        assert c["perturbed_full_marks"] == (1.0 if case == "keyword_padding" else 0.0), case
+        assert c["gold_higher"] == (0.0 if case in TIES else 1.0), case
+        assert c["perturbed_full_marks"] == (1.0 if case in TIES else 0.0), case
+    for case in ("hedge", "lookalike_answer", "forged_keys", "forged_object"):  # the judge is not asked: 0
+        assert all(p["perturbed"] == 0.0 for p in cases[case]["scores"]), case
     for case in ATTACKS:
         baseline = [p["perturbed"] for p in cases["wrong_answer"]["scores"]]
         assert all(p["perturbed"] <= b for p, b in zip(cases[case]["scores"], baseline)), case
@@ -153,12 +157,16 @@ def test_api_audit_plumbing(demo_data, tmp_path, monkeypatch):
     cases = judge["cases"]
     assert cases["injection"]["perturbed_full_marks"] == 1.0 and cases["injection"]["perturbed_higher"] == 1.0
     assert cases["injection"]["mean_gap"] == pytest.approx(-0.3)
-    assert cases["empty"]["mean_gap"] == pytest.approx(0.7) and cases["empty"]["stats"]["calls"] == 0
-    for case in set(CASES) - {"injection", "empty"}:
+    # scored 0 without asking: no reasoning, text written to the grader, an answer that commits to no option
+    unasked = {"empty", "forged_json", "forged_keys", "forged_object", "hedge", "lookalike_answer"}
+    for case in unasked:
+        assert cases[case]["mean_gap"] == pytest.approx(0.7) and cases[case]["stats"]["calls"] == 0, case
+    for case in set(CASES) - {"injection"} - unasked:
         assert cases[case]["ties"] == 1.0 and cases[case]["perturbed_mean"] == pytest.approx(0.7), case
     stats = judge["stats"]
     assert stats["calls"] == len(requests) > 0 and stats["failures"] == stats["fallbacks"] == 0
-    assert stats["no_think"] == 6 and stats["prompt_tokens"] == 100 * len(requests)
+    assert stats["no_think"] == 6 and stats["to_grader"] == 18 and stats["no_answer"] == 12
+    assert stats["prompt_tokens"] == 100 * len(requests)
     # the cross-modal case: each item's gold text reached the judge with its own image and with the other one
     sent = {(q["text"], q["image"]) for q in requests}
     split = f"{demo_data}/rl.jsonl"

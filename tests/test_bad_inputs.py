@@ -201,25 +201,25 @@ CASES = [
     Case("judge API key variable not set", r"^error: judge=api reads its key from the environment variable "
          r"PATHVLM_UNSET_KEY, which is not set", script="train_grpo.py",
          args=[*GRPO, "data={ws}/good/split.jsonl", "judge=api", "judge_api_key_env=PATHVLM_UNSET_KEY"]),
-    Case("judge reply is not JSON (garbage)", r"^reward 0\.5; judge/fallbacks=1$", outcome="counted",
+    Case("judge reply is not JSON (garbage)", r"^reward 0; judge/fallbacks=1$", outcome="counted",
          judge={"mode": "garbage"}),
     Case("judge reply is JSON inside a markdown code fence", r"^reward 0\.7; nothing counted$", outcome="parsed",
          judge={"mode": "good", "handler": "fenced"}),
-    Case("judge reply is an HTML page with status 200", r"^reward 0\.5; judge/retries=2, judge/failures=1, "
+    Case("judge reply is an HTML page with status 200", r"^reward 0; judge/retries=2, judge/failures=1, "
          r"judge/fallbacks=1$", outcome="counted", judge={"mode": "html"}),
-    Case("judge reply is cut-off JSON", r"^reward 0\.5; judge/retries=2, judge/failures=1, judge/fallbacks=1$",
+    Case("judge reply is cut-off JSON", r"^reward 0; judge/retries=2, judge/failures=1, judge/fallbacks=1$",
          outcome="counted", judge={"mode": "cutoff"}),
-    Case("judge scores on a 0-10 scale (7)", r"^reward 0\.5; judge/fallbacks=1$", outcome="counted",
+    Case("judge scores on a 0-10 scale (7)", r"^reward 0; judge/fallbacks=1$", outcome="counted",
          judge={"mode": "seven"}),
-    Case('judge scores as "80%"', r"^reward 0\.5; judge/fallbacks=1$", outcome="counted", judge={"mode": "percent"}),
-    Case("judge reply is empty", r"^reward 0\.5; judge/fallbacks=1$", outcome="counted", judge={"mode": "empty"}),
+    Case('judge scores as "80%"', r"^reward 0; judge/fallbacks=1$", outcome="counted", judge={"mode": "percent"}),
+    Case("judge reply is empty", r"^reward 0; judge/fallbacks=1$", outcome="counted", judge={"mode": "empty"}),
     Case("judge API answers 429, then 200", r"^reward 0\.7; judge/retries=1$", outcome="counted",
          judge={"mode": "429_then_ok"}),
-    Case("judge API answers 500 every time", r"^reward 0\.5; judge/retries=2, judge/failures=1, judge/fallbacks=1$",
+    Case("judge API answers 500 every time", r"^reward 0; judge/retries=2, judge/failures=1, judge/fallbacks=1$",
          outcome="counted", judge={"mode": "500"}),
-    Case("judge API times out", r"^reward 0\.5; judge/retries=1, judge/failures=1, judge/fallbacks=1$",
+    Case("judge API times out", r"^reward 0; judge/retries=1, judge/failures=1, judge/fallbacks=1$",
          outcome="counted", judge={"mode": "slow", "timeout": 0.3, "max_retries": 1}),
-    Case("judge API connection refused", r"^reward 0\.5; judge/retries=1, judge/failures=1, judge/fallbacks=1$",
+    Case("judge API connection refused", r"^reward 0; judge/retries=1, judge/failures=1, judge/fallbacks=1$",
          outcome="counted", judge={"mode": "refused", "max_retries": 1}),
     Case("judge API refuses the key (401)", r"^error: judge API at <loopback>/v1 answered HTTP 401 "
          r"\(AuthenticationError\) for model 'judge-test': check the URL, the model name and the key",
@@ -321,7 +321,7 @@ class FencedReplyHandler(ChatHandler):
     def send_json(self, status: int, obj: dict):
         if status == 200:
             message = obj["choices"][0]["message"]
-            message["content"] = f"Here are the scores:\n```json\n{message['content']}\n```"
+            message["content"] = f"```json\n{message['content']}\n```"  # the fence alone: prose around it fails
         super().send_json(status, obj)
 
 

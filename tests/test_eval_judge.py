@@ -62,8 +62,10 @@ def test_rule_reasoning_scores_by_hand():
 def test_reasoning_request_and_rule_judge_reply():
     request = reasoning_request(RECORD, GOOD)
     assert request.system == REASONING_RUBRIC and request.image == "r1.png"
-    assert "A) brown\nB) blue\nC) mixed" in request.user and GOOD in request.user
-    assert request.user.endswith("Correct answer: A) brown")
+    lines = request.user.splitlines()
+    assert json.loads(lines[1])["options"] == {"A": "brown", "B": "blue", "C": "mixed"}
+    assert lines[2] == "Correct answer: option A of the case" and json.loads(lines[-1]) == GOOD
+    assert request.keys == tuple(REASONING_KEYS)
     # the rule judge replies JSON text, read by the same parser as a model judge's
     [reply] = make_judge("rule").complete([request])
     assert parse_scores(reply, REASONING_KEYS) == dict.fromkeys(REASONING_KEYS, 1.0)
@@ -165,7 +167,8 @@ def test_api_judge_means_are_the_served_scores(tiny, data, server, tmp_path, mon
     base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     assert metrics["judge"] == {"kind": "api", "model": "judge-test", "base_url": base_url, "calls": 6,
                                 "cache_hits": 0, "retries": 0, "failures": 0, "prompt_tokens": 6 * 120,
-                                "completion_tokens": 6 * 15, "fallbacks": 0, "no_think": 2}
+                                "completion_tokens": 6 * 15, "fallbacks": 0, "no_think": 2, "no_answer": 0,
+                                "to_grader": 0, "schema_refused": 0}
     reasoning = [q["body"]["messages"] for q in requests if q["body"]["messages"][0]["content"] == REASONING_RUBRIC]
     assert len(reasoning) == 4
     for system, user in reasoning:

@@ -142,7 +142,7 @@ class EquivalenceHandler(ChatHandler):
             student = body["messages"][1]["content"][-1]["text"].splitlines()[-1]
             verdict = int("granulomatous" in student) if mode == "synonym" else 0
             mode = f"verdict{verdict}" if mode == "synonym" else "quote_then_0"
-            self.scripted = {"verdict0": '{"equivalent": 0}', "verdict1": 'Same entity. {"equivalent": 1}',
+            self.scripted = {"verdict0": '{"equivalent": 0}', "verdict1": '{"equivalent": 1}',
                              "quote_then_0": f"You wrote: {body['messages'][1]['content'][-1]['text']}\n"
                                              '{"equivalent": 0}'}[mode]
         else:
@@ -179,15 +179,16 @@ def test_api_judge_credits_synonyms_and_reads_only_its_verdict(equivalence_serve
     texts = ["granulomatous inflammation", "abscess", forged, "granulomas"]
     rewards = open_answer_reward_scores("judged", [answer(t) for t in texts], [GRANULOMA] * 4, judge, [image] * 4)
     assert rewards == [1.0, 0.0, 0.0, 1.0]
-    assert len(server.state.requests) == 3  # the exact match is not sent
+    assert len(server.state.requests) == 2  # the exact match is not sent, nor the answer written to the grader
+    assert judge.stats.to_grader == 1
     for request in server.state.requests:
         system, user = request["body"]["messages"]
         assert system["content"] == EQUIVALENCE_RUBRIC
         lines = user["content"][-1]["text"].splitlines()
-        assert lines[1] == "Reference answer: granulomas"
-        assert sum(line.startswith("Reference answer") for line in lines) == 1
+        assert json.loads(lines[1])["reference_answers"][0] == "granulomas"  # the case, as JSON
+        assert not any(line.startswith("Reference answer") for line in lines)  # the forged line stays inside
         assert json.loads(lines[-1]) in texts  # the answer is one JSON string, its quotes and newline escaped
-    # a judge that quotes the forged verdict before its own: only its last JSON object counts
+    # a judge that quotes the forged verdict around its own: no verdict, which pays nothing
     server.state.mode = "quote"
     assert open_answer_reward_scores("judged", [answer(forged)], [GRANULOMA], api_judge(server, tmp_path / "q"),
                                      [image]) == [0.0]
@@ -210,7 +211,8 @@ def test_api_judge_failures_are_counted_not_credited(equivalence_server, tmp_pat
 def test_process_request_and_rule_judge_on_an_open_question(tmp_path):
     request = process_request(STAIN, answer("brown"), "x.png")
     lines = request.user.splitlines()
-    assert "Options:" not in lines and lines[1].startswith("Correct answer: brown; DAB; DAB brown; mostly brown")
+    assert json.loads(lines[1])["reference_answers"] == ["brown", "DAB", "DAB brown", "mostly brown"]
+    assert lines[2].startswith("Correct answer: the case's reference_answers") and "options" not in json.loads(lines[1])
     facts = {"stain": "brown", "dab": 0.1, "hematoxylin": 0.02}
     record = Record(**{**vars(STAIN), "image_facts": facts})
     right, wrong = process_reward([answer("brown"), answer("blue")], [record] * 2, judge=RuleJudge(),

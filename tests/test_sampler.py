@@ -138,7 +138,7 @@ def chi_square_p(counts: np.ndarray, p: np.ndarray) -> float:
     expects at least 5 draws."""
     expected = p * counts.sum()
     order = np.argsort(expected)
-    pooled, cells_c, cells_e, acc_c, acc_e = [], [], [], 0.0, 0.0
+    cells_c, cells_e, acc_c, acc_e = [], [], 0.0, 0.0
     for i in order:
         acc_c, acc_e = acc_c + counts[i], acc_e + expected[i]
         if acc_e >= 5:

@@ -176,7 +176,10 @@ def test_process_reward_through_local_api_keeps_training(demo_data, formatted_mo
                     "rewards={format: 1.0, accuracy: 1.0, process: 1.0}",
                     "judge=api", f"judge_base_url=http://127.0.0.1:{server.server_address[1]}/v1",
                     "judge_api_key_env=JUDGE_TEST_KEY", "judge_timeout=0.5", "judge_max_retries=1",
-                    f"judge_cache_dir={tmp_path}/cache", "max_steps=2", "max_new_tokens=40", "temperature=0.3")
+                    f"judge_cache_dir={tmp_path}/cache", "max_steps=2", "max_new_tokens=40", "temperature=0.3",
+                    # most of this model's answers name an option under another's letter: no committed answer,
+                    # so not sent to the judge (rewards.committed); 48 completions a step send enough of them
+                    "num_prompts=6", "group_size=8")
     assert len(rows) == 2 and "reward/process" in rows[-1]  # training went on through every failure mode
     last = rows[-1]
     assert last["judge/calls"] >= 10 and last["judge/failures"] >= 1 and last["judge/fallbacks"] >= 3
@@ -198,7 +201,7 @@ def test_a_dead_judge_stops_grpo_with_a_checkpoint_that_resumes(demo_data, forma
         args = [f"init_adapter={formatted_model}", "reference=sft", "rewards={format: 1.0, accuracy: 1.0, process: 1.0}",
                 "judge=api", f"judge_base_url={url}", "judge_api_key_env=JUDGE_TEST_KEY", "judge_max_retries=0",
                 f"judge_cache_dir={tmp_path}/cache", "judge_failure_window=8", "max_steps=3", "save_every=0",
-                "max_new_tokens=40", "temperature=0.3"]
+                "max_new_tokens=40", "temperature=0.3", "num_prompts=6", "group_size=8"]  # enough committed answers
         server.state.mode = "500"
         with pytest.raises(SystemExit, match=rf"the API judge 'gpt-4o' at {url}: .* failed .*HTTP 500") as stop:
             grpo(demo_data, out, *args)
@@ -496,9 +499,12 @@ def test_num_iterations_2_updates_against_the_frozen_old_policy(demo_data, tmp_p
 def test_loss_types_give_different_losses_on_the_same_samples(demo_data, sft_dir, tmp_path, length_reward):
     """The same samples (same seed), a KL term that is not 0 (SFT policy, base reference): grpo, bnpo,
     dr_grpo divide it differently, so each gives its own loss."""
-    losses = {kind: grpo(demo_data, str(tmp_path / kind), f"init_adapter={sft_dir}", "reference=base", "kl_coef=0.5",
-                         "rewards={length: 1.0}", "max_steps=1", f"loss_type={kind}")[0]["loss"]
-              for kind in ("grpo", "bnpo", "dr_grpo")}
+    rows = {kind: grpo(demo_data, str(tmp_path / kind), f"init_adapter={sft_dir}", "reference=base", "kl_coef=0.5",
+                       "rewards={length: 1.0}", "max_steps=1", f"loss_type={kind}", "max_new_tokens=96")[0]
+            for kind in ("grpo", "bnpo", "dr_grpo")}
+    # the three differ only where completion lengths do: some must stop before max_new_tokens
+    assert all(r["completion_len_mean"] < r["completion_len_max"] for r in rows.values())
+    losses = {kind: r["loss"] for kind, r in rows.items()}
     assert len({round(v, 6) for v in losses.values()}) == 3, losses
 
 

@@ -31,6 +31,7 @@ stopped. Writes <out>/ablation.md and <out>/ablation.png and prints the table.
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -247,7 +248,10 @@ def difference_cells(d: Difference, p_holm: float) -> str:
     """The table's two test columns: difference in points (95% interval) | Holm-corrected p."""
     if d.seeds < 2:  # one trained model per variant: its training randomness is not measured
         return f"{d.diff:+.1f} (1 seed: no interval) | –"
-    return f"{d.diff:+.1f} ({d.low:+.1f} to {d.high:+.1f}) | {p_holm:.2g}"
+    if math.isnan(d.p):  # no test: no variation seen, or a missing answer (stats.seed_item_test's note)
+        return f"{d.diff:+.1f} ({d.note}) | –"
+    note = f"; {d.note}" if d.note else ""
+    return f"{d.diff:+.1f} ({d.low:+.1f} to {d.high:+.1f}{note}) | {p_holm:.2g}"
 
 
 def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
@@ -282,11 +286,17 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def power_table(diff: float, seed_sd: float, items: int, shared: float, sims: int, max_seeds: int) -> str:
-    """--power: seeds needed for 80% power at 5% (stats.seeds_needed), with the power at each count tried."""
-    needed, tried = seeds_needed(diff, seed_sd, items, sims=sims, max_seeds=max_seeds, shared=shared)
+def power_table(diff: float, seed_sd: float, items: int, shared: float, sims: int, max_seeds: int,
+                item_sd: float = 3.0, seed_item_sd: float = 3.0) -> str:
+    """--power: seeds needed for 80% power at 5% (stats.seeds_needed), with the power at each count tried.
+    item_sd, seed_item_sd: stats.simulate's item_sd and sft_item_sd (logit scale). They are given, not estimated
+    from the user's runs: the printed header says which values the answer rests on."""
+    needed, tried = seeds_needed(diff, seed_sd, items, sims=sims, max_seeds=max_seeds, shared=shared,
+                                 item_sd=item_sd, sft_item_sd=seed_item_sd)
     lines = [f"true difference {diff:g} points, seed sd {seed_sd:g} points per variant ({shared:.0%} of it shared "
-             f"through the seed's SFT model), {items} items; {sims} simulated ablations per row", "seeds  power"]
+             f"through the seed's SFT model), {items} items; item spread {item_sd:g} and seed-by-item spread "
+             f"{seed_item_sd:g} (logit sd: given with --item-sd / --seed-item-sd, not estimated from runs); "
+             f"{sims} simulated ablations per row", "seeds  power"]
     lines += [f"{n:5d}  {power:.2f}" for n, power in tried]
     lines.append(f"{needed} seeds per variant give 80% power" if needed else
                  f"more than {max_seeds} seeds per variant: 80% power is out of reach")
@@ -328,11 +338,17 @@ def main(argv=None):
     power.add_argument("--items", type=int, default=300, help="test items")
     power.add_argument("--shared", type=float, default=0.8,
                        help="correlation of two variants' per-seed accuracies through the shared SFT model")
+    power.add_argument("--item-sd", type=float, default=3.0,
+                       help="sd of item difficulty, logit scale (stats.simulate's item_sd)")
+    power.add_argument("--seed-item-sd", type=float, default=3.0,
+                       help="sd of what one seed's SFT model knows of each item, logit scale: the noise the seeds "
+                       "share (stats.simulate's sft_item_sd); larger needs more seeds")
     power.add_argument("--sims", type=int, default=400, help="simulated ablations per seed count")
     power.add_argument("--max-seeds", type=int, default=40)
     args = p.parse_args(argv)
     if args.power:
-        print(power_table(args.diff, args.seed_sd, args.items, args.shared, args.sims, args.max_seeds))
+        print(power_table(args.diff, args.seed_sd, args.items, args.shared, args.sims, args.max_seeds,
+                          args.item_sd, args.seed_item_sd))
         return
     if args.variants is None:
         p.error("the variants YAML is required (e.g. configs/ablations/demo.yaml), unless --power")

@@ -85,6 +85,7 @@ class Difference(NamedTuple):
     p: float  # two-sided, t with seeds - 1 df (nan with one seed)
     seeds: int
     items: int
+    note: str = ""  # what the table must say beside the numbers: no variation seen, 1 degree of freedom, nan
 
 
 def seed_item_test(base: np.ndarray, variant: np.ndarray, level: float = 0.95) -> Difference:
@@ -95,6 +96,9 @@ def seed_item_test(base: np.ndarray, variant: np.ndarray, level: float = 0.95) -
         raise ValueError(f"expected two (seeds, items) arrays of one shape, got {base.shape} and {variant.shape}")
     z = variant - base  # (S, N)
     n_seeds, n_items = z.shape
+    if not np.isfinite(z).all():  # an answer missing (None) or not a number: no test rather than p = 0
+        return Difference(math.nan, math.nan, math.nan, math.nan, n_seeds, n_items,
+                          "not tested: a run has no right/wrong for some item")
     diff = 100 * z.mean()
     if n_seeds < 2:
         return Difference(diff, math.nan, math.nan, math.nan, n_seeds, n_items)
@@ -102,10 +106,12 @@ def seed_item_test(base: np.ndarray, variant: np.ndarray, level: float = 0.95) -
     v_item = z.mean(axis=0).var(ddof=1) / n_items if n_items > 1 else 0.0
     v_cell = z.var(ddof=1) / (n_seeds * n_items)
     se = 100 * math.sqrt(v_seed + max(0.0, v_item - v_cell))
-    if se == 0:  # every seed and item gave the same difference
-        return Difference(diff, diff, diff, 1.0 if diff == 0 else 0.0, n_seeds, n_items)
+    if se == 0:  # every seed gave the same difference: no variation was seen, which is no certainty
+        return Difference(diff, math.nan, math.nan, math.nan, n_seeds, n_items,
+                          f"not tested: no variation seen over {n_seeds} seeds (standard error 0)")
     half = t_quantile((1 + level) / 2, n_seeds - 1) * se
-    return Difference(diff, diff - half, diff + half, t_two_sided_p(diff / se, n_seeds - 1), n_seeds, n_items)
+    note = "1 degree of freedom (2 seeds): a wide interval resting on two draws" if n_seeds == 2 else ""
+    return Difference(diff, diff - half, diff + half, t_two_sided_p(diff / se, n_seeds - 1), n_seeds, n_items, note)
 
 
 def holm(p_values: list[float]) -> list[float]:
