@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from pathvlm.answers import is_correct, is_well_formed
+from pathvlm.answers import canonical, is_correct, is_well_formed
 from pathvlm.config import GRPOConfig, parse_args
 from pathvlm.evaluation import evaluate, load_sets
 from pathvlm.generation import encode_prompts, image_features, special_token_ids
@@ -251,13 +251,14 @@ def step_metrics(step: int, merged: dict, update: dict, times: dict, counters: d
     """One row of metrics.jsonl: every process's step_record (merged), the update, the times."""
     lengths = torch.tensor(merged["lengths"], dtype=torch.float32)
     n = len(merged["texts"])
-    correct = sum(is_correct(t, r) for t, r in zip(merged["texts"], merged["records"]))
+    texts = [canonical(t) for t in merged["texts"]]  # as the rewards read them
+    correct = sum(is_correct(t, r) for t, r in zip(texts, merged["records"]))
     gen_s = times["generated"] - times["start"]
     train_s = times["end"] - times["scored"]
     iterations = cfg.num_iterations  # μ
     return {"step": step, "loss": merged["loss"] / iterations, "lr": update["lr"],
             **{f"reward/{k}": mean_of_scored(v) for k, v in merged["scores"].items()},
-            "accuracy": correct / n, "format_rate": sum(map(is_well_formed, merged["texts"])) / n,
+            "accuracy": correct / n, "format_rate": sum(map(is_well_formed, texts)) / n,
             "kl": merged["kl"] / iterations, "clip_frac": merged["clip"] / iterations,
             "completion_len_mean": lengths.mean().item(),
             "completion_len_max": lengths.max().item(),
