@@ -41,17 +41,21 @@ def test_hub_id_loads_with_its_processor_and_no_generation_settings(hub_model):
     assert stop_token_ids(processor.tokenizer) == shipped.eos_token_id  # both EOS ids end a completion
 
 
+def sampling_setup(hub_model, demo_data, temperature):
+    """The hub checkpoint loaded as GRPO loads it, in eval mode, with two demo prompts and their image features."""
+    cfg = GRPOConfig(model=hub_model, temperature=temperature, max_new_tokens=16, group_size=3)
+    model, processor = load_model(cfg)
+    model.eval()
+    prompt = prompts(demo_data, processor)
+    return cfg, model, processor.tokenizer, prompt, image_features(model, prompt)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampler_draws_from_the_policy_the_loop_scores(hub_model, demo_data, temperature):
     """log-softmax of the sampler's own processed scores, at each sampled token, equals the loop's
     log-prob pass over the same completions. The checkpoint's repetition penalty, a temperature not
     applied in the log-prob pass, or a suppressed token left in its softmax would each break it."""
-    cfg = GRPOConfig(model=hub_model, temperature=temperature, max_new_tokens=16, group_size=3)
-    model, processor = load_model(cfg)
-    model.eval()
-    tok = processor.tokenizer
-    prompt = prompts(demo_data, processor)
-    features = image_features(model, prompt)
+    cfg, model, tok, prompt, features = sampling_setup(hub_model, demo_data, temperature)
 
     def sample(config):
         torch.manual_seed(0)
@@ -82,12 +86,7 @@ def test_sampler_draws_from_the_policy_the_loop_scores(hub_model, demo_data, tem
 def test_static_sampler_draws_from_the_policy_the_loop_scores(hub_model, demo_data, temperature):
     """The static sampler's own log-probs (sampler.py) equal the loop's log-prob pass on the real-shaped
     checkpoint: nothing of its generation_config.json reaches the static sampler either."""
-    cfg = GRPOConfig(model=hub_model, temperature=temperature, max_new_tokens=16, group_size=3)
-    model, processor = load_model(cfg)
-    model.eval()
-    tok = processor.tokenizer
-    prompt = prompts(demo_data, processor)
-    features = image_features(model, prompt)
+    cfg, model, tok, prompt, features = sampling_setup(hub_model, demo_data, temperature)
     torch.manual_seed(0)
     out = static_sample(model, tok, prompt, features, max_new_tokens=16, group_size=3, temperature=temperature)
     rows = rollout.Rows(model, prompt, features, out.ids, out.mask, 3, temperature, special_token_ids(tok))
