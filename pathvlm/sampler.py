@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from pathvlm.generation import generation_config, image_features, special_token_ids, stop_token_ids
+from pathvlm.generation import (completion_mask, generation_config, image_features, special_token_ids,
+                                stop_token_ids)
 from pathvlm.model import autocast, unwrap
 from pathvlm.rollout import generate_groups
 
@@ -86,10 +87,10 @@ def sampler_settings(cfg, device) -> dict:
 
 def _ended(ids, logprobs, tokenizer) -> Completions:
     """Sampled ids -> Completions: each row ends at its first stop token; pad id after it."""
-    is_stop = torch.isin(ids, torch.tensor(stop_token_ids(tokenizer), device=ids.device))
-    first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1), ids.shape[1])
-    mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] <= first_stop[:, None]).long()
-    return Completions(ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask, ~is_stop.any(1), logprobs)
+    stops = stop_token_ids(tokenizer)
+    mask = completion_mask(ids, stops)
+    truncated = ~torch.isin(ids, torch.tensor(stops, device=ids.device)).any(1)
+    return Completions(ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask, truncated, logprobs)
 
 
 class _StaticKV(DynamicLayer):
