@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from tools.ablate import check_variants, main, power_table, read_ablation, run_variant, slug, table
+from tools.ablate import check_variants, main, read_ablation, run_variant, slug, table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,8 +173,8 @@ import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from tools.stats import (holm, mcnemar, rejection_rate, seed_item_p, seed_item_test,  # noqa: E402
-                         seeds_needed, simulate, t_quantile, t_two_sided_p)
+from tools.stats import (estimate_spreads, holm, mcnemar, power_report, rejection_rate, seed_item_p,  # noqa: E402
+                         seed_item_test, seeds_needed, simulate, t_quantile, t_two_sided_p)
 
 
 def test_t_distribution_matches_printed_tables():
@@ -257,8 +257,49 @@ def test_seeds_needed_grows_as_the_difference_shrinks():
     big, tried = seeds_needed(8, 4, 300, sims=100, max_seeds=10)
     assert big is not None and tried[-1] == (big, tried[-1][1]) and tried[-1][1] >= 0.8
     assert seeds_needed(3, 4, 300, sims=100, max_seeds=big)[0] is None  # 3 points need more than 8 points do
-    printed = power_table(8, 4, 300, shared=0.8, sims=100, max_seeds=10)
-    assert printed.splitlines()[1] == "seeds  power" and printed.endswith(f"{big} seeds per variant give 80% power")
+    printed = power_report(8, {"seed_sd": 4, "items": 300}, {}, "", sims=100, max_seeds=10)
+    assert "seed sd (points): 4 (given)" in printed and "item spread (logit sd): 3 (default)" in printed
+    assert printed.endswith(f"{big} seeds per variant give 80% power")
+
+
+GRID = tuple(np.arange(0.0, 4.01, 0.5))
+
+
+@pytest.mark.parametrize("item_sd, sft_item_sd", [(1.0, 3.0), (3.0, 0.5)])
+def test_item_spreads_are_estimated_from_runs_where_the_truth_is_known(item_sd, sft_item_sd):
+    """Two simulated ablations the default spreads (3, 3) would misdescribe, each way round: the estimate finds
+    each within one grid step or so, and the seed-level settings near their truth (rough from 5 seeds)."""
+    rng = np.random.default_rng(7)
+    base, variant = simulate(rng, 5, 300, 0.0, 4.0, 0.8, item_sd=item_sd, sft_item_sd=sft_item_sd)
+    got = estimate_spreads(np.stack([base, variant]), sims=10, grid=GRID)
+    assert abs(got["item_sd"] - item_sd) <= 0.75 and abs(got["sft_item_sd"] - sft_item_sd) <= 0.75, got
+    assert 1.5 <= got["seed_sd"] <= 8 and got["seeds"] == 5 and got["items"] == 300
+    with pytest.raises(ValueError, match="3 or more seeds"):
+        estimate_spreads(np.stack([base[:2], variant[:2]]))
+
+
+def test_power_estimates_what_is_not_given_from_the_runs_in_out(tmp_path, monkeypatch, capsys):
+    """`ablate.py <variants> --power` reads the baseline's and the variants' predictions in --out, estimates the
+    spreads not given, and says which values are given, estimated or default; without the runs, one message."""
+    monkeypatch.chdir(ROOT)
+    ab = read_ablation("configs/ablations/demo.yaml")
+    names = list(ab.variants)[:2]
+    rng = np.random.default_rng(3)
+    base, variant = simulate(rng, 3, 200, 0.0, 4.0, 0.8, item_sd=1.0, sft_item_sd=3.0)
+    args = ["configs/ablations/demo.yaml", "--power", "--out", str(tmp_path), "--diff", "15", "--sims", "20",
+            "--max-seeds", "4", "--seed-sd", "5"]
+    with pytest.raises(SystemExit, match="needs the baseline and a variant evaluated for 3 or more seeds"):
+        main(args)
+    for name, right in zip(names, (base, variant)):
+        for seed in range(3):
+            write_eval(tmp_path / slug(name) / f"seed{seed}" / "eval", {"demo": list(map(bool, right[seed]))})
+    main(args)
+    printed = capsys.readouterr().out
+    assert "seed sd (points): 5 (given)" in printed and "items: 200 (estimated)" in printed
+    assert "seed-by-item spread (logit sd): " in printed and "(default)" not in printed
+    assert f"estimated from 2 variants x 3 seeds in {tmp_path}: rough from 3 seeds" in printed
+    with pytest.raises(SystemExit, match="3 or more seeds"):
+        main(args + ["--seeds", "0", "1"])
 
 
 def fake_run(seed: int, answers: list[int]) -> dict:

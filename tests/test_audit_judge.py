@@ -15,7 +15,7 @@ from data.pathmmu import prepare as pathmmu
 from pathvlm.records import load_split
 from rewards import process_request
 from tools import audit_judge
-from tools.audit_judge import CASES, main, probes
+from tools.audit_judge import CASES, LOOKALIKES, main, probes
 from test_data_real import build_mmu_files
 from test_rewards import API_KEY, API_KEY_ENV, GOOD_REPLY, ChatHandler, running_server
 
@@ -210,7 +210,10 @@ def test_rule_audit_of_a_prepared_pathmmu_fixture(tmp_path):
     # the fixture's explanations are one sentence ("Item 17."): nothing to eliminate or cite is removed
     assert cases["no_elimination"]["pairs"] == cases["no_knowledge"]["pairs"] == 0
     assert cases["no_elimination"]["mean_gap"] is None and "| no_elimination | 0 | – |" in result.stdout
-    assert all(c["pairs"] == n for case, c in cases.items() if case not in ("no_elimination", "no_knowledge"))
+    partial = ("no_elimination", "no_knowledge", "lookalike_answer")
+    assert all(c["pairs"] == n for case, c in cases.items() if case not in partial)
+    # only letters with a Cyrillic look-alike (not D) make the case: a "D" left as it is would be the gold answer
+    assert cases["lookalike_answer"]["pairs"] == sum(r.answer in LOOKALIKES for r in load_split(str(split)))
 
 
 def test_rule_judge_on_pathology_reasoning_in_pathmmu_format(tmp_path):
@@ -228,7 +231,7 @@ def test_rule_judge_on_pathology_reasoning_in_pathmmu_format(tmp_path):
     cases = judge["cases"]
     assert all(c["perturbed_higher"] == 0.0 for c in cases.values())
     for case in ("other_conclusion", "no_elimination", "keyword_salad", "wrong_answer", *ATTACKS, "empty",
-                 "thought_process_only", "very_long"):
+                 "thought_process_only", "very_long", "hedge", "lookalike_answer"):
         assert cases[case]["gold_higher"] == 1.0, case
     assert cases["swapped_image"]["ties"] == 1.0  # no image facts: the rule judge cannot see the swap
 

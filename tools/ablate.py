@@ -7,6 +7,7 @@ and the difference from the baseline with its 95% interval and p over seeds and 
     python tools/ablate.py configs/ablations/demo.yaml --only "R1 process reward"   # one variant beside the baseline
     python tools/ablate.py configs/ablations/pathmmu.yaml --out runs/ablate-pathmmu  # the 7B on PathMMU (a GPU)
     python tools/ablate.py --power --diff 3 --seed-sd 4 --items 300         # seeds needed for 80% power (simulated)
+    python tools/ablate.py configs/ablations/demo.yaml --power --diff 3     # ... with the spreads of the runs in --out
 
 The YAML file's keys (an unknown one stops the run, with a did-you-mean):
     variants      name -> overrides of the GRPO config, as `key=value` would give them. The first is the baseline
@@ -50,7 +51,7 @@ from pathvlm.allowed import _read_yaml_file  # noqa: E402
 from pathvlm.config import ConfigError, EvalConfig, GRPOConfig, SFTConfig  # noqa: E402
 from pathvlm.evaluation import read_jsonl  # noqa: E402
 from tools.stages import as_args, did_you_mean, script_config  # noqa: E402
-from tools.stats import Difference, holm, seed_item_test, seeds_needed  # noqa: E402
+from tools.stats import Difference, estimate_spreads, holm, power_report, seed_item_test  # noqa: E402
 
 SCRIPTS = {"sft": ("train_sft.py", SFTConfig), "grpo": ("train_grpo.py", GRPOConfig), "eval": ("eval.py", EvalConfig)}
 DEMO_CONFIGS = {"sft": "configs/demo_sft.yaml", "grpo": "configs/demo_grpo.yaml", "eval": "configs/demo_eval.yaml"}
@@ -237,11 +238,11 @@ def mean_or_dash(values: list, scale: float = 1.0, digits: int = 0) -> str:
     return "–" if None in values else f"{scale * statistics.mean(values):.{digits}f}"
 
 
-def paired(base_runs: list[dict], runs: list[dict], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The baseline's and a variant's answers as (seeds, items) right/wrong arrays: row s from seed s's SFT
-    model in both, columns the items every run answered, in one order."""
-    ids = sorted(set.intersection(*({i for _, i in r["correct"]} for r in base_runs + runs)))
-    return tuple(np.array([[r["correct"][(s, i)] for i in ids] for s, r in zip(seeds, rs)]) for rs in (base_runs, runs))
+def answers(runs_per_model: list[list[dict]], seeds: list[int]) -> np.ndarray:
+    """Each model's runs (one per seed) -> (models, seeds, items) right/wrong: row s from seed s's SFT model
+    in every model, columns the items every run answered, in one order."""
+    ids = sorted(set.intersection(*({i for _, i in r["correct"]} for runs in runs_per_model for r in runs)))
+    return np.array([[[r["correct"][(s, i)] for i in ids] for s, r in zip(seeds, runs)] for runs in runs_per_model])
 
 
 def difference_cells(d: Difference, p_holm: float) -> str:
@@ -258,7 +259,7 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
     """The accuracy columns and the test are the primary set's; each other set the eval had, its mean accuracy
     in a column of its own (before CPU min, so the test's columns stay last)."""
     baseline = next(iter(results))
-    tests = {name: seed_item_test(*paired(results[baseline], runs, seeds)) for name, runs in results.items()
+    tests = {name: seed_item_test(*answers([results[baseline], runs], seeds)) for name, runs in results.items()
              if name != baseline}
     # every variant is tested against the same baseline: Holm keeps the chance of any false positive at 5%
     p_holm = dict(zip(tests, holm([t.p for t in tests.values()])))
@@ -286,21 +287,19 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def power_table(diff: float, seed_sd: float, items: int, shared: float, sims: int, max_seeds: int,
-                item_sd: float = 3.0, seed_item_sd: float = 3.0) -> str:
-    """--power: seeds needed for 80% power at 5% (stats.seeds_needed), with the power at each count tried.
-    item_sd, seed_item_sd: stats.simulate's item_sd and sft_item_sd (logit scale). They are given, not estimated
-    from the user's runs: the printed header says which values the answer rests on."""
-    needed, tried = seeds_needed(diff, seed_sd, items, sims=sims, max_seeds=max_seeds, shared=shared,
-                                 item_sd=item_sd, sft_item_sd=seed_item_sd)
-    lines = [f"true difference {diff:g} points, seed sd {seed_sd:g} points per variant ({shared:.0%} of it shared "
-             f"through the seed's SFT model), {items} items; item spread {item_sd:g} and seed-by-item spread "
-             f"{seed_item_sd:g} (logit sd: given with --item-sd / --seed-item-sd, not estimated from runs); "
-             f"{sims} simulated ablations per row", "seeds  power"]
-    lines += [f"{n:5d}  {power:.2f}" for n, power in tried]
-    lines.append(f"{needed} seeds per variant give 80% power" if needed else
-                 f"more than {max_seeds} seeds per variant: 80% power is out of reach")
-    return "\n".join(lines)
+def answers_of_runs(ab: Ablation, out: str, seeds: list[int]) -> tuple[np.ndarray, str]:
+    """--power with the variants file: the answers of the variants already run in `out` for every seed ->
+    (models, seeds, items), the baseline first, and a line saying what they are."""
+    paths = {n: [os.path.join(run_dirs(out, n, s)[2], "predictions.jsonl") for s in seeds] for n in ab.variants}
+    names = [n for n in paths if all(map(os.path.isfile, paths[n]))]
+    if len(names) < 2 or names[0] != next(iter(ab.variants)) or len(seeds) < 3:
+        sys.exit(f"error: --power estimates the spreads from the runs in {out}: it needs the baseline and a variant "
+                 f"evaluated for 3 or more seeds; for seeds {' '.join(map(str, seeds))} it finds "
+                 f"{', '.join(names) or 'none'}. Run the ablation first, or leave out the variants file and give the "
+                 "spreads yourself")
+    runs = [[{"correct": {(s, p["id"]): bool(p["correct"]) for p in read_jsonl(f)
+                          if p.get("set", ab.primary) == ab.primary}} for s, f in zip(seeds, paths[n])] for n in names]
+    return answers(runs, seeds), f"{len(names)} variants x {len(seeds)} seeds in {out}"
 
 
 def plot(results: dict[str, list[dict]], path: str, primary: str = "demo"):
@@ -331,34 +330,37 @@ def main(argv=None):
     p.add_argument("--out", default="runs/ablate")
     p.add_argument("--only", nargs="+", metavar="VARIANT",
                    help="run these variants only (and the baseline, the YAML's first, which they are tested against)")
-    power = p.add_argument_group("--power: how many seeds an ablation needs, from stats.simulate (no training)")
+    power = p.add_argument_group("--power: how many seeds an ablation needs, from stats.simulate (no training). "
+                                 "With the variants file, what is not given is estimated from the runs in --out")
     power.add_argument("--power", action="store_true", help="print the seeds needed for 80%% power and stop")
     power.add_argument("--diff", type=float, default=3.0, help="the true difference to detect, accuracy points")
-    power.add_argument("--seed-sd", type=float, default=4.0, help="sd over seeds of a variant's accuracy, points")
-    power.add_argument("--items", type=int, default=300, help="test items")
-    power.add_argument("--shared", type=float, default=0.8,
-                       help="correlation of two variants' per-seed accuracies through the shared SFT model")
-    power.add_argument("--item-sd", type=float, default=3.0,
-                       help="sd of item difficulty, logit scale (stats.simulate's item_sd)")
-    power.add_argument("--seed-item-sd", type=float, default=3.0,
+    power.add_argument("--items", type=int, help="test items (default: the runs', else 300)")
+    power.add_argument("--seed-sd", type=float, help="sd over seeds of a variant's accuracy, points (4)")
+    power.add_argument("--shared", type=float,
+                       help="correlation of two variants' per-seed accuracies through the shared SFT model (0.8)")
+    power.add_argument("--item-sd", type=float, help="sd of item difficulty, logit scale (stats.simulate's item_sd; 3)")
+    power.add_argument("--seed-item-sd", type=float,
                        help="sd of what one seed's SFT model knows of each item, logit scale: the noise the seeds "
-                       "share (stats.simulate's sft_item_sd); larger needs more seeds")
+                       "share (stats.simulate's sft_item_sd; 3); larger needs more seeds")
     power.add_argument("--sims", type=int, default=400, help="simulated ablations per seed count")
     power.add_argument("--max-seeds", type=int, default=40)
     args = p.parse_args(argv)
-    if args.power:
-        print(power_table(args.diff, args.seed_sd, args.items, args.shared, args.sims, args.max_seeds,
-                          args.item_sd, args.seed_item_sd))
-        return
-    if args.variants is None:
+    if args.variants is None and not args.power:
         p.error("the variants YAML is required (e.g. configs/ablations/demo.yaml), unless --power")
-    if not os.path.isfile(args.variants):
+    if args.variants and not os.path.isfile(args.variants):
         sys.exit(f"error: {args.variants} not found (e.g. configs/ablations/demo.yaml)")
     try:
-        ab = read_ablation(args.variants)
-        check_variants(ab, args.out)
+        ab = read_ablation(args.variants) if args.variants else None
+        if not args.power:
+            check_variants(ab, args.out)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    if args.power:  # what is not given, estimated from the variants already run with this file
+        models, source = answers_of_runs(ab, args.out, args.seeds) if ab else (None, "")
+        given = {"seed_sd": args.seed_sd, "shared": args.shared, "item_sd": args.item_sd,
+                 "sft_item_sd": args.seed_item_sd, "items": args.items}
+        return print(power_report(args.diff, given, estimate_spreads(models) if ab else {}, source, args.sims,
+                                  args.max_seeds))
 
     variants = ab.variants
     if args.only:

@@ -186,3 +186,83 @@ def seeds_needed(diff: float, seed_sd: float, items: int, power: float = 0.8, si
         if tried[-1][1] >= power:
             return n, tried
     return None, tried
+
+
+# ----------------------------------------------------------------------------------------------
+# The simulator's spreads, estimated from an ablation already run
+
+def _discordance(models: np.ndarray, same_seed: bool) -> float:
+    """models: (M, S, N) right/wrong, model 0 the baseline -> how often two models answer an item differently:
+    the baseline and another model of the same seed (same_seed), or two baselines of different seeds."""
+    if same_seed:
+        return float(np.mean(models[0][None] != models[1:]))
+    base = models[0]
+    return float(np.mean([np.mean(base[a] != base[b]) for a in range(len(base)) for b in range(a + 1, len(base))]))
+
+
+def estimate_spreads(models: np.ndarray, sims: int = 20, seed: int = 0,
+                     grid: tuple = tuple(np.arange(0.0, 6.01, 0.5))) -> dict:
+    """An ablation's answers -> the simulate() settings that look like it, for seeds_needed.
+
+    models: (M, S, N) right/wrong, model 0 the baseline and 1... the variants, row s from seed s, S >= 3.
+      seed_sd   the sd over seeds of a model's accuracy (root mean square over models; it holds the item
+                noise of the test set too, so it errs on the side of more seeds)
+      shared    the correlation over seeds of the baseline's and a variant's accuracy (mean over variants)
+      item_sd, sft_item_sd   on the grid, the pair whose simulated ablations (same S, N, accuracy, seed_sd,
+                shared; no true difference) are nearest in two observed rates: how often the baseline and a
+                variant of one seed disagree on an item (both terms move it), and how often two seeds'
+                baselines do (only sft_item_sd and chance move it apart)
+    Every estimate from a handful of seeds is rough: the caller says it was estimated, and from how many."""
+    models = np.asarray(models, dtype=bool)
+    n_models, n_seeds, n_items = models.shape
+    if n_models < 2 or n_seeds < 3:
+        raise ValueError(f"estimating the spreads needs a baseline, a variant and 3 or more seeds; got {n_models} "
+                         f"model(s) x {n_seeds} seed(s)")
+    accuracy = 100 * models.mean(axis=2)  # (M, S)
+    seed_sd = float(np.sqrt(np.mean(accuracy.var(axis=1, ddof=1))))
+    corr = [np.corrcoef(accuracy[0], accuracy[m])[0, 1] for m in range(1, n_models)]
+    shared = float(np.clip(np.nanmean(corr) if not np.isnan(corr).all() else 0.0, 0.0, 0.99))
+    observed = np.array([_discordance(models, True), _discordance(models, False)])
+    base_accuracy = float(np.clip(models[0].mean(), 0.05, 0.95))
+    best = None
+    for item_sd in grid:
+        for sft_item_sd in grid:
+            rng = np.random.default_rng(seed)  # the same draws at every grid point: a smooth criterion
+            rates = np.mean([[_discordance(np.stack(pair), same) for same in (True, False)] for pair in
+                             (simulate(rng, n_seeds, n_items, 0.0, seed_sd, shared, base_accuracy, item_sd,
+                                       sft_item_sd) for _ in range(sims))], axis=0)
+            distance = float(np.sum((rates - observed) ** 2))
+            if best is None or distance < best[0]:
+                best = (distance, float(item_sd), float(sft_item_sd))
+    return {"seed_sd": seed_sd, "shared": shared, "item_sd": best[1], "sft_item_sd": best[2],
+            "seeds": n_seeds, "items": n_items, "base_accuracy": base_accuracy}
+
+
+# what --power assumes where neither the user nor an ablation's runs say: docs/ablations.md's demo ablation
+# (seed sd 4 points, 80% of it shared) and simulate's item spreads
+POWER_DEFAULTS = {"seed_sd": 4.0, "shared": 0.8, "item_sd": 3.0, "sft_item_sd": 3.0, "items": 300}
+
+
+def power_report(diff: float, given: dict, estimated: dict, source: str, sims: int, max_seeds: int) -> str:
+    """--power: the seeds needed for 80% power at 5% (seeds_needed), with the power at each count tried. Each
+    setting is the given one, else the estimated one (estimate_spreads of the runs in `source`), else
+    POWER_DEFAULTS; the header says which of the three each value is."""
+    settings, origin = {}, {}
+    for key, default in POWER_DEFAULTS.items():
+        for value, said in ((given.get(key), "given"), (estimated.get(key), "estimated"), (default, "default")):
+            if value is not None:
+                settings[key], origin[key] = value, said
+                break
+    needed, tried = seeds_needed(diff, settings["seed_sd"], settings["items"], sims=sims, max_seeds=max_seeds,
+                                 shared=settings["shared"], item_sd=settings["item_sd"],
+                                 sft_item_sd=settings["sft_item_sd"])
+    names = {"seed_sd": "seed sd (points)", "shared": "shared by the seed's two models", "items": "items",
+             "item_sd": "item spread (logit sd)", "sft_item_sd": "seed-by-item spread (logit sd)"}
+    lines = [f"true difference {diff:g} points; {sims} simulated ablations per row"]
+    lines += [f"  {names[k]}: {settings[k]:.3g} ({origin[k]})" for k in names]
+    if "estimated" in origin.values():
+        lines.append(f"  estimated from {source}: rough from {estimated['seeds']} seeds; give a value to override it")
+    lines += ["seeds  power"] + [f"{n:5d}  {power:.2f}" for n, power in tried]
+    lines.append(f"{needed} seeds per variant give 80% power" if needed else
+                 f"more than {max_seeds} seeds per variant: 80% power is out of reach")
+    return "\n".join(lines)
