@@ -190,15 +190,61 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(root, n) for n in names]
 
 
-def find_resume(output_dir: str, resume: str) -> str | None:
-    """resume: 'auto' (newest checkpoint in output_dir, if any), 'none', or a checkpoint directory."""
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed, or None when it is complete: loop.json a JSON object with
+    its step, state.pt a zip archive (torch.save's format) whose every member passes its checksum, and each
+    safetensors file of its model/ (where it has one) covering its header. A step_N folder is renamed into place
+    only once written, so what this finds came later: a file deleted, a copy cut short, a disk error. It reads
+    state.pt once (seconds for a 7B adapter's optimizer state): the cost of not resuming from a damaged one."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with open(os.path.join(path, "loop.json")) as f:
+            loop = json.load(f)
+        if not isinstance(loop, dict) or not isinstance(loop.get("step"), int):
+            return "loop.json has no step number"
+        with zipfile.ZipFile(os.path.join(path, "state.pt")) as archive:
+            damaged = archive.testzip()
+        if damaged:
+            return f"state.pt is damaged: {damaged} fails its checksum"
+        model = os.path.join(path, "model")
+        for name in sorted(os.listdir(model)) if os.path.isdir(model) else []:
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(model, name), "pt"):
+                    pass
+    except FileNotFoundError as e:
+        return f"{os.path.basename(e.filename)} is missing"
+    except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return None
+
+
+def find_resume(output_dir: str, resume: str, say=print) -> str | None:
+    """resume: 'auto' (the newest complete checkpoint in output_dir, if any), 'none', or a checkpoint directory.
+    With auto, an incomplete newer one is passed over, said with say() (the main process prints it): a crash
+    there forever would lose the run. An incomplete one named in resume=, or none complete, stops the run."""
     if resume == "none":
         return None
     if resume == "auto":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    if not os.path.isfile(os.path.join(resume, "state.pt")):
+        for path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            say(f"resume: passing over {path}, which is incomplete ({problem})")
+        if found:
+            raise BadInput(f"resume: none of the {len(found)} checkpoint(s) in {os.path.dirname(found[0])} is "
+                           "complete (above: why): move that folder away to start this run afresh, or give another "
+                           "output_dir")
+        return None
+    if not os.path.isdir(resume):
         raise FileNotFoundError(f"resume: no checkpoint at {resume} (expected {resume}/state.pt)")
+    problem = checkpoint_problem(resume)
+    if problem:
+        raise BadInput(f"resume: the checkpoint {resume} is incomplete ({problem}): name an older one, or "
+                       "resume=auto to take the newest complete checkpoint of output_dir")
     return resume
 
 

@@ -123,7 +123,8 @@ def start_output_dir(cfg, procs) -> str | None:
     -> that checkpoint, or None."""
     if procs.main:
         ckpt.claim_output_dir(cfg.output_dir)
-    resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume)
+    resume_from = ckpt.find_resume(cfg.output_dir, cfg.resume,
+                                   say=print if procs.main else lambda line: None)
     if resume_from:  # the same experiment, or a clear refusal naming what differs
         ckpt.check_resume_config(resume_from, cfg)
     if procs.main:

@@ -86,3 +86,51 @@ def test_ctrl_c_in_eval_keeps_the_answers_and_says_how_to_go_on(demo_data, tmp_p
     answered = sum(1 for _ in open(predictions))
     resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and sum(1 for _ in open(predictions)) == 24 > answered  # the rest, once each
+
+
+def grpo_args(demo_data, out, *extra) -> list[str]:
+    return ["configs/demo_grpo.yaml", "model=tiny", f"data={demo_data}/rl.jsonl", f"output_dir={out}",
+            "init_adapter=null", "reference=base", "eval_data=null", "num_prompts=2", "group_size=2",
+            "max_new_tokens=8", "lr=1e-3", *extra]
+
+
+def damage(checkpoint: str, how: str):
+    if how == "missing state.pt":
+        os.remove(os.path.join(checkpoint, "state.pt"))
+    else:  # a copy cut short: half of state.pt
+        path = os.path.join(checkpoint, "state.pt")
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("how", ["missing state.pt", "state.pt cut short"])
+@pytest.mark.parametrize("loop", ["sft", "grpo"])
+def test_resume_passes_over_an_incomplete_checkpoint_to_the_one_before(demo_data, tmp_path, capsys, loop, how):
+    """The newest checkpoint damaged after it was written: resume=auto says so and goes on from the one before,
+    and the run ends as the uninterrupted one does (its steps redone from there)."""
+    import train_grpo
+
+    main, loop_args = (train_sft.main, sft_args) if loop == "sft" else (train_grpo.main, grpo_args)
+
+    def args(demo_data, out, *extra):  # a constant lr: the cosine's would differ with max_steps
+        return loop_args(demo_data, out, "lr_schedule=constant", *extra)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    main(args(demo_data, full, "max_steps=3"))
+    main(args(demo_data, part, "max_steps=2", "save_every=1"))
+    newest = os.path.join(part, "checkpoints", "step_0000002")
+    damage(newest, how)
+    capsys.readouterr()
+    main(args(demo_data, part, "max_steps=3", "save_every=1"))
+    printed = capsys.readouterr().out
+    assert f"resume: passing over {newest}, which is incomplete (" in printed
+    assert ("state.pt is missing" if how.startswith("missing") else "BadZipFile") in printed
+    assert "resumed from " + os.path.join(part, "checkpoints", "step_0000001") in printed
+
+    def rows(out):
+        return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows(part)] == [1, 2, 3]
+    assert [r["loss"] for r in rows(part)] == [r["loss"] for r in rows(full)]
+    # named in resume=, an incomplete checkpoint stops the run with why
+    damage(os.path.join(part, "checkpoints", "step_0000003"), "cut")
+    with pytest.raises(Exception, match=r"step_0000003 is incomplete \(BadZipFile"):
+        main(args(demo_data, part, "max_steps=4", f"resume={part}/checkpoints/step_0000003"))
