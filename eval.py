@@ -32,9 +32,11 @@ import yaml
 
 from pathvlm.checkpoint import claim_output_dir, release_output_dir
 from pathvlm.config import EvalConfig, parse_args, save_config
-from pathvlm.evaluation import (control_name, control_sets, evaluate, format_kinds_table, format_table, kinds_note,
-                                load_sets, read_predictions)
-from pathvlm.inputs import InputError, check_inputs
+from pathvlm.controls import control_name, control_sets
+from pathvlm.errors import run_script
+from pathvlm.evaluation import (evaluate, format_kinds_table, format_table, kinds_note, load_sets, read_predictions,
+                                verdict_key)
+from pathvlm.inputs import check_inputs
 from pathvlm.model import load_model
 from pathvlm.provenance import answer_code, weights_fingerprint
 from pathvlm.reasoning import REASONING_KEYS, format_reasoning_table, reasoning_metrics, reasoning_request
@@ -117,9 +119,10 @@ def judgement_failed(line: dict) -> bool:
 
 
 def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Record]], predictions_path: str,
-                    out_path: str, chunk_size: int = 32, log=print, down=lambda final: None) -> dict[str, dict]:
+                    out_path: str, log=print, down=lambda final: None) -> dict[str, dict]:
     """Both rubrics over every prediction -> {set: reasoning_metrics}. One line per item is appended to
-    out_path as its chunk comes back: the raw replies and what was parsed from them, or null. Items
+    out_path as its chunk comes back: the raw replies and what was parsed from them, or null. A chunk is as
+    many items as the judge answers at once (its concurrency or batch), so a stop loses at most those. Items
     with a line there from the same judge_label are not asked again (the API judge's disk cache is
     shared between runs and may be off or cleared; this file belongs to the run).
     down(final) -> a message when the judge is down (verdicts.judge_down): asked after every chunk, and at
@@ -128,15 +131,21 @@ def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Reco
     from rewards import PROCESS_KEYS, equivalence_request, parse_equivalence, process_request
 
     predictions = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)}
+    # a stored verdict counts only for the record and answer it was given on: a corrected answer key, another
+    # image or a new answer is judged again (evaluation.verdict_key)
+    keys = {(name, r.id): verdict_key(r, predictions[(name, r.id)]["completion"])
+            for name, records in records_by_set.items() for r in records}
     done = {}
     for line in read_predictions(out_path):  # same cut-line repair; a later line (a retried call) wins
-        if line.get("judge") == judge_label:  # another judge's lines stay in the file, unused
-            done[(line["set"], line["id"])] = line
+        key = (line.get("set"), line.get("id"))
+        if line.get("judge") == judge_label and line.get("for") == keys.get(key):  # else unused, left in the file
+            done[key] = line
     todo = [(name, r) for name, records in records_by_set.items() for r in records
             if (name, r.id) not in done or judgement_failed(done[(name, r.id)])]
     log(f"judge {judge_label}: {len(todo)} to judge, {sum(map(len, records_by_set.values())) - len(todo)} "
         f"already in {os.path.basename(out_path)}")
     start = time.time()
+    chunk_size = getattr(judge, "max_concurrency", None) or getattr(judge, "batch_size", None) or 8
     with open(out_path, "a") as f:
         for i in range(0, len(todo), chunk_size):
             batch = todo[i:i + chunk_size]
@@ -148,7 +157,7 @@ def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Reco
             requests = [q for ask in asks for q in ask if q is not None]
             replies = iter(judge.complete(requests) if requests else [])  # in the order of `requests`
             for (name, r), (reasoning_q, process_q, equivalence_q) in zip(batch, asks):
-                line = {"id": r.id, "set": name, "judge": judge_label, "reply": None,
+                line = {"id": r.id, "set": name, "judge": judge_label, "for": keys[(name, r.id)], "reply": None,
                         "scores": dict.fromkeys(REASONING_KEYS, 0.0), "process_reply": None, "process_score": 0.0}
                 if not r.options:  # open: right by exact match, else by the judge's verdict (None: unreadable)
                     line.update(equivalence_asked=equivalence_q is not None, equivalence_reply=None,
@@ -172,7 +181,8 @@ def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Reco
                 done[(name, r.id)] = line
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 f.flush()
-            log(f"  judged {i + len(batch)}/{len(todo)}, {time.time() - start:.1f}s")
+            if (i // chunk_size) % 10 == 9 or i + chunk_size >= len(todo):
+                log(f"  judged {i + len(batch)}/{len(todo)}, {time.time() - start:.1f}s")
             message = down(final=i + chunk_size >= len(todo))
             if message:
                 raise JudgeDown(f"{message}. Judgements so far are in {out_path}; the failed ones are asked "
@@ -283,11 +293,6 @@ def main(argv=None):
     return run(parse_args(EvalConfig, argv))
 
 
-if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:  # the model name (model.check_model) or the judge's key refused mid-run (judges.py)
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # every answer so far is in predictions.jsonl, flushed as it came
-        sys.exit("\nstopped: the answers so far are saved in predictions.jsonl; run the same command again to "
-                 "answer the rest")
+if __name__ == "__main__":  # answers and judgements are kept as they come (predictions.jsonl, judgements.jsonl)
+    run_script(main, interrupted="\nstopped: the answers and judgements so far are kept in output_dir; run the same "
+               "command again to go on from them")

@@ -30,11 +30,12 @@ import torch
 
 from pathvlm.answers import canonical, is_correct, is_well_formed
 from pathvlm.config import GRPOConfig, parse_args
+from pathvlm.errors import run_script
 from pathvlm.evaluation import evaluate, load_sets
 from pathvlm.generation import encode_prompts, image_features, special_token_ids
 from pathvlm.grpo import equal_reward_groups, group_advantages, grpo_loss, step_normalisers
 from pathvlm.images import open_image
-from pathvlm.inputs import InputError, check_inputs
+from pathvlm.inputs import check_inputs
 from pathvlm.judges import judge_from_config
 from pathvlm.model import count_params, freeze_vision_copy, load_model
 from pathvlm.records import image_path, prompt_messages
@@ -388,7 +389,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:  # a missing or unusable input: the message names it, not a traceback
-        sys.exit(f"error: {e}")
+    run_script(main)

@@ -13,15 +13,15 @@ padding tokens never enter it.
 import dataclasses
 import gc
 import os
-import sys
 import time
 
 import torch
 
 from pathvlm.config import SFTConfig, parse_args
+from pathvlm.errors import run_script
 from pathvlm.generation import encode_completions, encode_prompts, image_features
 from pathvlm.images import open_image
-from pathvlm.inputs import InputError, check_inputs
+from pathvlm.inputs import check_inputs
 from pathvlm.model import compute_dtype, count_params, load_model, unwrap
 from pathvlm.records import Record, image_path, prompt_messages, target_text
 from pathvlm.rollout import completion_logprobs
@@ -162,7 +162,4 @@ def export_merged(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:  # a missing or unusable input: its message names it, not a traceback
-        sys.exit(f"error: {e}")
+    run_script(main)

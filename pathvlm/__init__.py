@@ -6,7 +6,7 @@ import each other, directly or round a circle. Imports inside functions count th
 import is for a module that is slow or optional (unsloth), never a way round this rule.
 tests/test_layers.py reads the table below and enforces it.
 
-    layer 1  pure:    errors allowed config grpo images openqa records answers
+    layer 1  pure:    errors allowed config grpo images openqa records answers controls
     layer 2  model:   tiny model generation rollout sampler unsloth_backend
     layer 3  judges:  verdicts rule_judge judges reasoning
     layer 4  run:     checkpoint inputs training run evaluation provenance

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from pathvlm.errors import BadInput
+from pathvlm.errors import BadInput, reading
 
 CKPT_DIR = "checkpoints"
 
@@ -252,7 +252,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, rank: int = 0, world
     """Weights, optimizer, scheduler and this process's RNG state (rank of world_size) -> the loop state."""
     # onto the CPU first: saved from cuda:0, every rank's optimizer state would otherwise land on GPU 0.
     # copy_ below moves the weights to each parameter's device, and Optimizer.load_state_dict the state.
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False, map_location="cpu")
+    with reading(os.path.join(path, "state.pt"), "the checkpoint state", "resume from an older checkpoint (resume=)"):
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=False, map_location="cpu")
     rng_states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older: one dict
     if len(rng_states) != world_size:
         # weights, optimizer and data position would carry over; each process's sampling stream would not,
@@ -363,6 +364,27 @@ class StopAfterStep:
     def restore(self):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred(what: str):
+    """Ctrl-C and SIGTERM wait until the enclosed save is done (said when they come), then stop the run with a
+    line saying what was saved. A stop midway would leave a model's config without its weights."""
+    caught = []
+
+    def note(signum, frame):
+        caught.append(signal.Signals(signum).name)
+        print(f"\n{caught[-1]}: writing {what} first", file=sys.stderr, flush=True)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, note) for s in StopAfterStep.SIGNALS} if main_thread else {}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        sys.exit(f"stopped by {caught[0]} once {what} was written: the run is complete, nothing after it ran")
 
 
 def stopped_at_once_message(output_dir: str) -> str:

@@ -11,6 +11,7 @@ the file.
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import types
 import typing
@@ -127,6 +128,7 @@ def load_config(cls, path: str | None, overrides: list[str] = (), names: dict | 
             raise ConfigError(f"command line: expected key=value, got '{_shown(item)}'")
         key, value = item.split("=", 1)
         _apply(cfg, {key.strip(): value}, "command line", names)
+    expand_paths(cfg)
     if cfg.min_pixels > cfg.max_pixels:
         raise ConfigError(f"min_pixels={cfg.min_pixels} exceeds max_pixels={cfg.max_pixels}: the processor resizes "
                           "every image to between the two; lower min_pixels or raise max_pixels")
@@ -135,6 +137,30 @@ def load_config(cls, path: str | None, overrides: list[str] = (), names: dict | 
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+PATH_KEYS = ("model", "output_dir", "data", "eval_data", "adapter", "init_adapter", "resume", "judge_cache_dir")
+_UNSET_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def expand_paths(cfg):
+    """`~` and `$VAR` in every path key (and each path of `sets`), as a shell would have: otherwise
+    output_dir: $HOME/x makes a folder named `$HOME` and data: ~/x is "not found". A variable that is not set
+    stops the run, named: expanded to nothing it would put the run somewhere else."""
+    def expand(key: str, value: str) -> str:
+        value = os.path.expanduser(os.path.expandvars(value))
+        unset = _UNSET_VARIABLE.search(value)
+        if unset:
+            raise ConfigError(f"key '{key}': {_shown(value)} names the environment variable {unset.group(0)}, which "
+                              "is not set: set it, or write the path out")
+        return value
+
+    for key in PATH_KEYS:
+        if isinstance(getattr(cfg, key, None), str):
+            setattr(cfg, key, expand(key, getattr(cfg, key)))
+    if isinstance(getattr(cfg, "sets", None), list):  # name=path
+        cfg.sets = [f"{s.partition('=')[0]}={expand('sets', s.partition('=')[2])}" if "=" in s else s
+                    for s in cfg.sets]
 
 
 def parse_args(cls, argv: list[str] | None = None, names: dict | None = None):

@@ -5,16 +5,12 @@ answers is tools/stats.py's.
 Nothing here imports torch until a model is asked for answers.
 """
 
+import functools
 import json
 import os
-import random
 import time
-from dataclasses import replace
-
-from PIL import Image
 
 from pathvlm import openqa
-from pathvlm.allowed import IMAGE_CONTROLS
 from pathvlm.answers import THINK_RE, canonical, is_well_formed, parse_answer, parse_open_answer
 from pathvlm.images import open_image
 from pathvlm.records import KINDS, LETTERS, Record, image_path, load_split, prompt_messages
@@ -45,76 +41,6 @@ def load_sets(specs: list[str], limit: int = 0) -> dict[str, list[Record]]:
 # ----------------------------------------------------------------------------------------------
 # Image-reliance controls: the same questions with an image that carries no answer. A model that
 # reads the image falls to chance; one that answers from the text alone (option order, priors) does not.
-
-# Uniform mid-grey: no stain hue (R = G = B) and close to the processor's mean pixel (Qwen2.5-VL's
-# image_mean is 0.48, 0.46, 0.41), so the normalised input is near zero everywhere. White would be
-# glass, which a pathology patch shows where there is no tissue: the model may have learnt to read it.
-BLANK_RGB = (128, 128, 128)
-
-
-def control_name(set_name: str, control: str) -> str:
-    """The name a control's predictions carry in predictions.jsonl: "demo[blank]"."""
-    return f"{set_name}[{control}]"
-
-
-def derangement(n: int, seed: int) -> list[int]:
-    """A random permutation p of range(n) with p[i] != i for every i (n >= 2): item i is shown item
-    p[i]'s image. Permutations are drawn until one has no fixed point: uniform over derangements, and
-    about e = 2.72 draws on average (a random permutation has none with probability ~1/e)."""
-    if n < 2:
-        raise ValueError(f"no derangement of {n} item(s): every item would keep its own image")
-    rng = random.Random(seed)
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        if all(order[i] != i for i in range(n)):
-            return order
-
-
-def blank_image(size: tuple[int, int], out_dir: str) -> str:
-    """out_dir/blank-WxH.png, a BLANK_RGB image of that size, written once and shared by every item
-    of that size. -> its path. Written to a temporary name and renamed, so processes that write it at
-    the same time never read half a file."""
-    path = os.path.join(out_dir, f"blank-{size[0]}x{size[1]}.png")
-    if not os.path.isfile(path):
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        Image.new("RGB", size, BLANK_RGB).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    return path
-
-
-def control_sets(full_sets: dict[str, list[Record]], controls: list[str], seed: int, blank_dir: str,
-                 limit: int = 0) -> tuple[dict[str, list[Record]], dict[str, str]]:
-    """The records of each control of each set, under control_name, with their image replaced:
-      blank:    by a BLANK_RGB image of the same size (blank_image, in blank_dir);
-      shuffled: by another item's of the same set, a derangement seeded by `seed`, its image_facts with it.
-    full_sets are whole sets (load_sets without a limit): an item is shown the same image whatever
-    `limit` a run (or its resume) takes, and the first `limit` items of each control are returned.
-    -> (control sets, {control name: why skipped}); shuffled skips a set of fewer than 2 items."""
-    out, skipped = {}, {}
-    for control in controls:
-        if control not in IMAGE_CONTROLS:
-            raise ValueError(f"unknown image control '{control}': use {' and/or '.join(IMAGE_CONTROLS)}")
-    for name, records in full_sets.items():
-        asked = records[:limit] if limit > 0 else records
-        for control in controls:
-            if control == "blank":
-                shown = []
-                for r in asked:
-                    with Image.open(r.image) as image:  # reads the size from the header, not the pixels
-                        size = image.size
-                    shown.append(replace(r, image=blank_image(size, blank_dir), image_facts={}))
-            elif len(records) < 2:
-                skipped[control_name(name, control)] = f"{len(records)} item(s): no other image to show"
-                continue
-            else:
-                order = derangement(len(records), seed)
-                shown = [replace(r, image=records[j].image, image_facts=records[j].image_facts)
-                         for r, j in zip(asked, order)]
-            out[control_name(name, control)] = shown
-    return out, skipped
-
 
 def score(completion: str, record: Record) -> dict:
     """An empty or unparseable completion is a wrong answer (parsed None), never an error.
@@ -162,6 +88,72 @@ def read_predictions(path: str) -> list[dict]:
         if data and not data.endswith(b"\n"):
             f.truncate(data.rfind(b"\n") + 1)
     return read_jsonl(path)
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes, computed once per version of the file (questions share images)."""
+    st = os.stat(path)
+    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def prompt_key(record: Record) -> str:
+    """What the model is shown for a record, hashed: question, options and the image's bytes. A stored answer
+    is kept only while this is unchanged; the answer key is not in it, so a corrected gold letter rescores the
+    stored answers instead of asking the model again."""
+    import hashlib
+
+    shown = json.dumps([record.question, record.options, file_digest(record.image)], ensure_ascii=False)
+    return hashlib.sha256(shown.encode()).hexdigest()[:16]
+
+
+def verdict_key(record: Record, completion: str) -> str:
+    """What a judge is shown of an answer, hashed: the whole record (its answer key, reference and image facts
+    too), the image's bytes and the completion. A stored verdict is reused only while this is unchanged."""
+    import dataclasses
+    import hashlib
+
+    shown = json.dumps([dataclasses.asdict(record), file_digest(record.image), completion], ensure_ascii=False)
+    return hashlib.sha256(shown.encode()).hexdigest()[:16]
+
+
+def resumed_predictions(path: str, records_by_set: dict[str, list[Record]], write: bool, log=print) -> dict:
+    """The predictions already in `path` for these records, each rescored against its record as it is now
+    (the answer key may have been corrected since) and dropped where what the model was shown has changed
+    (prompt_key), so it is answered again. The file is rewritten with them, whole and then renamed (a kill
+    leaves the old file or the new one), where `write`; lines of other records stay. -> {(set, id): prediction}"""
+    stored = {(p["set"], p["id"]): p for p in read_predictions(path)}
+    kept, changed = {}, 0
+    for name, records in records_by_set.items():
+        stale = rescored = 0
+        for r in records:
+            p = stored.pop((name, r.id), None)
+            if p is None:
+                continue
+            if p.get("prompt") != prompt_key(r):
+                stale += 1
+                continue
+            scored = score(p["completion"], r)
+            now = {**p, **scored, "gold": r.answer, **option_texts(scored["parsed"], r)}
+            rescored += now["correct"] != p["correct"]
+            kept[(name, r.id)] = now
+        changed += stale + rescored
+        if stale or rescored:
+            log(f"  {name}: {rescored} earlier answers rescored against the records as they are now, {stale} "
+                "answered again (their question, options or image changed)")
+    if write and changed:
+        with open(path + ".tmp", "w") as f:
+            for p in [*stored.values(), *kept.values()]:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        os.replace(path + ".tmp", path)
+    return kept
 
 
 def set_metrics(predictions: list[dict], records: list[Record] | None = None) -> dict:
@@ -231,7 +223,7 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
     from pathvlm.training import Processes
 
     procs = procs or Processes()
-    done = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)} if predictions_path else {}
+    done = resumed_predictions(predictions_path, records_by_set, procs.main, log) if predictions_path else {}
     if predictions_path and procs.main:
         os.makedirs(os.path.dirname(os.path.abspath(predictions_path)), exist_ok=True)
     out = open(predictions_path, "a") if predictions_path and procs.main else None
@@ -254,7 +246,8 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
                     lengths = answers.mask.sum(1).tolist()  # tokens up to and including EOS
                     scores = [score(text, record) for record, text in zip(batch, texts)]
                     preds = [{"id": record.id, "set": name, "completion": text, **scored, "gold": record.answer,
-                              "completion_tokens": length, **option_texts(scored["parsed"], record)}
+                              "completion_tokens": length, **option_texts(scored["parsed"], record),
+                              "prompt": prompt_key(record)}  # what it answered: resumed_predictions checks it
                              for record, text, length, scored in zip(batch, texts, lengths, scores)]
                 shares = procs.gather(preds)
                 for k in range(len(todo[i:i + step])):  # back in the order of todo

@@ -12,12 +12,13 @@ WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def open_image(path):
-    """The image at `path` (a path or a binary file object), decoded to the end, as 8-bit RGB (to_rgb)."""
-    from PIL import Image
+    """The image at `path` (a path or a binary file object), decoded to the end, upright, as 8-bit RGB (to_rgb).
+    Upright: a phone photo of a slide is stored as the sensor saw it, with an EXIF tag saying how to turn it."""
+    from PIL import Image, ImageOps
 
     with Image.open(path) as image:
         image.load()  # decode now: a truncated file fails here, not later in a batch
-        return to_rgb(image)
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
 def to_rgb(image):

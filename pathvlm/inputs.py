@@ -8,7 +8,8 @@ import sys
 from collections import Counter
 
 from pathvlm.config import EvalConfig, GRPOConfig, SFTConfig
-from pathvlm.errors import BadInput, InputError, MissingInput  # noqa: F401  (the scripts catch InputError)
+from pathvlm.errors import InputError  # noqa: F401  (where tests and older scripts import it from)
+from pathvlm.errors import BadInput, MissingInput, path_problem
 
 
 def check_inputs(cfg) -> dict[str, dict[str, int]]:
@@ -19,6 +20,7 @@ def check_inputs(cfg) -> dict[str, dict[str, int]]:
     open questions is seen before the run, not first in its metrics."""
     check_device(cfg.device)
     check_output_dir(cfg.output_dir)
+    check_tiny_cache(cfg.model, cfg.seed)
     resume = getattr(cfg, "resume", "none")  # a training script's
     if resume not in ("auto", "none") and not os.path.isfile(os.path.join(resume, "state.pt")):
         raise MissingInput(f"key 'resume': no checkpoint at {resume} (no state.pt there): give a checkpoint "
@@ -82,6 +84,23 @@ def check_device(device: str):
         raise BadInput(f"key 'device': device={device}, but torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
 
 
+def check_tiny_cache(model: str, seed: int):
+    """The embedded model is built once into PATHVLM_CACHE: where that cannot be written, say so before the run
+    claims its output_dir, not as a traceback from save_pretrained once it has."""
+    import tempfile
+
+    from pathvlm.tiny import TINY_SIZES, cache_dir, tiny_path
+
+    if model not in TINY_SIZES or os.path.isfile(os.path.join(tiny_path(model, seed), "config.json")):
+        return
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        tempfile.TemporaryFile(dir=cache_dir()).close()
+    except OSError as e:
+        raise BadInput(f"model={model} is built once into {cache_dir()} (PATHVLM_CACHE, default ~/.cache/pathvlm-r1), "
+                       f"which cannot be written ({e.strerror}): set PATHVLM_CACHE to a writable folder") from None
+
+
 def check_output_dir(path: str):
     if not path.strip():
         raise BadInput("key 'output_dir' is empty: give the directory the run writes to (e.g. runs/my-run)")
@@ -125,7 +144,7 @@ def check_split(key: str, path: str) -> dict[str, int]:
         print(f"note: key '{key}': {len(elsewhere)} of {len(records)} records in {path} name an image outside its "
               f"folder (absolute, ../ or a symlink), e.g. '{elsewhere[0].id}': {elsewhere[0].image}; they are used "
               "as named, and an API judge uploads each image a record names", file=sys.stderr)
-    missing = [r for r in records if not os.path.isfile(os.path.join(root, r.image))]
+    missing = [r for r in records if path_problem(os.path.join(root, r.image)) == "does not exist"]
     if missing:
         example = os.path.join(root, missing[0].image)
         raise MissingInput(f"key '{key}': {path}: {len(missing)} images missing, e.g. {example} (record "
@@ -149,6 +168,6 @@ def check_adapter(key: str, path: str | None, full_model_ok: bool = False):
         if full_model_ok:
             return
         raise MissingInput(f"key '{key}': {path} holds a whole model, not a LoRA adapter: give it as model={path}")
-    what = "does not exist" if not os.path.exists(path) else "has no adapter_config.json"
+    what = path_problem(path, "directory") or "has no adapter_config.json"
     raise MissingInput(f"key '{key}': {path} {what} (give the output_dir of a finished train_sft.py / "
                        "train_grpo.py run)")

@@ -23,7 +23,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from pathvlm.errors import MissingInput
+from pathvlm.errors import BadInput, MissingInput, reading
 from pathvlm.tiny import CHAT_TEMPLATE, TINY_SIZES, resolve_model_path
 
 # On CPUs with AVX512-BF16, importing bitsandbytes (peft does) tries to fetch an inference kernel from the
@@ -94,6 +94,10 @@ def check_model(name: str):
                                         RemoteEntryNotFoundError, RepositoryNotFoundError)
 
     if os.path.isfile(os.path.join(name, "config.json")):
+        weights = [f for f in os.listdir(name) if f.endswith((".safetensors", ".bin", ".safetensors.index.json"))]
+        if not weights:  # transformers writes config.json first: a save that stopped part-way
+            raise MissingInput(f"model {name}: config.json but no weights (model.safetensors or its shards): a save "
+                               "that did not finish; train or copy it again")
         return
     if os.path.isdir(name):
         raise MissingInput(f"model {name}: the directory has no config.json (a LoRA adapter directory goes in "
@@ -267,7 +271,9 @@ def attach_lora(model, cfg, adapter: str | None, trainable: bool, train_vision: 
         model.enable_input_require_grads()
     if adapter is not None:
         check_adapter_dir(adapter)
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+        check_adapter_fits(model, adapter)
+        with reading(adapter, "the adapter", "train or copy it again"):
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
         # an adapter brings the dropout it was trained with; this run's config decides (GRPO's is 0)
         set_lora_dropout(model, cfg.lora_dropout)
         config = model.peft_config["default"]
@@ -305,6 +311,35 @@ def check_adapter_dir(path: str):
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise FileNotFoundError(f"adapter directory not found or has no adapter_config.json: {path} "
                                 "(give the output_dir of a finished train_sft.py / train_grpo.py run)")
+
+
+def check_adapter_fits(model, adapter: str):
+    """Every weight of the adapter against the module it goes on, from the safetensors header alone (before
+    PEFT loads it): an adapter trained on another model size stops here with one message naming both, not
+    with torch's `size mismatch for ...lora_B` after the load. A file cut short fails its header here too."""
+    from safetensors import safe_open
+
+    path = os.path.join(adapter, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return  # an older .bin adapter: PEFT's own load checks it
+    with reading(path, "the adapter's weights", "train or copy the adapter again"), safe_open(path, "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    base, params = model.get_base_model() if hasattr(model, "get_base_model") else model, None
+    for key, shape in shapes.items():
+        name = key.removeprefix("base_model.model.")
+        if ".lora_A." in name or ".lora_B." in name:  # A: (r, in_features), B: (out_features, r)
+            try:
+                module = base.get_submodule(name.split(".lora_")[0])
+                want = [shape[0], module.in_features] if ".lora_A." in name else [module.out_features, shape[1]]
+            except AttributeError:
+                want = None
+        else:  # a whole module's copy (PEFT modules_to_save, the trained vision tower)
+            params = params or {n: list(p.shape) for n, p in base.named_parameters()}
+            want = params.get(name)
+        if want != list(shape):
+            found = "no such module" if want is None else f"the model's {want}"
+            raise BadInput(f"adapter {adapter} does not fit model {model.config._name_or_path}: {key} is "
+                           f"{list(shape)}, {found}; it was trained on another base model: give that one in model=")
 
 
 def count_params(model) -> tuple[int, int]:

@@ -22,9 +22,14 @@ from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from pathvlm import openqa
+from pathvlm.errors import path_problem
 from pathvlm.images import file_image_problem
 
 LETTERS = string.ascii_uppercase
+# Cyrillic and Greek letters that look like Latin ones (NFKC keeps them apart): a record's answer letter written
+# with one is named as such, and a completion that writes a verdict's keys with them is still writing them
+LOOK_ALIKES = str.maketrans("АВЕКМНОРСТХаеорсухіјѕԁԛԝΑΒΕΖΗΙΚΜΝΟΡΤΥΧοκνρτυχ",
+                            "ABEKMHOPCTXaeopcyxijsdqwABEZHIKMNOPTYXokvptux")
 
 
 @dataclass
@@ -134,11 +139,17 @@ def record_from_json(data) -> Record:
 
 def load_split(path: str) -> list[Record]:
     """Read a prepared JSONL split. Errors name the file, the line, the record and the key."""
-    if not os.path.isfile(path):
+    problem = path_problem(path)
+    if problem == "does not exist":
         raise FileNotFoundError(f"data file not found: {path} ({_not_prepared_hint(path)})")
+    if problem:
+        raise ValueError(f"{path} {problem}: give the prepared split's .jsonl file")
     records = []
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors write one) is dropped
         for n, line in enumerate(f, 1):
+            if "\0" in line:  # what a crash or a failed copy leaves: a tail of zero bytes, not text
+                raise ValueError(f"{path}:{n}: NUL bytes in the line: the file is damaged (a copy or write cut "
+                                 "short); prepare it again")
             if not line.strip():
                 continue
             try:
@@ -211,10 +222,40 @@ def check_fields(record: Record, seen_ids: set) -> str | None:
         return "too many options"
     if any(not o.strip() for o in record.options):
         return "empty option"
+    broken = next((i for i, o in enumerate(record.options) if _hidden(o, allow_newline=False)), None)
+    if broken is not None:  # the prompt lists one option a line: a line break in one shows the model a phantom
+        return (f"option {LETTERS[broken]} holds a line break or control character ({record.options[broken]!r}): "
+                "the prompt would show its second part as an option line of its own; write the option on one line")
+    keys = [_option_key(o) for o in record.options]
+    twice = next((o for o, k in zip(record.options, keys) if keys.count(k) > 1), None)
+    if twice is not None:
+        return (f"two options are the same text ({twice!r}, after Unicode normalisation, case and invisible "
+                "characters): the answer letter would not name one of them")
     # one letter of the options: `in` on the string of letters alone would also let "" and "AB" through
     if not (len(record.answer) == 1 and record.answer in LETTERS[: len(record.options)]):
-        return f"answer {record.answer!r} is not among the options"
+        return f"answer {record.answer!r} is not among the options" + _look_alike(record.answer)
     return None
+
+
+def _option_key(text: str) -> str:
+    """An option as a reader sees it: NFKC, format characters (zero-width, bidi marks) gone, case and spacing
+    folded; "brown" and "brown" with a zero-width space are one option."""
+    text = "".join(ch for ch in unicodedata.normalize("NFKC", text) if unicodedata.category(ch) != "Cf")
+    return " ".join(text.casefold().split())
+
+
+def _look_alike(answer: str) -> str:
+    """What the message adds for an answer letter that only looks like a Latin capital (Cyrillic А, Greek Α, a
+    fullwidth Ａ): which character it is, so the reader is not left staring at an 'A' that is refused."""
+    if len(answer) != 1 or answer.isascii():
+        return ""
+    name = unicodedata.name(answer, f"U+{ord(answer):04X}")
+    latin = unicodedata.normalize("NFKC", answer)
+    if latin.isascii() and latin in LETTERS:
+        return f": it is {name} (U+{ord(answer):04X}), a form of the Latin {latin}; write the plain letter {latin}"
+    base = answer.translate(LOOK_ALIKES)
+    looks = f", which looks like the Latin {base} but is not" if base in LETTERS else ""
+    return f": it is {name} (U+{ord(answer):04X}){looks}; the answer is a Latin capital letter, A for the first option"
 
 
 # Characters that change how a text is laid out or read without being seen: control characters (a newline in an
@@ -222,22 +263,18 @@ def check_fields(record: Record, seen_ids: set) -> str | None:
 HIDDEN_LAYOUT = {"\u2028", "\u2029", "\u0085"}
 
 
-def text_warnings(record: Record) -> list[str]:
-    """What a usable record's text holds that a reader should know of (warned and counted, not dropped): a
-    line break or control character in an option, or a control character in the question (line breaks in a
-    question are text layout). A judge sees all of it as JSON, escaped (verdicts.json_block)."""
-    found = []
+def _hidden(text: str, allow_newline: bool) -> bool:
+    return any((unicodedata.category(ch) == "Cc" and not (allow_newline and ch in "\n\t\r"))
+               or ch in HIDDEN_LAYOUT for ch in text)
 
-    def hidden(text: str, allow_newline: bool) -> bool:
-        return any((unicodedata.category(ch) == "Cc" and not (allow_newline and ch in "\n\t\r"))
-                   or ch in HIDDEN_LAYOUT for ch in text)
-    if isinstance(record.question, str) and hidden(record.question, allow_newline=True):
-        found.append("a control character in the question")
-    for option in record.options if isinstance(record.options, list) else []:
-        if isinstance(option, str) and hidden(option, allow_newline=False):
-            found.append("a line break or control character in an option")
-            break
-    return found
+
+def text_warnings(record: Record) -> list[str]:
+    """What a usable record's text holds that a reader should know of (warned and counted, not dropped): a control
+    character in the question (line breaks in a question are text layout; in an option they are an error, in
+    check_fields). A judge sees all of it as JSON, escaped (verdicts.json_block)."""
+    if isinstance(record.question, str) and _hidden(record.question, allow_newline=True):
+        return ["a control character in the question"]
+    return []
 
 
 def check_record(record: Record, root: str, seen_ids: set) -> str | None:
@@ -250,8 +287,9 @@ def check_image(record: Record, root: str) -> str | None:
     if not record.image.strip():
         return "image missing: the record names no image"
     path = os.path.join(root, record.image)
-    if not os.path.isfile(path):
-        return f"image missing: {record.image}"
+    problem = path_problem(path)
+    if problem:
+        return f"image missing: {record.image}" if problem == "does not exist" else f"image {record.image} {problem}"
     stat = os.stat(path)
     return file_image_problem(os.path.abspath(path), stat.st_size, stat.st_mtime_ns, record.image)
 

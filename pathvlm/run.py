@@ -15,6 +15,7 @@ the weights, optimizer, scheduler and every process's RNG state, and a resumed r
 
 import dataclasses
 import os
+import shutil
 import sys
 
 from tqdm import tqdm
@@ -105,16 +106,34 @@ class Run:
 
     def finish(self, step: int, loop_state, what: str, write_model):
         """After the last step: its checkpoint; then the main process closes the logs, writes the trained model
-        (write_model(output_dir), `what` names it in a failure) and releases output_dir. The run lets go of the
-        model and optimizer, so that what follows (SFT's merged export) can free their memory."""
-        self.save(step, loop_state())
-        self.model = self.optimizer = self.scheduler = self.save_model = None
-        if self.main:
-            for f in self.files.values():
-                f.close()
-            with ckpt.saving(what, self.cfg.output_dir, self.cfg.output_dir):
-                write_model(self.cfg.output_dir)
-            ckpt.release_output_dir(self.cfg.output_dir)
+        (write_model(dir), `what` names it in a failure) and releases output_dir. The run lets go of the
+        model and optimizer, so that what follows (SFT's merged export) can free their memory. Ctrl-C and
+        SIGTERM wait for all of it (checkpoint.signals_deferred), and the model is written to a folder of its
+        own and moved in file by file, its config last: a config.json or adapter_config.json in output_dir
+        means the weights beside it are whole (what tools/ablate.py and the loaders take it to mean)."""
+        with ckpt.signals_deferred(f"{what} in {self.cfg.output_dir}"):
+            self.save(step, loop_state())
+            self.model = self.optimizer = self.scheduler = self.save_model = None
+            if self.main:
+                for f in self.files.values():
+                    f.close()
+                with ckpt.saving(what, self.cfg.output_dir, self.cfg.output_dir):
+                    move_in(write_model, self.cfg.output_dir)
+                ckpt.release_output_dir(self.cfg.output_dir)
+
+
+def move_in(write, out_dir: str):
+    """write(folder) into a fresh folder inside out_dir, then each file moved into out_dir (os.replace:
+    atomic), the configs last."""
+    tmp = os.path.join(out_dir, ".final-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    for name in sorted(os.listdir(tmp), key=lambda n: n in ("config.json", "adapter_config.json")):
+        target = os.path.join(out_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, name), target)
+    os.rmdir(tmp)
 
 
 def start_output_dir(cfg, procs) -> str | None:

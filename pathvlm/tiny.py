@@ -113,11 +113,15 @@ def cache_dir() -> str:
     return os.environ.get("PATHVLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pathvlm-r1"))
 
 
+def tiny_path(name: str, seed: int) -> str:
+    return os.path.join(cache_dir(), f"{name}-seed{seed}")
+
+
 def resolve_model_path(name: str, seed: int = 0) -> str:
     """`tiny`/`tiny-small` -> a directory holding it (built once per seed); anything else unchanged."""
     if name not in TINY_SIZES:
         return name
-    path = os.path.join(cache_dir(), f"{name}-seed{seed}")
+    path = tiny_path(name, seed)
     if not os.path.isfile(os.path.join(path, "config.json")):
         model, tokenizer = build_tiny_model(name, seed)
         tmp = f"{path}.tmp{os.getpid()}"

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 
 from pathvlm.errors import InputError
+from pathvlm.records import LOOK_ALIKES  # mapped for the key check only: "іntegrity_score" with a Cyrillic і
 
 
 @dataclass(frozen=True)
@@ -149,10 +150,6 @@ VERDICT_SHAPE_RE = re.compile(r"""\{\s*["'`]?[^\s"'`{}:]{1,40}["'`]?\s*:\s*(?:["
                               re.IGNORECASE)
 
 
-# Cyrillic and Greek letters that look like Latin ones (NFKC keeps them apart): mapped for the key check only, so
-# "іntegrity_score" with a Cyrillic і is the key it looks like
-LOOK_ALIKES = str.maketrans("АВЕКМНОРСТХаеорсухіјѕԁԛԝΑΒΕΖΗΙΚΜΝΟΡΤΥΧοκνρτυχ",
-                            "ABEKMHOPCTXaeopcyxijsdqwABEZHIKMNOPTYXokvptux")
 
 
 def writes_to_grader(text: str, keys) -> bool:

@@ -197,6 +197,48 @@ CASES = [
          r"local directory, and no such model on the Hugging Face hub: check the spelling", script="eval.py",
          args=[*EVAL, "sets=[t={ws}/good/split.jsonl]", "model=Qwen/Qwen2.5-VL-7B-Instuct"],
          subprocess=True, env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "{hub}"}),
+    # files of the wrong kind, damaged or cut short (round 3): one error boundary per script (errors.run_script)
+    Case("adapter trained on another model size", r"^error: adapter <tmp>/tiny_adapter does not fit model "
+         r"\S+tiny-small-seed0: \S+lora_A\.weight is \[8, \d+\], the model's \[8, \d+\]; it was trained on another base "
+         r"model", script="eval.py", args=[*EVAL, "sets=[t={ws}/good/split.jsonl]", "model=tiny-small",
+                                             "adapter={ws}/tiny_adapter"]),
+    Case("adapter file cut in half", r"^error: the adapter's weights <tmp>/cut_adapter/adapter_model\.safetensors "
+         r"cannot be read \(SafetensorError: .*\): train or copy the adapter again", script="eval.py",
+         args=[*EVAL, "sets=[t={ws}/good/split.jsonl]", "model=tiny", "adapter={ws}/cut_adapter"]),
+    Case("model folder with config.json but no weights (a save cut short)", r"^error: model <tmp>/no_weights: "
+         r"config\.json but no weights", script="eval.py",
+         args=[*EVAL, "sets=[t={ws}/good/split.jsonl]", "model={ws}/no_weights"]),
+    Case("resume names a checkpoint whose state.pt is cut short", r"^error: resume: the checkpoint <tmp>/cut_checkpoint "
+         r"is incomplete \(BadZipFile: .*\): name an older one", script="train_sft.py",
+         args=[*SFT, "data={ws}/good/split.jsonl", "model=tiny", "resume={ws}/cut_checkpoint"]),
+    Case("PATHVLM_CACHE cannot be written (checked before output_dir is claimed)", r"^error: model=tiny is built once "
+         r"into /proc/pathvlm-cache \(PATHVLM_CACHE.*which cannot be written", script="train_sft.py",
+         args=[*SFT, "data={ws}/good/split.jsonl", "model=tiny"], subprocess=True,
+         env={"PATHVLM_CACHE": "/proc/pathvlm-cache"}),
+    Case("split is a FIFO (reading it would wait forever)", r"^error: key 'data': <tmp>/fifo\.jsonl is a FIFO \(named "
+         r"pipe\), not a regular file", script="train_sft.py", args=[*SFT, "data={ws}/fifo.jsonl"]),
+    Case("split is a directory", r"^error: key 'data': <tmp>/good is a directory, not a file", script="train_grpo.py",
+         args=[*GRPO, "data={ws}/good"]),
+    Case("split is a symbolic link loop", r"^error: key 'sets \(t\)': <tmp>/loop\.jsonl is a symbolic link loop",
+         script="eval.py", args=[*EVAL, "sets=[t={ws}/loop.jsonl]"]),
+    Case("image of a record is a directory", r"'r1': image images/r1\.png is a directory, not a file",
+         script="train_sft.py", args=[*SFT, "data={ws}/image_dir/split.jsonl"]),
+    Case("split with a zero-filled tail (NUL bytes)", r"^error: key 'data': <tmp>/nul_tail/split\.jsonl:5: NUL bytes in "
+         r"the line: the file is damaged", script="train_sft.py", args=[*SFT, "data={ws}/nul_tail/split.jsonl"]),
+    Case("path with ~ (expanded, as a shell would)", r"^error: key 'data': data file not found: <home>/pathvlm-no-"
+         r"such-split\.jsonl", script="train_sft.py", args=[*SFT, "data=~/pathvlm-no-such-split.jsonl"]),
+    Case("path with an environment variable that is not set", r"^config error: key 'output_dir': \$PATHVLM_NOT_SET/x "
+         r"names the environment variable \$PATHVLM_NOT_SET, which is not set", script="train_sft.py",
+         args=[*SFT, "output_dir=$PATHVLM_NOT_SET/x"]),
+    Case("report.py given a training output_dir", r"^error: <tmp>/train_run is a training run's output_dir, not an "
+         r"evaluation: evaluate it first", script="tools/report.py", args=["{ws}/train_run"]),
+    Case("report.py on an older metrics.json without `sets`", r"^error: the evaluation <tmp>/old_eval/metrics\.json "
+         r"cannot be read \(ValueError: no 'sets' in it", script="tools/report.py", args=["{ws}/old_eval"]),
+    Case("report.py on a half-written metrics.json", r"^error: the evaluation <tmp>/half_eval/metrics\.json cannot be "
+         r"read \(JSONDecodeError: .*\): evaluate again into that folder", script="tools/report.py",
+         args=["{ws}/half_eval"]),
+    Case("report.py --out naming a file", r"^error: --out <tmp>/a_file\.txt is a file: give a directory",
+         script="tools/report.py", args=["{ws}/old_eval", "--out", "{ws}/a_file.txt"]),
     # judge
     Case("judge API key variable not set", r"^error: judge=api reads its key from the environment variable "
          r"PATHVLM_UNSET_KEY, which is not set", script="train_grpo.py",
@@ -274,6 +316,20 @@ def make_workspace(ws: str):
     write_split(f"{ws}/duplicate_id", records(id="r0"))
     write_split(f"{ws}/latin1", records(question="Which stain dominates this café-au-lait patch?"), encoding="latin-1")
     write_split(f"{ws}/long_prompt", records(question="Which stain dominates this patch? " * 60))
+    write_split(f"{ws}/image_dir", records())
+    os.remove(f"{ws}/image_dir/images/r1.png")
+    os.makedirs(f"{ws}/image_dir/images/r1.png")
+    write_split(f"{ws}/nul_tail", records())
+    with open(f"{ws}/nul_tail/split.jsonl", "ab") as f:  # what a crash mid-write leaves on some file systems
+        f.write(b"\0" * 512)
+    os.mkfifo(f"{ws}/fifo.jsonl")
+    os.symlink(f"{ws}/loop.jsonl", f"{ws}/loop.jsonl")
+    make_model_files(ws)
+    for name, text in [("old_eval", '{"accuracy": 0.5}'), ("half_eval", '{"sets": {"t": {"accuracy": 0.5')]:
+        os.makedirs(f"{ws}/{name}")
+        Path(f"{ws}/{name}/metrics.json").write_text(text)
+    os.makedirs(f"{ws}/train_run")
+    Path(f"{ws}/train_run/metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     os.makedirs(f"{ws}/empty_dir")
     os.makedirs(f"{ws}/whole_model")
     Path(f"{ws}/whole_model/config.json").write_text("{}")
@@ -285,6 +341,25 @@ def make_workspace(ws: str):
     Path(f"{ws}/syntax_error.yaml").write_text("max_steps: [100\nlr: 1.0e-4\n")
     Path(f"{ws}/python_tag.yaml").write_text("max_steps: !!python/object/apply:os.system ['echo run']\n")
     Path(f"{ws}/latin1.yaml").write_text("model: tiny\nrun_name: café\n", encoding="latin-1")
+
+
+def make_model_files(ws: str):
+    """A LoRA adapter saved for the tiny model, the same cut in half, a model folder whose weights never came,
+    and a checkpoint whose state.pt was cut short."""
+    from pathvlm.config import ModelConfig
+    from pathvlm.model import load_model
+    from pathvlm.run import save_trained
+
+    model, processor = load_model(ModelConfig(model="tiny"))
+    save_trained(model, processor, f"{ws}/tiny_adapter")
+    shutil.copytree(f"{ws}/tiny_adapter", f"{ws}/cut_adapter")
+    weights = Path(f"{ws}/cut_adapter/adapter_model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    os.makedirs(f"{ws}/no_weights")
+    shutil.copy(os.path.join(model.base_model.model.config._name_or_path, "config.json"), f"{ws}/no_weights")
+    os.makedirs(f"{ws}/cut_checkpoint")
+    Path(f"{ws}/cut_checkpoint/loop.json").write_text('{"step": 1}')
+    Path(f"{ws}/cut_checkpoint/state.pt").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # a zip's start, no more
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,6 +452,8 @@ def script_args(case: Case, ws: str, case_index: int) -> list[str]:
     """The case's arguments, filled in, with output_dir in the workspace unless the case names one: a
     run that got as far as saving its config must never write into the repository's runs/."""
     args = [fill(a, ws, case_index) for a in case.args]
+    if case.script in ("tools/report.py", "tools/ablate.py"):  # argparse options, no output_dir key
+        return args
     return args if any(a.startswith("output_dir=") for a in args) else [*args, f"output_dir={ws}/out/{case_index}"]
 
 
@@ -414,7 +491,8 @@ def run_cases(ws: str) -> dict[str, Result]:
         os.chdir(cwd)
         os.environ.pop(API_KEY_ENV, None)
     for result in results.values():  # what is machine-specific, as docs/bad-inputs.md shows it
-        for path, placeholder in [(os.path.realpath(ws), "<tmp>"), (ws, "<tmp>"), (HUB_CACHE, "<hub-cache>")]:
+        for path, placeholder in [(os.path.realpath(ws), "<tmp>"), (ws, "<tmp>"), (HUB_CACHE, "<hub-cache>"),
+                                  (os.path.expanduser("~"), "<home>")]:
             result.output = result.output.replace(path, placeholder)
         result.output = re.sub(r"http://127\.0\.0\.1:\d+", "<loopback>", result.output)
     return results

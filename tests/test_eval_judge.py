@@ -11,7 +11,7 @@ import pytest
 
 from tools import report
 from eval import run
-from pathvlm.evaluation import load_sets, score
+from pathvlm.evaluation import load_sets, prompt_key, score
 from pathvlm.judges import make_judge
 from pathvlm.reasoning import REASONING_KEYS, REASONING_RUBRIC, reasoning_request
 from pathvlm.records import Record
@@ -141,7 +141,7 @@ def write_predictions(out, data, completions: list[str]):
         for name, records in sets.items():
             for r, c in zip(records, completions):
                 pred = {"id": r.id, "set": name, "completion": c, **score(c, r), "gold": r.answer,
-                        "completion_tokens": len(c.split())}
+                        "completion_tokens": len(c.split()), "prompt": prompt_key(r)}
                 f.write(json.dumps(pred) + "\n")
 
 
@@ -275,3 +275,61 @@ def test_reasoning_checks_need_no_judge():
     assert metrics["reasoning_agrees"] == 0.5 and metrics["image_stated_right"] == 0.25
     no_facts = set_metrics(predictions, [RECORD] * 4)
     assert no_facts["image_stated_right"] is None and no_facts["reasoning_agrees"] == 0.5
+
+
+def test_a_rerun_after_the_split_changed_rescores_and_judges_again(tiny, data, tmp_path):
+    """After an evaluation the answer key is corrected (item 0: A -> B) and item 1's question rewritten. A re-run into
+    the same output_dir rescores item 0's kept answer against the new key and has it judged again, answers item 1
+    anew, and ends as a fresh evaluation of the same answers does; before, it reused every stored verdict."""
+    split = os.path.join(os.path.dirname(data["pathmmu"]), "changing.jsonl")
+    shutil.copy(data["pathmmu"], split)
+    changing = {"pathmmu": split}
+    out, fresh = tmp_path / "rerun", tmp_path / "fresh"
+    write_predictions(out, changing, [WITH_THINK, NO_THINK])
+    first = run(eval_cfg(changing, out, judge="rule", limit=2), *tiny)["sets"]["pathmmu"]
+    assert first["correct"] == 2  # A) brown and B) blue, the keys A and B
+    rows = [json.loads(line) for line in open(split)]
+    rows[0]["answer"], rows[1]["question"] = "B", "Which stain is in this patch?"
+    with open(split, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    again = run(eval_cfg(changing, out, judge="rule", limit=2), *tiny)["sets"]["pathmmu"]
+    assert again["generated"] == 1  # item 1, whose question changed; item 0's answer is kept
+    kept = {p["id"]: p for p in read_lines(out / "predictions.jsonl")}["pathmmu-000"]
+    assert kept["completion"] == WITH_THINK and kept["correct"] is False and kept["gold"] == "B"
+    write_predictions(fresh, changing, [WITH_THINK])
+    truth = run(eval_cfg(changing, fresh, judge="rule", limit=1), *tiny)["sets"]["pathmmu"]
+    verdicts = [j for j in read_lines(out / "judgements.jsonl") if j["id"] == "pathmmu-000"]
+    assert len(verdicts) == 2  # judged again, on the new key
+    [fresh_verdict] = read_lines(fresh / "judgements.jsonl")
+    assert verdicts[-1]["process_score"] == fresh_verdict["process_score"] < verdicts[0]["process_score"]
+    assert verdicts[-1]["scores"] == fresh_verdict["scores"]
+    assert truth["correct"] == 0
+
+
+def test_sigterm_while_judging_keeps_the_verdicts_so_far(data, server, tmp_path):
+    """eval.py as its own process, judging answers already given, one item at a time against a judge that takes
+    3 s a reply: a SIGTERM once the first verdict is written stops it with the message, the verdicts so far kept;
+    the same command then judges only the rest."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_sft import ROOT, signal_after_first_line
+
+    server.state.mode = "slow"
+    out = tmp_path / "eval"
+    write_predictions(out, {"pathmmu": data["pathmmu"]}, [WITH_THINK, NO_THINK, WITH_THINK])
+    args = [sys.executable, "eval.py", "configs/demo_eval.yaml", "model=tiny", f"sets=[pathmmu={data['pathmmu']}]",
+            "limit=3", "judge=api", "judge_model=judge-test", f"judge_api_key_env={API_KEY_ENV}", "judge_concurrency=1",
+            f"judge_base_url=http://127.0.0.1:{server.server_address[1]}/v1", f"output_dir={out}",
+            f"judge_cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, API_KEY_ENV: API_KEY}
+    code, err = signal_after_first_line(args, str(out / "judgements.jsonl"), signal.SIGTERM, env=env, timeout=120)
+    assert code == 1 and "Traceback" not in err, err
+    assert "stopped: the answers and judgements so far are kept in output_dir" in err
+    kept = read_lines(out / "judgements.jsonl")
+    assert 1 <= len(kept) < 3
+    server.state.mode = "ok"
+    resumed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{3 - len(kept)} to judge, {len(kept)} already in judgements.jsonl" in resumed.stdout

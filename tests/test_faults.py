@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -75,14 +76,15 @@ def test_a_disk_that_fills_up_during_a_checkpoint_keeps_the_last_good_one(demo_d
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "step_0000002" in resumed.stdout
 
 
-def test_ctrl_c_in_eval_keeps_the_answers_and_says_how_to_go_on(demo_data, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_in_eval_keeps_the_answers_and_says_how_to_go_on(demo_data, tmp_path, signum):
     out = str(tmp_path / "eval")
     args = [sys.executable, "eval.py", "configs/demo_eval.yaml", "model=tiny", f"sets=[demo={demo_data}/test.jsonl]",
             "batch_size=1", "max_new_tokens=16", f"output_dir={out}"]
     predictions = os.path.join(out, "predictions.jsonl")
-    code, err = signal_after_first_line(args, predictions, signal.SIGINT, timeout=120)
+    code, err = signal_after_first_line(args, predictions, signum, timeout=120)
     assert code == 1 and "Traceback" not in err
-    assert "stopped: the answers so far are saved in predictions.jsonl" in err
+    assert "stopped: the answers and judgements so far are kept in output_dir" in err
     answered = sum(1 for _ in open(predictions))
     resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and sum(1 for _ in open(predictions)) == 24 > answered  # the rest, once each
@@ -134,3 +136,36 @@ def test_resume_passes_over_an_incomplete_checkpoint_to_the_one_before(demo_data
     damage(os.path.join(part, "checkpoints", "step_0000003"), "cut")
     with pytest.raises(Exception, match=r"step_0000003 is incomplete \(BadZipFile"):
         main(args(demo_data, part, "max_steps=4", f"resume={part}/checkpoints/step_0000003"))
+
+
+def test_a_signal_during_the_final_save_waits_for_it(tmp_path):
+    """SIGTERM (a real one, to this process) while the final model is written: the writing goes on to its end,
+    then the run stops saying so; a write that fails midway leaves no config.json to vouch for missing weights."""
+    from pathvlm.checkpoint import signals_deferred
+    from pathvlm.run import move_in
+
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def write(folder):
+        os.makedirs(folder)
+        (Path(folder) / "config.json").write_text("{}")
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-save
+        time.sleep(0.05)
+        (Path(folder) / "model.safetensors").write_bytes(b"weights")
+
+    with pytest.raises(SystemExit, match="stopped by SIGTERM once the model was written"):
+        with signals_deferred("the model"):
+            move_in(write, str(out))
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+
+    def fails_midway(folder):
+        os.makedirs(folder)
+        (Path(folder) / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with pytest.raises(OSError):
+        move_in(fails_midway, str(broken))
+    assert not (broken / "config.json").exists()

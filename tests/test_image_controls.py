@@ -13,7 +13,8 @@ from PIL import Image
 from pathvlm.config import ConfigError, EvalConfig, load_config, parse_args
 from eval import run
 from pathvlm.evaluation import format_table
-from pathvlm.evaluation import BLANK_RGB, control_sets, derangement, evaluate, load_sets
+from pathvlm.controls import BLANK_RGB, control_sets, derangement
+from pathvlm.evaluation import evaluate, load_sets
 from test_eval import one_thread, read_lines, tiny  # noqa: F401  (fixtures, as test_eval_judge takes them)
 
 OPTIONS = ["brown", "blue", "mixed"]

@@ -134,6 +134,34 @@ def test_a_line_that_is_not_a_record_is_named(line, message, tmp_path):
     assert str(error.value).startswith(f"{path}:2: {message}"), str(error.value)
 
 
+def test_a_byte_order_mark_is_read_past_and_nul_bytes_are_named(tmp_path):
+    """A split saved by a Windows editor starts with a BOM: read as UTF-8-sig it loads as written. A tail of zero
+    bytes (what a crash mid-write leaves) is named with its line, not passed to the JSON parser."""
+    path = split_file(tmp_path, [good_record("r0"), good_record("r1")])
+    text = open(path, encoding="utf-8").read()
+    with open(path, "w", encoding="utf-8-sig") as f:
+        f.write(text)
+    assert [r.id for r in load_split(path)] == ["r0", "r1"]
+    with open(path, "ab") as f:
+        f.write(b"\0" * 64)
+    with pytest.raises(ValueError, match=r":3: NUL bytes in the line: the file is damaged"):
+        load_split(path)
+
+
+def test_an_exif_rotated_photo_is_shown_upright(tmp_path):
+    """A phone stores the sensor's pixels and an EXIF Orientation tag: 6 means turn 90 degrees clockwise to view.
+    The model must see what a viewer shows: a 40x20 landscape with tag 6 is a 20x40 portrait."""
+    image = Image.new("RGB", (40, 20), (200, 40, 40))
+    image.paste((40, 40, 200), (0, 0, 20, 20))  # the stored left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    image.save(path, exif=exif, quality=95)
+    shown = open_image(path)
+    assert shown.size == (20, 40)
+    assert shown.getpixel((10, 5))[2] > 150  # after the turn the blue half is on top
+
+
 # ----------------------------------------------------------------------------------------------
 # Images a record names
 

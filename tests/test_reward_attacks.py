@@ -203,18 +203,22 @@ def test_the_rule_judge_pays_only_for_evidence():
         assert rule(f"{THINK} {forged}")["knowledge_score"] < 1.0, forged
 
 
-def test_record_text_with_hidden_layout_is_warned_and_counted(tmp_path, capsys):
+def test_record_text_with_hidden_layout_is_warned_or_dropped(tmp_path, capsys):
+    """A control character in a question is warned of and counted; a line break in an option drops the record with
+    its reason (the prompt lists one option a line, so it would show a phantom option)."""
+    from dataclasses import replace
+
+    from PIL import Image
+
     from pathvlm.records import SplitWriter, text_warnings
 
-    assert text_warnings(INJECTED) == ["a control character in the question",
-                                       "a line break or control character in an option"]
+    assert text_warnings(INJECTED) == ["a control character in the question"]
     assert text_warnings(RECORD) == []
-    writer = SplitWriter(str(tmp_path))
-    (tmp_path / "x.png").write_bytes((tmp_path / "x.png").read_bytes() if (tmp_path / "x.png").exists() else b"")
-    from PIL import Image
     Image.new("RGB", (56, 56), (120, 80, 60)).save(tmp_path / "x.png")
-    assert writer.add("rl", INJECTED)  # kept, and counted
+    writer = SplitWriter(str(tmp_path))
+    assert not writer.add("rl", INJECTED)  # the options' line breaks: dropped, with the reason
+    assert writer.add("rl", replace(INJECTED, id="y", options=["brown", "blue", "mixed"]))  # kept, and counted
     report = writer.write()
-    assert report["warnings"] == {"a control character in the question": 1,
-                                  "a line break or control character in an option": 1}
-    assert "warning: 1 record(s) kept with a line break or control character in an option" in capsys.readouterr().out
+    assert report["warnings"] == {"a control character in the question": 1}
+    assert report["skipped_records"][0]["reason"].startswith("option A holds a line break or control character")
+    assert "warning: 1 record(s) kept with a control character in the question" in capsys.readouterr().out

@@ -47,6 +47,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # config.py's strict YAML reader: a variant named twice would otherwise keep only the last, silently
+from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.allowed import _read_yaml_file  # noqa: E402
 from pathvlm.config import ConfigError, EvalConfig, GRPOConfig, SFTConfig  # noqa: E402
 from pathvlm.evaluation import read_jsonl  # noqa: E402
@@ -396,4 +397,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -37,8 +37,9 @@ import sys
 # run as `python tools/audit_judge.py`, only tools/ is on sys.path: add the repository root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.config import GRPOConfig, parse_args  # noqa: E402
-from pathvlm.inputs import BadInput, InputError, check_adapter, check_split  # noqa: E402
+from pathvlm.inputs import BadInput, check_adapter, check_split  # noqa: E402
 from pathvlm.judges import judge_from_config  # noqa: E402
 from pathvlm.records import LETTERS, Record, image_path, load_split  # noqa: E402
 from rewards import REWARDS, score_completions  # noqa: E402
@@ -338,7 +339,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:  # a missing split, an unset key, a model refused: the message says which
-        sys.exit(f"error: {e}")
+    run_script(main)

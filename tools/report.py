@@ -21,6 +21,7 @@ import sys
 # run as `python tools/report.py`, only tools/ is on sys.path: add the repository root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pathvlm.errors import BadInput, path_problem, reading, run_script  # noqa: E402
 from pathvlm.evaluation import confusion, read_jsonl  # noqa: E402
 from pathvlm.provenance import eval_settings, is_tiny, settings_warnings  # noqa: E402
 from tools.paper import PAPER, PAPER_COLUMNS  # noqa: E402
@@ -43,11 +44,19 @@ def load_run(run_dir: str) -> dict:
     """-> {"name", "metrics", "correct": {(set, id): bool}} from an eval.py output_dir."""
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no metrics.json in {run_dir} (is it an eval.py output_dir?)")
-    with open(path) as f:
-        metrics = json.load(f)
+        if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):  # a training run's log, one row a step
+            raise BadInput(f"{run_dir} is a training run's output_dir, not an evaluation: evaluate it first "
+                           f"(python eval.py <config> adapter={run_dir}) and report that eval's output_dir")
+        why = path_problem(run_dir, "directory") or "holds no metrics.json"
+        raise BadInput(f"{run_dir} {why}: give an eval.py output_dir")
+    with reading(path, "the evaluation", "evaluate again into that folder (eval.py writes it at its end)"):
+        with open(path) as f:
+            metrics = json.load(f)
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("sets"), dict):
+            raise ValueError("no 'sets' in it: written by an older eval.py, or not by eval.py")
     pred_path = os.path.join(run_dir, "predictions.jsonl")
-    preds = read_jsonl(pred_path) if os.path.isfile(pred_path) else []
+    with reading(pred_path, "the predictions", "evaluate again into that folder"):
+        preds = read_jsonl(pred_path) if os.path.isfile(pred_path) else []
     name = metrics.get("run") or os.path.basename(os.path.normpath(run_dir))
     config_path = os.path.join(run_dir, "config.yaml")
     config = {}
@@ -298,10 +307,12 @@ def main(argv: list[str] | None = None):
     for d in args.train:
         if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
             sys.exit(f"--train {d}: no metrics.jsonl there (is it a train_sft.py / train_grpo.py output_dir?)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise BadInput(f"--out {args.out} is a file: give a directory for report.md and its pictures")
     path = write_report(args.runs, args.out, tuple(args.train))
     print(open(path).read())
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -36,6 +36,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # config.py's strict YAML reader: a key written twice in configs/reproduce.yaml would otherwise keep the last
+from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.allowed import _read_yaml_file  # noqa: E402
 from pathvlm.config import ConfigError, EvalConfig, GRPOConfig, SFTConfig, load_config  # noqa: E402
 from pathvlm.provenance import eval_settings, is_tiny, stage_record, weights_fingerprint  # noqa: E402
@@ -389,4 +390,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -41,6 +41,7 @@ from skimage.color import rgb2hed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from data.common import out_folder, write_report  # noqa: E402
+from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.records import Record, SplitWriter  # noqa: E402
 
 CLASSES = ["brown", "blue", "mixed"]
@@ -195,4 +196,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -34,6 +34,7 @@ from collections import Counter
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from data.common import (answer_letter, answer_problem, copy_image, image_path_in, out_folder, outside,  # noqa: E402
                          outside_reason, parse_json, require, shape_error, short, write_report)
+from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.records import Record, SplitWriter, check_fields  # noqa: E402
 
 # The set's file name in QA_information/Open-access -> the split it becomes.
@@ -195,4 +196,4 @@ def zip_prefix(path: str, names: set) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -39,6 +39,7 @@ from collections import Counter
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from data.common import (answer_letter, answer_problem, copy_image, file_hash, image_path_in, out_folder,  # noqa: E402
                          outside, outside_reason, read_json, require, shape_error, short, write_report)
+from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.records import Record, SplitWriter, check_fields, check_record  # noqa: E402
 
 PAPER_SUBSETS = ["PubMed", "EduContent"]
@@ -288,4 +289,4 @@ class ImageStore:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

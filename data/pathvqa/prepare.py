@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 # Run as `python data/pathvqa/prepare.py` only this folder is on sys.path; add the repo root for pathvlm and data.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from data.common import image_path_in, out_folder, require, save_image, write_report  # noqa: E402
+from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.images import image_problem, open_image  # noqa: E402
 from pathvlm.records import Record, SplitWriter  # noqa: E402
 
@@ -178,4 +179,4 @@ def png_image(image: dict | None, record_id: str, writer: SplitWriter, written: 
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
