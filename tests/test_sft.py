@@ -89,6 +89,8 @@ def test_exact_resume(demo_data, tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # exact, not approximately
     assert [r["lr"] for r in resumed] == [r["lr"] for r in full]
+    # the held-out loss at the last step: the resumed run scores the same curve items (training.curve_items)
+    assert resumed[-1]["eval_loss"] == full[-1]["eval_loss"]
 
 
 def signal_after_first_line(command: list[str], watched: str, signum, env=None, timeout: float = 300) -> tuple[int, str]:
