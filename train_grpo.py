@@ -42,8 +42,8 @@ from pathvlm.records import image_path, prompt_messages
 from pathvlm.rollout import Rows, informative_groups, lora_merged, merge_while_sampling
 from pathvlm.run import Run, save_trained
 from pathvlm.sampler import Completions, add_gap, gap_metrics, sample, sampler_settings
-from pathvlm.training import (DataOrder, load_examples, make_optimizer, make_scheduler,
-                              mean_of_scored, peak_memory_gib)
+from pathvlm.training import (DataOrder, curve_items, load_examples, make_optimizer,
+                              make_scheduler, mean_of_scored, peak_memory_gib)
 from pathvlm.verdicts import judge_down
 from rewards import REWARDS, score_completions
 
@@ -71,14 +71,15 @@ def load_policy(cfg):
     return model, processor
 
 
-def load_splits(cfg, processor) -> tuple[list, dict]:
-    """The RL prompts (those over max_prompt_len dropped and counted), and the held-out split that
-    is answered greedily every eval_every steps, if any."""
+def load_splits(cfg, processor, procs_main: bool) -> tuple[list, dict]:
+    """The RL prompts (those over max_prompt_len dropped and counted), and the held-out items
+    answered greedily every eval_every steps, if any (training.curve_items: a stratified sample)."""
     train = load_examples(cfg.data, processor, cfg.max_prompt_len, with_target=False,
                           max_len_key="max_prompt_len")
     if not (cfg.eval_data and cfg.eval_every):
         return train, {}
-    return train, load_sets([f"heldout={cfg.eval_data}"], cfg.eval_items)
+    heldout = load_sets([f"heldout={cfg.eval_data}"])["heldout"]
+    return train, {"heldout": curve_items(cfg.eval_data, heldout, cfg.eval_items, procs_main)}
 
 
 def describe(cfg, model, n_prompts: int, procs):
@@ -297,7 +298,7 @@ def main(argv=None):
     model, processor = load_policy(cfg)
     procs.same_start([p for p in model.parameters() if p.requires_grad])
     device = next(model.parameters()).device
-    train, heldout = load_splits(cfg, processor)
+    train, heldout = load_splits(cfg, processor, procs.main)
     judge = judge_from_config(cfg, model, processor)  # None for judge=none
     describe(cfg, model, len(train), procs)
 

@@ -26,7 +26,8 @@ from pathvlm.model import compute_dtype, count_params, load_model, unwrap
 from pathvlm.records import Record, image_path, prompt_messages, target_text
 from pathvlm.rollout import completion_logprobs
 from pathvlm.run import Run, save_trained
-from pathvlm.training import DataOrder, load_examples, make_optimizer, make_scheduler
+from pathvlm.training import (DataOrder, curve_items, load_examples, make_optimizer,
+                              make_scheduler)
 
 
 def batch_tensors(records: list[Record], split_path: str, processor, device):
@@ -89,7 +90,7 @@ def main(argv=None):
     device = next(model.parameters()).device
     train = load_examples(cfg.data, processor, cfg.max_len)
     heldout = load_examples(cfg.eval_data, processor, cfg.max_len) if cfg.eval_data else []
-    heldout = heldout[:cfg.eval_items]
+    heldout = curve_items(cfg.eval_data, heldout, cfg.eval_items, procs.main) if heldout else []
     describe(cfg, model, len(train), device, procs)
 
     optimizer = make_optimizer(cfg, model.parameters())

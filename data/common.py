@@ -108,6 +108,26 @@ def file_hash(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def carve_by_image(records: list, image_of, size: int, rng) -> tuple[list, list]:
+    """(kept, carved): the records of whole images moved out of `records` into `carved`, images in the order
+    `rng` (a random.Random) shuffles them to, until carved holds `size` records. An image whose questions would
+    take carved past `size` is passed over, so carved comes out at `size` or a few under it. `image_of(record)`
+    is the image's identity (PathMMU: a hash of its bytes, as its deal uses): no image ends up on both sides,
+    so a validation split carved out of a training split is image-disjoint from it, as the splits are."""
+    groups = {}
+    for record in records:
+        groups.setdefault(image_of(record), []).append(record)
+    order = list(groups)
+    rng.shuffle(order)
+    carved_images, n = set(), 0
+    for image in order:
+        if n + len(groups[image]) <= size:
+            carved_images.add(image)
+            n += len(groups[image])
+    kept = [r for r in records if image_of(r) not in carved_images]
+    return kept, [r for r in records if image_of(r) in carved_images]
+
+
 def _squash(text: str) -> str:
     return " ".join(str(text).split()).casefold()
 

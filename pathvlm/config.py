@@ -273,7 +273,7 @@ class TrainConfig(ModelConfig):
 @dataclass
 class SFTConfig(TrainConfig):
     data: str = "data/demo/prepared/sft.jsonl"
-    eval_data: str | None = "data/demo/prepared/test.jsonl"  # held-out loss; none to skip
+    eval_data: str | None = "data/demo/prepared/val.jsonl"  # held-out loss; none to skip
     eval_items: int = 64
     eval_every: int = 50
     finetune: str = "lora"  # lora | full (every language-model weight: the authors' own stage 1)
@@ -303,7 +303,7 @@ class GRPOConfig(JudgeConfig, SamplerConfig, TrainConfig):
     data: str = "data/demo/prepared/rl.jsonl"
     eval_data: str | None = None  # a held-out split answered greedily every eval_every steps
     eval_every: int = 0  # 0 = never
-    eval_items: int = 0  # its first N items (0 = all)
+    eval_items: int = 0  # a stratified sample of N (training.curve_items; 0 = all)
     reference: str = "sft"  # sft (init_adapter as a frozen 2nd adapter) | base (adapters disabled) | none
     # group sampling
     num_prompts: int = 8  # B: prompts per step

@@ -3,10 +3,12 @@ minutes of loading) is a run lost. The scripts print an InputError's message alo
 path, and a traceback would only bury it. The model name itself is checked by model.check_model.
 """
 
+import hashlib
 import os
 import sys
 from collections import Counter
 
+from pathvlm import openqa
 from pathvlm.config import EvalConfig, GRPOConfig, SFTConfig
 from pathvlm.errors import InputError  # noqa: F401  (where tests and older scripts import it from)
 from pathvlm.errors import BadInput, MissingInput, path_problem
@@ -40,6 +42,8 @@ def check_inputs(cfg) -> dict[str, dict[str, int]]:
             splits["eval_data"] = cfg.eval_data, check_split("eval_data", cfg.eval_data)
         # train_grpo.py takes a finetune=full SFT model as its base (the demo's path)
         check_adapter("init_adapter", cfg.init_adapter, full_model_ok=isinstance(cfg, GRPOConfig))
+    if "eval_data" in splits:
+        check_heldout_apart(cfg.data, cfg.eval_data)
     if isinstance(cfg, GRPOConfig):
         check_rule_judge_scope(cfg)
     if getattr(cfg, "judge", "none") == "api" and not os.environ.get(cfg.judge_api_key_env):
@@ -67,6 +71,57 @@ def check_rule_judge_scope(cfg):
                        f"(e.g. '{lacking[0].id}'), so the rule judge cannot check what their reasoning says about "
                        "the image, and a content-free template would earn the image step. Use judge=api | self, or "
                        "rule_judge_without_image_facts=true to train against the rule judge anyway (docs/judges.md)")
+
+
+def check_heldout_apart(train_path: str, heldout_path: str):
+    """The held-out split (eval_data) shares no image with the training split (data): a held-out loss or
+    accuracy measured on training images reads as generalisation and is memory. Images are compared by the
+    sha256 of their bytes, not their resolved paths: PathMMU holds one image under two file names, and a split
+    prepared twice into two folders holds the same images at two paths; equal paths have equal bytes, so a
+    path match is caught too. Only files whose size occurs on both sides are read. An overlap stops the run.
+
+    A question text is no proof: templated questions ("Which stain dominates this patch?", PathVQA's "is this
+    a tumor?") repeat over thousands of images by design. One that is written once in each split and sits on
+    two different images (a question bank copied with re-encoded images?) is counted in a printed warning."""
+    from pathvlm.records import image_path, load_split
+
+    train, heldout = load_split(train_path), load_split(heldout_path)
+    train_hashes = content_hashes([image_path(train_path, r) for r in train],
+                                  [image_path(heldout_path, r) for r in heldout])
+    train_of = {}  # image hash -> the first training record that shows it
+    for r in train:
+        if image_path(train_path, r) in train_hashes:
+            train_of.setdefault(train_hashes[image_path(train_path, r)], r)
+    heldout_hashes = content_hashes([image_path(heldout_path, r) for r in heldout], list(train_hashes))
+    shared = [(r, train_of[h]) for r in heldout
+              if (h := heldout_hashes.get(image_path(heldout_path, r))) is not None and h in train_of]
+    if shared:
+        held, seen = shared[0]
+        raise BadInput(f"key 'eval_data': {len(shared)} of {len(heldout)} records in {heldout_path} show an image "
+                       f"that the training split {train_path} (key 'data') also holds, e.g. '{held.id}' "
+                       f"({held.image}, the image of '{seen.id}'): a held-out measure on training images reads as "
+                       "generalisation and is memory. Point eval_data at a split prepared apart from the training "
+                       "data (the preparers' val.jsonl), or eval_data=none for no held-out measure")
+    once = Counter(openqa.normalise(r.question) for r in train)
+    held_once = Counter(openqa.normalise(r.question) for r in heldout)
+    same_text = [r for r in heldout if once[q := openqa.normalise(r.question)] == 1 and held_once[q] == 1]
+    if same_text:
+        print(f"warning: key 'eval_data': {len(same_text)} of {len(heldout)} records in {heldout_path} ask a question "
+              f"written once in it and once in the training split {train_path}, on another image (e.g. "
+              f"'{same_text[0].id}'): the same item with a re-encoded image? Check before trusting the held-out "
+              "measure", file=sys.stderr)
+
+
+def content_hashes(paths: list[str], others: list[str]) -> dict[str, str]:
+    """sha256 of each file in `paths` whose size is that of some file in `others` (the other side's files):
+    a file of a size the other side lacks cannot be the same image, so it is not read."""
+    sizes = {os.path.getsize(p) for p in others}
+    hashes = {}
+    for path in dict.fromkeys(paths):
+        if os.path.getsize(path) in sizes:
+            with open(path, "rb") as f:
+                hashes[path] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
 
 
 def check_device(device: str):

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pathvlm.errors import BadInput
-from pathvlm.records import Record, image_path, load_split, prompt_messages, target_text
+from pathvlm.records import Record, curve_sample, image_path, load_split, prompt_messages, target_text
 
 # optimizer=paged_adamw_8bit on the CPU: bitsandbytes falls back to the unpaged AdamW8bit (paging moves optimizer
 # state between GPU and CPU memory; on a CPU there is nothing to page) and warns at every parameter's first step.
@@ -52,6 +52,17 @@ def load_examples(path: str, processor, max_len: int, with_target: bool = True, 
     if not kept:
         raise BadInput(f"{path}: no examples left (all {len(records)} longer than {max_len_key}={max_len})")
     return kept
+
+
+def curve_items(path: str, records: list[Record], n: int, procs_main: bool = True) -> list[Record]:
+    """The held-out items the training-time curve scores (eval_items of them, 0 or fewer: all): a fixed,
+    seeded sample stratified by answer letter (records.curve_sample), the same on every run and resume of
+    the split, never its first N. A split named test*.jsonl gets a note: a curve on the test set, read to
+    choose a checkpoint, tunes the model to the test set the paper's table reports."""
+    if procs_main and os.path.basename(path).startswith("test"):
+        print(f"note: eval_data is a test split ({path}): the curve is then measured on the test set; do not "
+              "choose a checkpoint by it. Point eval_data at a validation split (the preparers' val.jsonl)")
+    return curve_sample(records, n)
 
 
 class DataOrder:

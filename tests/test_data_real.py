@@ -7,6 +7,7 @@ inputs run as real commands, each stopping with a message that names the file.""
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -136,7 +137,7 @@ def run_pathmmu(files, out, *extra) -> dict:
 
 
 def split_ids(out) -> dict:
-    return {s: [r.id for r in load_split(os.path.join(out, f"{s}.jsonl"))] for s in ("sft", "rl", "test")}
+    return {s: [r.id for r in load_split(os.path.join(out, f"{s}.jsonl"))] for s in ("sft", "rl", "test", "val")}
 
 
 def test_split_sizes_follow_the_paper_and_scale_down_proportionally():
@@ -151,9 +152,9 @@ def test_pathmmu_counts_and_report(mmu_files, tmp_path):
     report = run_pathmmu(mmu_files, tmp_path / "out")
     # 46 pooled items: 46 * 3000 / 5385 = 25.6 -> 26 sft, 46 * 1000 / 5385 = 8.5 -> 9 rl; the 6 broken
     # take no slot. Whole images are dealt: with seed 0 the last image that fits rl leaves it one short,
-    # so test holds the other 40 - 34 = 6.
-    assert report["planned_sizes"] == {"sft": 26, "rl": 9, "test": 11}
-    assert report["counts"] == {"sft": 26, "rl": 8, "test": 6}
+    # so test holds the other 40 - 34 = 6. val takes 26 * 250 / 3000 = 2.2 -> 2 of sft's 26, whole images.
+    assert report["planned_sizes"] == {"sft": 24, "rl": 9, "test": 11, "val": 2}
+    assert report["counts"] == {"sft": 24, "rl": 8, "test": 6, "val": 2}
     assert (report["split_by"], report["images"], report["images_merged_by_content"]) == ("image", 21, 1)
     assert report["images_in_several_splits"] == 0
     assert skipped_reasons(report) == {
@@ -173,7 +174,7 @@ def test_pathmmu_counts_and_report(mmu_files, tmp_path):
 
 def test_pathmmu_keeps_pubmed_and_educontent_with_plain_options_and_letters(mmu_files, tmp_path):
     run_pathmmu(mmu_files, tmp_path / "out")
-    records = load_everywhere(str(tmp_path / "out"), ["sft", "rl", "test"], tmp_path / "cache")
+    records = load_everywhere(str(tmp_path / "out"), ["sft", "rl", "test", "val"], tmp_path / "cache")
     everything = [r for split in records.values() for r in split]
     assert len(everything) == 40
     assert {r.source.split("/")[1] for r in everything} == {"PubMed", "EduContent"}
@@ -204,14 +205,32 @@ def test_pathmmu_reads_an_extracted_images_folder_like_the_zip(mmu_files, tmp_pa
     assert report["skipped"] == 6
 
 
+@pytest.mark.parametrize("split_by", ["image", "question"])
+def test_pathmmu_val_is_carved_out_of_sft_by_image(mmu_files, tmp_path, split_by):
+    """val takes whole images out of sft: rl and test hold what they hold without val, and val shares no
+    image, by content, with any other split."""
+    with_val = run_pathmmu(mmu_files, tmp_path / "val", "--split-by", split_by, "--val-size", "500")
+    without = run_pathmmu(mmu_files, tmp_path / "none", "--split-by", split_by, "--val-size", "0")
+    assert "val" not in without["counts"] and without["empty_splits"] == []
+    ids, before = split_ids(tmp_path / "val"), prepared_splits(tmp_path / "none")
+    assert ids["rl"] == [r.id for r in before["rl"]] and ids["test"] == [r.id for r in before["test"]]
+    assert sorted(ids["sft"] + ids["val"]) == sorted(r.id for r in before["sft"])
+    assert with_val["counts"]["val"] >= 2  # 500 of 3000: 26 * 500 / 3000 = 4.3 -> 4 planned, whole images
+    hashes = image_hashes(tmp_path / "val")
+    assert all(not hashes["val"] & hashes[split] for split in ("sft", "rl", "test"))
+
+
 def test_pathmmu_size_flags(mmu_files, tmp_path):
     report = run_pathmmu(mmu_files, tmp_path / "out", "--sft-size", "10", "--rl-size", "5")
-    assert report["counts"] == {"sft": 10, "rl": 5, "test": 25}
+    # val: 10 * 250 / 3000 = 0.8 -> 1 question, but every image of sft has two or more: none is carved, and
+    # the empty split is said (a run that names val.jsonl would stop), not written
+    assert report["counts"] == {"sft": 10, "rl": 5, "test": 25} and report["empty_splits"] == ["val"]
 
 
 def prepared_splits(out) -> dict:
-    """split -> its records, for sft, rl and test."""
-    return {split: load_split(os.path.join(out, f"{split}.jsonl")) for split in ("sft", "rl", "test")}
+    """split -> its records, for sft, rl, test and (where written) val."""
+    return {split: load_split(os.path.join(out, f"{split}.jsonl")) for split in ("sft", "rl", "test", "val")
+            if os.path.isfile(os.path.join(out, f"{split}.jsonl"))}
 
 
 def image_hashes(out) -> dict:
@@ -226,13 +245,15 @@ def test_pathmmu_deals_whole_images(mmu_files, tmp_path, seed):
     identical bytes), not image 2's three. The old deal does put images in two splits on this fixture."""
     report = run_pathmmu(mmu_files, tmp_path / "out", "--seed", seed)
     hashes = image_hashes(tmp_path / "out")
-    assert not hashes["sft"] & hashes["rl"] and not hashes["sft"] & hashes["test"] and not hashes["rl"] & hashes["test"]
+    assert all(not hashes[a] & hashes[b] for a, b in itertools.combinations(hashes, 2))
     assert report["images_merged_by_content"] == 1 and report["images_in_several_splits"] == 0
     records = {r.question: split for split, rs in prepared_splits(tmp_path / "out").items() for r in rs}
     image_3 = [records[f"What does the image of item {uid} show?"] for uid in (6, 7, 16)]  # 16 shows TWIN
     assert len(set(image_3)) == 1
-    # sft and rl within a question or two of their planned sizes; test the rest
-    assert all(0 <= report["planned_sizes"][s] - report["counts"][s] <= 2 for s in ("sft", "rl"))
+    # sft (val carved out of it) and rl within a question or two of their planned sizes; test the rest
+    planned, counts = report["planned_sizes"], report["counts"]
+    assert 0 <= planned["sft"] + planned["val"] - counts["sft"] - counts["val"] <= 2
+    assert 0 <= planned["rl"] - counts["rl"] <= 2 and 0 <= planned["val"] - counts["val"] <= 2
     assert sum(report["counts"].values()) == 40
 
     old = run_pathmmu(mmu_files, tmp_path / "old", "--seed", seed, "--split-by", "question")
@@ -250,9 +271,12 @@ def test_pathmmu_split_by_question_is_the_old_deal(mmu_files, tmp_path, seed, si
     random.Random(int(seed)).shuffle(items)
     broken = {i for i, reason in skipped_reasons(report).items() if reason != "duplicate id"}
     dealt = [i for i in dict.fromkeys(item["id"] for item in items) if i not in broken]
-    n_sft, n_rl = report["planned_sizes"]["sft"], report["planned_sizes"]["rl"]
-    assert split_ids(tmp_path / "out") == {"sft": dealt[:n_sft], "rl": dealt[n_sft:n_sft + n_rl],
-                                           "test": dealt[n_sft + n_rl:]}
+    # val is carved out of what the old deal gives sft
+    n_sft = report["planned_sizes"]["sft"] + report["planned_sizes"]["val"]
+    n_rl = report["planned_sizes"]["rl"]
+    ids = split_ids(tmp_path / "out")
+    assert sorted(ids["sft"] + ids["val"], key=dealt.index) == dealt[:n_sft]
+    assert (ids["rl"], ids["test"]) == (dealt[n_sft:n_sft + n_rl], dealt[n_sft + n_rl:])
     assert report["split_by"] == "question"
 
 
@@ -261,7 +285,7 @@ def test_pathmmu_rerun_removes_a_split_it_no_longer_writes(mmu_files, tmp_path):
     # rl 0: 46 * 40 / 53.8 = 34 sft, the rest test, no rl.jsonl this time
     report = run_pathmmu(mmu_files, tmp_path / "out", "--sft-size", "40", "--rl-size", "0")
     assert report["removed_stale_splits"] == ["rl.jsonl"]
-    assert sorted(os.listdir(tmp_path / "out")) == ["images", "report.json", "sft.jsonl", "test.jsonl"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["images", "report.json", "sft.jsonl", "test.jsonl", "val.jsonl"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,10 +609,25 @@ def test_demo_default_splits_share_no_patch(tmp_path):
 
     main(["--out", str(tmp_path)])
     hashes = image_hashes(tmp_path)
-    assert not hashes["sft"] & hashes["rl"] and not hashes["sft"] & hashes["test"] and not hashes["rl"] & hashes["test"]
+    assert all(not hashes[a] & hashes[b] for a, b in itertools.combinations(hashes, 2))
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["counts"] == {"sft": 1500, "rl": 900, "test": 300}
-    assert report["patches_in_another_split_passed_over"] == 5  # seed 0 draws 5 of SFT's crops again for RL
+    assert report["counts"] == {"sft": 1500, "rl": 900, "test": 300, "val": 150}
+    assert report["patches_in_another_split_passed_over"] == 8  # seed 0: 5 of SFT's crops drawn again for RL, 3 for val
+
+
+def test_demo_val_leaves_the_other_splits_as_they_were(tmp_path):
+    """val is drawn last: sft, rl and test (records, option orders, image bytes) are those of a run without it."""
+    from data.demo.prepare import main
+
+    sizes = ["--sft-size", "48", "--rl-size", "24", "--test-size", "24"]
+    main(["--out", str(tmp_path / "none"), *sizes, "--val-size", "0"])
+    main(["--out", str(tmp_path / "val"), *sizes, "--val-size", "30"])
+    assert not (tmp_path / "none" / "val.jsonl").exists()
+    for split in ("sft", "rl", "test"):
+        assert (tmp_path / "val" / f"{split}.jsonl").read_text() == (tmp_path / "none" / f"{split}.jsonl").read_text()
+    val = load_split(str(tmp_path / "val" / "val.jsonl"))
+    assert len(val) == 30 and {r.answer_text() for r in val} == {"brown", "blue", "mixed"}  # true labels, 10 each
+    assert image_hashes(tmp_path / "none")["test"] == image_hashes(tmp_path / "val")["test"]
 
 
 # ----------------------------------------------------------------------------------------------

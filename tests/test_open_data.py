@@ -55,6 +55,9 @@ def beside_its_images(mixed_split: str, folder: Path, records: list[dict]) -> st
 def test_check_inputs_prints_and_returns_each_splits_kinds(mixed_split, tmp_path, capsys, monkeypatch):
     records = [json.loads(line) for line in Path(mixed_split).read_text().splitlines()]
     closed_only = beside_its_images(mixed_split, tmp_path, [r for r in records if r["options"]])
+    for record in records[:2]:  # held out: images the training split does not hold (inputs.check_heldout_apart)
+        with Image.open(tmp_path / record["image"]) as image:
+            image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / record["image"])
 
     cfg = SFTConfig(data=mixed_split, eval_data=closed_only, output_dir=str(tmp_path / "run"))
     assert check_inputs(cfg) == {"data": {"closed": 2, "open": 3}, "eval_data": {"closed": 2, "open": 0}}

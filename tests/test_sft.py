@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(demo_data, out, *extra):
-    train_sft.main(["configs/demo_sft.yaml", f"data={demo_data}/sft.jsonl", f"eval_data={demo_data}/test.jsonl",
+    train_sft.main(["configs/demo_sft.yaml", f"data={demo_data}/sft.jsonl", f"eval_data={demo_data}/val.jsonl",
                     f"output_dir={out}", "model=tiny", "eval_items=8", "batch_size=4", *extra])
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -89,6 +89,8 @@ def test_exact_resume(demo_data, tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]  # exact, not approximately
     assert [r["lr"] for r in resumed] == [r["lr"] for r in full]
+    # the held-out loss at the last step: the resumed run scores the same curve items (training.curve_items)
+    assert resumed[-1]["eval_loss"] == full[-1]["eval_loss"]
 
 
 def signal_after_first_line(command: list[str], watched: str, signum, env=None, timeout: float = 300) -> tuple[int, str]:
@@ -128,7 +130,7 @@ def test_sigterm_finishes_the_step_then_resumes_exactly(demo_data, tmp_path):
     full = run(demo_data, str(tmp_path / "full"), *args)
     part = str(tmp_path / "part")
     code, err = signal_after_first_step(
-        ["train_sft.py", "configs/demo_sft.yaml", f"data={demo_data}/sft.jsonl", f"eval_data={demo_data}/test.jsonl",
+        ["train_sft.py", "configs/demo_sft.yaml", f"data={demo_data}/sft.jsonl", f"eval_data={demo_data}/val.jsonl",
          f"output_dir={part}", "model=tiny", "eval_items=8", "batch_size=4", *args], part, signal.SIGTERM)
     assert code == 1 and "stopped by SIGTERM after step" in err, err
     saved = os.listdir(os.path.join(part, "checkpoints"))

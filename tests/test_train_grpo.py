@@ -60,7 +60,7 @@ def test_step_moves_policy_not_reference(demo_data, sft_dir, tmp_path, length_re
     out = str(tmp_path / "g")
     rows = grpo(demo_data, out, f"init_adapter={sft_dir}", "reference=sft", "max_steps=2",
                 "rewards={format: 1.0, accuracy: 1.0, length: 1.0}", "temperature=2.0",
-                f"eval_data={demo_data}/test.jsonl", "eval_every=2", "eval_items=4")
+                f"eval_data={demo_data}/val.jsonl", "eval_every=2", "eval_items=4")
     # step 1: the policy starts as the SFT adapter, which is also the reference: KL 0 and ratio 1
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7) and rows[0]["clip_frac"] == 0.0
     before, after = adapter_weights(sft_dir), adapter_weights(out)

@@ -1,6 +1,6 @@
 """The demo dataset: stain questions on real immunohistochemistry patches, for the embedded tiny model.
 
-    python data/demo/prepare.py              # -> data/demo/prepared/{sft,rl,test}.jsonl + images/
+    python data/demo/prepare.py              # -> data/demo/prepared/{sft,rl,test,val}.jsonl + images/
     python data/demo/prepare.py --kind open  # -> data/demo/prepared_open/: the same patches, open questions
 
 Source: `skimage.data.immunohistochemistry()`, a 512x512 IHC-stained section of human colon that
@@ -14,6 +14,12 @@ Test patches come from 64-px blocks never used for training, a quarter of the se
 over it by the seed (no test crop overlaps a training crop). SFT and RL patches are crops of the same
 training blocks; the same crop can be drawn twice, so a patch already in one split is passed over by the
 other: no patch is in two splits (report.json counts those passed over).
+
+The validation split (val, --val-size, true labels) is what the training-time curves read (eval_data in
+configs/demo_*.yaml): crops of the training blocks, as RL's are, none of them a patch of another split. It is
+drawn after test, so test holds the same patches, labels and option orders as before val existed. Its crops
+share tissue blocks with training crops (test's never do), so it reads a little easier than test: it is for
+watching a run and choosing a checkpoint, the test split for the number reported.
 
 The SFT split carries a *systematic annotator error*: a share of the blue patches (--sft-blue-as-mixed,
 default 0.65) are labelled "mixed", with an explanation to match, as a careless annotator would.
@@ -138,6 +144,8 @@ def main(argv=None):
     p.add_argument("--sft-size", type=int, default=1500)
     p.add_argument("--rl-size", type=int, default=900)
     p.add_argument("--test-size", type=int, default=300)
+    p.add_argument("--val-size", type=int, default=150,
+                   help="the validation split the training-time curves read (crops of the training blocks)")
     p.add_argument("--sft-blue-as-mixed", type=float, default=0.65,
                    help="share of blue SFT patches labelled 'mixed' (the annotator error GRPO should fix)")
     p.add_argument("--margin", type=float, default=4.0, help="percentile points dropped around each boundary")
@@ -151,13 +159,15 @@ def main(argv=None):
     n_side = image.shape[0] // BLOCK
     test_blocks = {divmod(int(i), n_side) for i in rng.choice(n_side * n_side, N_TEST_BLOCKS, replace=False)}
     train_blocks = n_side * n_side - N_TEST_BLOCKS
-    # 1.6x the patches needed, and never fewer than 30 a block: classes are unevenly spread over the image
+    # 1.6x the patches needed, and never fewer than 30 a block: classes are unevenly spread over the image.
+    # val is left out of the sum: counting it would change the crops drawn, and so the test split
     per_block = max(30, int(1.6 * max((args.sft_size + args.rl_size) / train_blocks, args.test_size / N_TEST_BLOCKS)))
     labelled = label_patches(candidate_patches(image, rng, per_block, test_blocks), args.margin)
 
     # balanced classes: each split takes size/3 patches of each class from its own blocks
     pools = {(t, c): [p for is_t, p, lab in labelled if is_t == t and lab == c] for t in (0, 1) for c in CLASSES}
-    wanted = {"sft": args.sft_size, "rl": args.rl_size, "test": args.test_size}
+    # val last: the draws for test's option orders come before val's, so test is the same with or without val
+    wanted = {"sft": args.sft_size, "rl": args.rl_size, "test": args.test_size, "val": args.val_size}
     writer = SplitWriter(args.out)
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     taken = {key: 0 for key in pools}  # how far each pool has been walked
@@ -190,9 +200,11 @@ def main(argv=None):
             record.source, record.image_facts = f"demo/stain/{label}", image_facts(patch, label)
             writer.add(split, record)
     write_report(writer, Counter(), list(wanted), kind=args.kind, seed=args.seed,
+                 wanted=[split for split in wanted if split != "val" or args.val_size],  # 0: no val asked
                  sft_blue_as_mixed=args.sft_blue_as_mixed,
                  patches_in_another_split_passed_over=passed_over,
-                 empty_hint=f"The sizes asked were {wanted}: raise --sft-size, --rl-size or --test-size.")
+                 empty_hint=f"The sizes asked were {wanted}: raise --sft-size, --rl-size, --test-size or "
+                            "--val-size.")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""PathMMU -> sft / rl / test JSONL splits, as PathVLM-R1 uses it.
+"""PathMMU -> sft / rl / test JSONL splits, as PathVLM-R1 uses it, and a val split for the training curves.
 
 Download (gated): accept the licence at https://huggingface.co/datasets/jamessyx/PathMMU, log in with
 `hf auth login` (a token of that account), then
@@ -20,8 +20,12 @@ As the paper does, we keep PubMed and EduContent (5,385 questions, their images 
 their splits. PathMMU often asks several questions about one image, and some images exist under two file
 names with identical bytes, so we deal whole images, grouped by a hash of their bytes, by seed into sft
 3,000 / rl 1,000 / test the rest (1,385), as close to those sizes as the images allow: no image is in two
-splits. `--split-by question` deals single questions instead, as earlier versions did (for comparison: an
-image's questions then land in training and in test). --images may be images.zip, read in place, or the
+splits. Then val (--val-size, by default 250 of sft's 3,000, fewer in proportion when sft is smaller) is
+carved out of sft, whole images at a time (data/common.carve_by_image): the training-time curves read it
+(configs/sft*.yaml eval_data), so they never score the test set. sft is then 2,750, not the paper's 3,000
+(--val-size 0 keeps 3,000 and writes no val); rl and test hold the same items as without val.
+`--split-by question` deals single questions instead, as earlier versions did (for comparison: an image's
+questions then land in training and in test). --images may be images.zip, read in place, or the
 folder it extracts to. report.json lists what was left out and why, the sizes reached, the number of
 images, how many file names were merged with an identical image, and how many images are in two splits.
 """
@@ -37,14 +41,16 @@ from collections import Counter
 
 # Run as `python data/pathmmu/prepare.py` only this folder is on sys.path; add the repo root for pathvlm and data.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-from data.common import (answer_letter, answer_problem, copy_image, file_hash, image_path_in, out_folder,  # noqa: E402
-                         outside, outside_reason, read_json, require, shape_error, short, write_report)
+from data.common import (answer_letter, answer_problem, carve_by_image, copy_image, file_hash,  # noqa: E402
+                         image_path_in, out_folder, outside, outside_reason, read_json, require, shape_error,
+                         short, write_report)
 from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.records import Record, SplitWriter, check_fields, check_record  # noqa: E402
 
 PAPER_SUBSETS = ["PubMed", "EduContent"]
-SPLITS = ["sft", "rl", "test"]
+SPLITS = ["sft", "rl", "test", "val"]
 PAPER_SFT, PAPER_RL, PAPER_TOTAL = 3000, 1000, 5385
+VAL_SIZE = 250  # ours: out of sft, for the training curves (configs/sft*.yaml: eval_items 128 of it)
 TRAIN_SHARE = (PAPER_SFT + PAPER_RL) / PAPER_TOTAL  # 74.3% trains, 25.7% (1,385) is kept for test
 DATA_SHAPE = '{subset: {split: [item]}}, an item {"No": 1, "img": ..., "question": ..., "options": [...], ...}'
 OPTION_PREFIX = re.compile(r"^\s*[A-Z]\)\s*")  # "B) Skeletal muscle" -> "Skeletal muscle"
@@ -84,11 +90,16 @@ def main(argv=None) -> dict:
         dealt = deal_questions(records, sizes)
     else:
         dealt = deal_images(image_groups(records, image_of), sizes, rng)
+    # val after the deal, out of sft alone: rl and test hold what they would without it
+    sizes["val"] = val_size(args, sizes["sft"])
+    dealt["sft"], dealt["val"] = carve_by_image(dealt["sft"], lambda r: image_of[r.image], sizes["val"], rng)
+    sizes["sft"] -= sizes["val"]
     for split in SPLITS:
         for record in dealt[split]:
             writer.add(split, record)
     return write_report(writer, filtered, SPLITS, seed=args.seed, subsets=args.subsets, split_by=args.split_by,
                         planned_sizes=sizes, **image_counts(dealt, image_of),
+                        wanted=[split for split in SPLITS if split != "val" or sizes["val"]],
                         empty_hint=f"The sizes planned were {sizes}, of {len(items)} questions in --subsets "
                                    f"{' '.join(args.subsets)}, and the skipped records come out of test: raise "
                                    "--sft-size / --rl-size, add subsets, or fix what was skipped.")
@@ -103,10 +114,21 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="decides which items go to sft, rl and test")
     p.add_argument("--sft-size", type=int, default=PAPER_SFT)
     p.add_argument("--rl-size", type=int, default=PAPER_RL)
+    p.add_argument("--val-size", type=int, default=None,
+                   help=f"carved out of sft, whole images at a time, for the training curves (0: no val); default "
+                        f"{VAL_SIZE} of the paper's {PAPER_SFT} sft, in that proportion to --sft-size")
     p.add_argument("--subsets", nargs="+", default=PAPER_SUBSETS)
     p.add_argument("--split-by", choices=["image", "question"], default="image",
                    help="deal whole images (default: no image in two splits) or single questions (the old deal)")
     return p.parse_args(argv)
+
+
+def val_size(args, sft: int) -> int:
+    """How many of sft's `sft` questions (as split_sizes planned them) val takes: --val-size scaled as sft was
+    when there are fewer items than asked for; by default VAL_SIZE / PAPER_SFT of them."""
+    if args.val_size is None:
+        return round(sft * VAL_SIZE / PAPER_SFT)
+    return min(sft, round(args.val_size * sft / args.sft_size)) if args.sft_size else 0
 
 
 def check_shape(data, path: str):
