@@ -5,6 +5,7 @@ promises, the primary set's test and a column per other set; a mistake in the YA
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -43,6 +44,18 @@ def test_ablation_runs_variants_shares_sft_and_skips_what_is_done(demo_data, tmp
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ python" not in again.stdout  # everything was done: nothing runs
     assert again.stdout[again.stdout.index("| variant"):] == first.stdout[first.stdout.index("| variant"):]
+    # a save cut short: transformers wrote config.json first, half the weights, the image processor not yet.
+    # Before, config.json alone counted as trained: the GRPO runs failed on the cut weights, every time
+    sft_dir = out / "_sft" / "seed0"
+    (sft_dir / "preprocessor_config.json").unlink()
+    weights = next(sft_dir.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    shutil.rmtree(out / "baseline")
+    resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [line.split()[2] for line in resumed.stdout.splitlines() if line.startswith("$ python")] == [
+        "train_sft.py", "train_grpo.py", "eval.py"]  # the SFT saved again, the baseline run on it
+    assert (sft_dir / "preprocessor_config.json").is_file()
 
 
 def test_ablation_of_pathmmu_configs_tests_the_primary_set_and_lists_the_others(tmp_path):
