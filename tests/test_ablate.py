@@ -4,6 +4,8 @@ promises, the primary set's test and a column per other set; a mistake in the YA
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -42,6 +44,18 @@ def test_ablation_runs_variants_shares_sft_and_skips_what_is_done(demo_data, tmp
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ python" not in again.stdout  # everything was done: nothing runs
     assert again.stdout[again.stdout.index("| variant"):] == first.stdout[first.stdout.index("| variant"):]
+    # a save cut short: transformers wrote config.json first, half the weights, the image processor not yet.
+    # Before, config.json alone counted as trained: the GRPO runs failed on the cut weights, every time
+    sft_dir = out / "_sft" / "seed0"
+    (sft_dir / "preprocessor_config.json").unlink()
+    weights = next(sft_dir.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    shutil.rmtree(out / "baseline")
+    resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [line.split()[2] for line in resumed.stdout.splitlines() if line.startswith("$ python")] == [
+        "train_sft.py", "train_grpo.py", "eval.py"]  # the SFT saved again, the baseline run on it
+    assert (sft_dir / "preprocessor_config.json").is_file()
 
 
 def test_ablation_of_pathmmu_configs_tests_the_primary_set_and_lists_the_others(tmp_path):
@@ -156,6 +170,78 @@ def test_ablation_yaml_mistakes_stop_it_named(tmp_path, monkeypatch, spec, messa
         main([str(path), "--out", str(tmp_path / "out")])
     assert message in str(stopped.value.code)
     assert not (tmp_path / "out").exists()
+
+
+def write_spec(tmp_path, data: str, **variants) -> str:
+    """An ablation whose every run reads `data` (the tiny model, a step or two), plus these variants."""
+    spec = {"defaults": {"sft": {"model": "tiny", "data": data, "eval_data": None, "max_steps": 1},
+                         "grpo": {"data": data, "eval_data": None, "max_steps": 1},
+                         "eval": {"sets": [f"demo={data}"]}},
+            "variants": {"baseline": {}, **variants}}
+    path = tmp_path / "ablate.yaml"
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize("seeds, message", [
+    (["0", "0"], r"^error: --seeds: 0 given twice: each seed is one trained model"),
+    (["0", "1", "-1"], r"^error: --seeds: key 'seed' must be an int between 0 and 2147483647, got -1"),
+    (["0", "2147483648"], r"^error: --seeds: key 'seed' must be an int between 0 and 2147483647, got 2147483648"),
+])
+def test_repeated_or_out_of_range_seeds_stop_before_any_run(tmp_path, seeds, message):
+    """Before, `--seeds 0 0` averaged one model twice and `--seeds -1` failed in the first script it reached."""
+    data = tmp_path / "split.jsonl"
+    data.write_text("")  # never read: the seeds are refused first
+    path = write_spec(tmp_path, str(data))
+    done = subprocess.run([sys.executable, "tools/ablate.py", path, "--seeds", *seeds, "--out", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "$ python" not in done.stdout, done.stdout + done.stderr
+    assert re.search(message, done.stderr.strip().splitlines()[-1]), done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_missing_file_of_every_variant_is_named_before_any_run(tmp_path, monkeypatch):
+    """Each variant's data, eval sets and starting adapter, for each seed it runs, looked for before the first run
+    (before, only the configs were resolved, with seed 0): one message names every missing file, its variant and
+    key. What an earlier run makes (the SFT model), and a variant already evaluated, are not looked for."""
+    monkeypatch.chdir(ROOT)
+    data = tmp_path / "split.jsonl"
+    data.write_text("")
+    path = write_spec(tmp_path, str(tmp_path / "sft_missing.jsonl"),
+                      **{"other data": {"data": str(tmp_path / "rl_missing.jsonl")},
+                         "γ from an adapter": {"stage": "sft", "start": "base", "data": str(data), "finetune": "lora",
+                                               "init_adapter": str(tmp_path / "no_adapter")},
+                         "done": {"data": str(tmp_path / "gone.jsonl")}})
+    write_eval(tmp_path / "out" / "done" / "seed1" / "eval", {"demo": [True]})
+    write_eval(tmp_path / "out" / "done" / "seed2" / "eval", {"demo": [True]})
+    with pytest.raises(SystemExit) as stopped:
+        main([path, "--seeds", "1", "2", "--out", str(tmp_path / "out")])
+    message = str(stopped.value.code)
+    assert message.startswith(f"error: {path}: files not found, before any run: ")
+    for named in [f"train_sft.py data: {tmp_path}/sft_missing.jsonl (the shared SFT)",
+                  f"train_grpo.py data: {tmp_path}/sft_missing.jsonl ('baseline')",
+                  f"eval.py sets: {tmp_path}/sft_missing.jsonl ('baseline', 'other data', 'γ from an adapter')",
+                  f"train_grpo.py data: {tmp_path}/rl_missing.jsonl ('other data')",
+                  f"train_sft.py init_adapter: {tmp_path}/no_adapter ('γ from an adapter')"]:
+        assert named in message
+    assert message.count("; ") == 4, message
+    assert "gone.jsonl" not in message and "/_sft/" not in message  # evaluated already; made by the SFT
+    assert sorted(os.listdir(tmp_path / "out")) == ["done"]
+
+
+def test_a_failed_stage_points_at_its_message_not_at_running_again(tmp_path):
+    """A split the SFT refuses (a record without its answer) passes the ablation's own checks and fails in
+    train_sft.py the same way every time: the ablation says to act on the script's message, not (as it did) to
+    run the same command again."""
+    data = tmp_path / "split.jsonl"
+    data.write_text(json.dumps({"id": "r1", "image": "r1.png", "question": "Stain?", "options": ["a", "b"]}) + "\n")
+    path = write_spec(tmp_path, str(data))
+    done = subprocess.run([sys.executable, "tools/ablate.py", path, "--seeds", "0", "--out", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "error: key 'data'" in done.stderr, done.stderr
+    assert last.startswith("error: `python train_sft.py ") and "failed (exit 1): its message above says" in last
+    assert "run the same command again" not in last, last
 
 
 def test_example_ablations_resolve(tmp_path, monkeypatch):

@@ -194,6 +194,18 @@ def test_api_without_key_and_no_judge_stop_with_a_message(demo_data, monkeypatch
         main(["configs/demo_grpo.yaml", f"data={demo_data}/rl.jsonl"])
 
 
+@pytest.mark.parametrize("items, message", [
+    ("-1", "--items: must be at least 1 (the split's first N items), got -1"),  # records[:-1]: the last one dropped
+    ("0", "--items: must be at least 1 (the split's first N items), got 0"),
+    ("ten", "--items: expected a whole number of items, got 'ten'"),
+])
+def test_items_below_one_are_refused_before_the_split_is_read(items, message, tmp_path):
+    result = run_cli("configs/demo_grpo.yaml", "judge=rule", f"data={tmp_path}/nowhere.jsonl", "--items", items,
+                     "--out", str(tmp_path / "audit"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith(message), result.stderr
+    assert not (tmp_path / "audit").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line on PathMMU-format data (tests/test_data_real.py's fixture, prepared by data/pathmmu)
 

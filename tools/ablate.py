@@ -21,13 +21,14 @@ The YAML file's keys (an unknown one stops the run, with a did-you-mean):
     primary_set   the eval set whose accuracy the table tests (default: the eval config's first set); each other
                   set's mean accuracy gets a column
 
-Every run's config is resolved (config.load_config) before the first one starts, so a misspelt key in the last
-variant stops the ablation at once, not hours in. Per seed, the SFT model is trained once (the SFT config,
-seed=s) and shared by every variant that starts from it: a finetune=full SFT writes a model, which GRPO puts
-a new LoRA on (the demo); a LoRA SFT writes an adapter, which GRPO trains further (PathMMU's α -> β). Each
-stage is the script itself, run as its own process; a variant whose evaluation exists
-(<out>/<variant>/seed<s>/eval/metrics.json) is not run again, so an interrupted ablation goes on where it
-stopped. Writes <out>/ablation.md and <out>/ablation.png and prints the table.
+Every run's config is resolved (config.load_config) for every seed before the first one starts, and every file
+they name is looked for (data, eval sets, an adapter to start from): a misspelt key or a missing file in the last
+variant stops the ablation at once, not hours in, as a repeated or negative seed does. Per seed, the SFT model is
+trained once (the SFT config, seed=s) and shared by every variant that starts from it: a finetune=full SFT writes a
+model, which GRPO puts a new LoRA on (the demo); a LoRA SFT writes an adapter, which GRPO trains further (PathMMU's
+α -> β). Each stage is the script itself, run as its own process; a variant whose evaluation exists
+(<out>/<variant>/seed<s>/eval/metrics.json) is not run again, nor an SFT whose save finished (stages.trained), so an
+interrupted ablation goes on where it stopped. Writes <out>/ablation.md and <out>/ablation.png and prints the table.
 """
 
 import argparse
@@ -37,7 +38,6 @@ import os
 import re
 import resource
 import statistics
-import subprocess
 import sys
 from typing import NamedTuple
 
@@ -47,11 +47,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # config.py's strict YAML reader: a variant named twice would otherwise keep only the last, silently
-from pathvlm.errors import run_script  # noqa: E402
-from pathvlm.allowed import _read_yaml_file  # noqa: E402
+from pathvlm.allowed import _read_yaml_file, check_value  # noqa: E402
 from pathvlm.config import ConfigError, EvalConfig, GRPOConfig, SFTConfig  # noqa: E402
+from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.evaluation import read_jsonl  # noqa: E402
-from tools.stages import as_args, did_you_mean, script_config  # noqa: E402
+from tools.stages import as_args, did_you_mean, failed, missing_files, run_to_end, script_config, trained  # noqa: E402
+from tools.plots import plot_ablation  # noqa: E402
 from tools.stats import Difference, estimate_spreads, holm, power_report, seed_item_test  # noqa: E402
 
 SCRIPTS = {"sft": ("train_sft.py", SFTConfig), "grpo": ("train_grpo.py", GRPOConfig), "eval": ("eval.py", EvalConfig)}
@@ -175,29 +176,49 @@ def plan(name: str, variant: dict | None, seed: int, out: str, ab: Ablation) -> 
                    Run("eval", {**ab.defaults["eval"], **evaluated, "seed": seed, "output_dir": eval_dir}, False)]
 
 
-def check_variants(ab: Ablation, out: str):
-    """Every run's config as its script will read it: a wrong key or value stops the ablation now."""
+def check_variants(ab: Ablation, out: str, seeds: list[int] = (0,)) -> list[str]:
+    """Every run's config as its script will read it, for each seed: a wrong key or value stops the ablation now
+    (ConfigError). -> the files those configs name that are missing (stages.missing_files), each once as
+    "script key: path (the variants that read it)"; what an earlier run of the plan makes (the SFT model) is not
+    missing, nor is anything of a variant whose evaluation is done."""
+    missing = {}  # (script, key, path) -> who reads it
     for name, variant in ab.variants.items():
-        for run in plan(name, variant, 0, out, ab):
-            try:
-                resolve(ab.configs, run.stage, run.overrides)
-            except ConfigError as e:
-                raise ConfigError(f"{ab.path}: variant '{name}', {SCRIPTS[run.stage][0]}: {e}") from None
+        for seed in seeds:
+            runs = plan(name, variant, seed, out, ab)
+            done = os.path.isfile(os.path.join(run_dirs(out, name, seed)[2], "metrics.json"))
+            for run in runs:
+                try:
+                    cfg = resolve(ab.configs, run.stage, run.overrides)
+                except ConfigError as e:
+                    raise ConfigError(f"{ab.path}: variant '{name}', {SCRIPTS[run.stage][0]}: {e}") from None
+                for key, path in [] if done else missing_files(cfg, [r.overrides["output_dir"] for r in runs]):
+                    who = missing.setdefault((SCRIPTS[run.stage][0], key, path), {})
+                    who["the shared SFT" if run.shared else f"'{name}'"] = None
+    return [f"{script} {key}: {path} ({', '.join(who)})" for (script, key, path), who in missing.items()]
+
+
+def chosen(ab: Ablation, only: list[str] | None) -> dict:
+    """--only's variants and the baseline, which they are tested against (all of them without --only)."""
+    unknown = [v for v in only or [] if v not in ab.variants]
+    if unknown:
+        raise ConfigError(f"--only: no variant {unknown[0]!r} in {ab.path}{did_you_mean(unknown[0], ab.variants)}; "
+                          f"its variants: {', '.join(ab.variants)}")
+    baseline = next(iter(ab.variants))
+    return {k: v for k, v in ab.variants.items() if not only or k == baseline or k in only}
 
 
 def run(script: str, config: str, overrides: dict) -> float:
-    """python <script> <config> key=value ... in its own process -> the CPU minutes it used."""
-    args = as_args(overrides)
+    """python <script> <config> key=value ... in its own process, to its end -> the CPU minutes it used."""
+    command = [sys.executable, script, config, *as_args(overrides)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(f"$ python {script} {config} {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, script, config, *args], check=True)
+    code, stopped = run_to_end(command)
+    if stopped:
+        sys.exit("\nstopped: run the same command again to go on (finished variants are skipped, the stopped stage "
+                 "resumes from what it saved)")
+    if code != 0:
+        sys.exit(failed(command, code, "the variants already finished"))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / 60
-
-
-def trained(output_dir: str) -> bool:
-    """A training script writes its model (config.json) or adapter (adapter_config.json) last, once finished."""
-    return any(os.path.isfile(os.path.join(output_dir, f)) for f in ("config.json", "adapter_config.json"))
 
 
 def run_variant(name: str, variant: dict | None, seed: int, out: str, ab: Ablation) -> dict:
@@ -303,26 +324,6 @@ def answers_of_runs(ab: Ablation, out: str, seeds: list[int]) -> tuple[np.ndarra
     return answers(runs, seeds), f"{len(names)} variants x {len(seeds)} seeds in {out}"
 
 
-def plot(results: dict[str, list[dict]], path: str, primary: str = "demo"):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
-    for i, name in enumerate(names):
-        acc = [r["accuracy"] for r in results[name]]
-        ax.bar(i, statistics.mean(acc), color="#9bb7d4")
-        ax.scatter([i] * len(acc), acc, color="black", s=12, zorder=3)  # one dot per seed
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"{primary} test accuracy (%)")
-    ax.set_ylim(0, 100)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("variants", nargs="?", help="YAML file: variants (name -> overrides), optional configs, defaults "
@@ -350,10 +351,20 @@ def main(argv=None):
         p.error("the variants YAML is required (e.g. configs/ablations/demo.yaml), unless --power")
     if args.variants and not os.path.isfile(args.variants):
         sys.exit(f"error: {args.variants} not found (e.g. configs/ablations/demo.yaml)")
+    twice = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
+    if twice:  # one model counted twice would shrink the sd and the test's interval
+        sys.exit(f"error: --seeds: {' '.join(map(str, twice))} given twice: each seed is one trained model, and the "
+                 "mean, sd and test need different ones")
     try:
+        for seed in args.seeds:  # here, not in the first script that reads it
+            check_value("seed", seed, "--seeds")
         ab = read_ablation(args.variants) if args.variants else None
         if not args.power:
-            check_variants(ab, args.out)
+            ab = ab._replace(variants=chosen(ab, args.only))
+            missing = check_variants(ab, args.out, args.seeds)
+            if missing:
+                raise ConfigError(f"{ab.path}: files not found, before any run: {'; '.join(missing)}. "
+                                  "Prepare them (docs/datasets.md) or fix the paths")
     except ConfigError as e:
         sys.exit(f"error: {e}")
     if args.power:  # what is not given, estimated from the variants already run with this file
@@ -363,21 +374,8 @@ def main(argv=None):
         return print(power_report(args.diff, given, estimate_spreads(models) if ab else {}, source, args.sims,
                                   args.max_seeds))
 
-    variants = ab.variants
-    if args.only:
-        unknown = [v for v in args.only if v not in variants]
-        if unknown:
-            sys.exit(f"error: --only: no variant {unknown[0]!r} in {args.variants}{did_you_mean(unknown[0], variants)}"
-                     f"; its variants: {', '.join(variants)}")
-        baseline = next(iter(variants))
-        variants = {k: v for k, v in variants.items() if k == baseline or k in args.only}
-    results = {}
-    try:
-        for name, variant in variants.items():
-            results[name] = [run_variant(name, variant, seed, args.out, ab) for seed in args.seeds]
-    except subprocess.CalledProcessError as e:  # the script has printed why; finished variants are kept
-        sys.exit(f"error: `{' '.join(e.cmd[1:3])} ...` failed (exit {e.returncode}); run the same command again "
-                 "to go on from the variants already finished")
+    results = {name: [run_variant(name, variant, seed, args.out, ab) for seed in args.seeds]
+               for name, variant in ab.variants.items()}
     markdown = table(results, args.seeds)
     os.makedirs(args.out, exist_ok=True)
     other_sets = [name for name in ab.sets if name != ab.primary]
@@ -391,7 +389,8 @@ def main(argv=None):
         f.write(f"Ablations of {args.variants}, seeds {' '.join(map(str, args.seeds))}: accuracy and its test on the "
                 f"{ab.primary} set ({seen}){columns}\n\n{markdown}\n\n![accuracy](ablation.png)\n")
     print(f"{ab.primary}: {seen}")
-    plot(results, os.path.join(args.out, "ablation.png"), ab.primary)
+    plot_ablation({name: [r["accuracy"] for r in runs] for name, runs in results.items()},
+                  os.path.join(args.out, "ablation.png"), ab.primary)
     print(markdown)
     print(f"wrote {args.out}/ablation.md and ablation.png")
 

@@ -37,8 +37,8 @@ import sys
 # run as `python tools/audit_judge.py`, only tools/ is on sys.path: add the repository root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.config import GRPOConfig, parse_args  # noqa: E402
+from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.inputs import BadInput, check_adapter, check_split  # noqa: E402
 from pathvlm.judges import judge_from_config  # noqa: E402
 from pathvlm.records import LETTERS, Record, image_path, load_split  # noqa: E402
@@ -276,11 +276,23 @@ def chart(results: list[dict], path: str):
     plt.close(fig)
 
 
+def item_count(text: str) -> int:
+    """--items: how many of the split's first items to audit. records[:-1] would drop the last item silently, and
+    records[:0] audit none."""
+    try:
+        items = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of items, got {text!r}") from None
+    if items < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (the split's first N items), got {items}")
+    return items
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config", help="a GRPO config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. judge=rule data=...")
-    p.add_argument("--items", type=int, default=100, help="audit the split's first N items")
+    p.add_argument("--items", type=item_count, default=100, help="audit the split's first N items")
     p.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
                    help="a second judge: overrides on top of the first judge's config (repeatable)")
     p.add_argument("--out", default=None, help="default: runs/audit/<config stem>-<judge>")

@@ -1,4 +1,5 @@
-"""tools/report.py's pictures: accuracy per set and run, a confusion matrix, a training run's curves.
+"""tools/report.py's pictures: accuracy per set and run, a confusion matrix, a training run's curves; and
+tools/ablate.py's: accuracy per variant.
 matplotlib draws into files only (no display); it is imported when a picture is asked for.
 """
 
@@ -108,3 +109,18 @@ def plot_curves(metrics_path: str, path: str, keys: tuple[str, ...] | None = Non
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return list(series)
+
+
+def plot_ablation(accuracy: dict[str, list[float]], path: str, primary: str):
+    """One bar per variant (its mean accuracy over seeds), one dot per seed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(accuracy)), 4))
+    for i, acc in enumerate(accuracy.values()):
+        ax.bar(i, sum(acc) / len(acc), color="#9bb7d4")
+        ax.scatter([i] * len(acc), acc, color="black", s=12, zorder=3)
+    ax.set_xticks(range(len(accuracy)), list(accuracy), rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"{primary} test accuracy (%)")
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -24,8 +24,6 @@ import dataclasses
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import time
 from typing import NamedTuple
@@ -36,12 +34,12 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # config.py's strict YAML reader: a key written twice in configs/reproduce.yaml would otherwise keep the last
-from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.allowed import _read_yaml_file  # noqa: E402
 from pathvlm.config import ConfigError, EvalConfig, GRPOConfig, SFTConfig, load_config  # noqa: E402
+from pathvlm.errors import run_script  # noqa: E402
 from pathvlm.provenance import eval_settings, is_tiny, stage_record, weights_fingerprint  # noqa: E402
 from tools.paper import PAPER_COLUMNS, PAPER_ROWS, beside_paper, paper_number, write_report  # noqa: E402
-from tools.stages import as_args, did_you_mean, script_config  # noqa: E402
+from tools.stages import as_args, did_you_mean, failed, run_to_end, script_config, trained  # noqa: E402
 
 SPEC = "configs/reproduce.yaml"
 EVAL_CONFIG = "configs/eval.yaml"
@@ -192,12 +190,11 @@ def check_plan(stages: list[Stage], dry_run: bool):
 # Stages: finished, or run
 
 def finished(stage: Stage) -> bool:
-    """A training run saves its adapter (or model), then its tokenizer and image processor, last of all; an
-    evaluation writes metrics.json once every answer is in."""
-    done = lambda *names: all(os.path.isfile(os.path.join(stage.output_dir, n)) for n in names)  # noqa: E731
+    """A training run's output is complete (stages.trained: the file it writes last is there); an evaluation
+    writes metrics.json once every answer is in."""
     if stage.kind == "eval":
-        return done("metrics.json")
-    return (done("adapter_config.json") or done("config.json")) and done("preprocessor_config.json")
+        return os.path.isfile(os.path.join(stage.output_dir, "metrics.json"))
+    return trained(stage.output_dir)
 
 
 # keys a finished stage may have run with other values of: where it wrote, how it logged, checkpointed and reached
@@ -243,32 +240,14 @@ def check_finished(stage: Stage):
 
 
 def run(command: list[str]) -> float:
-    """One stage's script in its own process -> its wall-clock seconds. Ctrl-C reaches the script too (one
-    process group) and it saves before it stops: wait for it, then stop here. SIGTERM is passed on to it."""
-    print("$ python " + " ".join(shlex.quote(c) for c in command[1:]), flush=True)
-    start, stopped = time.time(), []
-    process = subprocess.Popen(command)
-
-    def pass_on(signum, frame):
-        stopped.append(signum)
-        process.send_signal(signum)
-
-    previous = signal.signal(signal.SIGTERM, pass_on)
-    try:
-        while True:
-            try:
-                code = process.wait()
-                break
-            except KeyboardInterrupt:  # subprocess.run would kill the script here, mid-save
-                stopped.append(signal.SIGINT)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    """One stage's script in its own process, to its end (stages.run_to_end) -> its wall-clock seconds."""
+    start = time.time()
+    code, stopped = run_to_end(command)
     if stopped:
         raise SystemExit("\nstopped: run the same command again to go on (finished stages are skipped, the stopped "
                          "one resumes from what it saved)")
     if code != 0:
-        raise SystemExit(f"error: `python {' '.join(command[1:3])} ...` failed (exit {code}, its message is above); "
-                         "run the same command again to go on from the stages already finished")
+        raise SystemExit(failed(command, code, "the stages already finished"))
     return time.time() - start
 
 
