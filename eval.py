@@ -42,7 +42,7 @@ from pathvlm.provenance import answer_code, weights_fingerprint
 from pathvlm.reasoning import REASONING_KEYS, format_reasoning_table, reasoning_metrics, reasoning_request
 from pathvlm.records import Record
 from pathvlm.sampler import sampler_settings
-from pathvlm.training import Processes
+from pathvlm.training import Processes, split_by_length
 
 # config keys that change what the model answers: predictions made under other values are not resumed
 PREDICTION_KEYS = ("model", "adapter", "seed", "dtype", "quantization", "min_pixels", "max_pixels", "max_new_tokens")
@@ -233,6 +233,17 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
         model, processor = load_model(cfg, adapter=cfg.adapter, trainable=False)
         base_only = model.disable_adapter() if cfg.adapter is None else base_only
 
+    # 1b. items whose prompt is over max_prompt_len tokens: skipped and counted, in the set and its controls
+    too_long = {}
+    for name, records in records_by_set.items():
+        records_by_set[name], dropped = split_by_length(records, processor, cfg.max_prompt_len, with_target=False)
+        too_long[name] = {r.id for r in dropped}
+        if dropped and procs.main:
+            print(f"note: {name}: {len(dropped)} item(s) skipped, their prompt over max_prompt_len="
+                  f"{cfg.max_prompt_len} tokens: {', '.join(sorted(too_long[name])[:5])}")
+    controls = {key: [r for r in records if r.id not in too_long[key.split("[")[0]]]
+                for key, records in controls.items()}
+
     # 2. greedy answers, set by set, appended to predictions.jsonl as they come. The image controls go to
     #    controls/predictions.jsonl under their own set names ("demo[blank]") and resume the same way;
     #    predictions.jsonl keeps the real images' answers only, which the judge and tools/report.py read.
@@ -245,6 +256,7 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
                                    os.path.join(cfg.output_dir, "controls", "predictions.jsonl"), log=log,
                                    procs=procs, **sampling) if controls else {}
     for name in records_by_set:  # each control's metrics go beside the real images'
+        sets[name]["skipped_too_long"] = len(too_long[name])
         for control in cfg.image_controls:
             key = control_name(name, control)
             m = control_metrics[key] if key in control_metrics else {"skipped": skipped[key]}

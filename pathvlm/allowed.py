@@ -84,10 +84,23 @@ MAY_BE_EMPTY = {"run_name"}  # "" = its default; every other string key must say
 
 
 def _shown(text: str) -> str:
-    """A command-line word as a message may quote it: one that may be a pasted secret is not shown."""
+    """A command-line word as a message may quote it: one that may be a pasted secret is not shown, a long one
+    is cut (a message quotes a value, never a megabyte of it)."""
     secret = text.startswith(("sk-", "hf_", "ghp_")) or (len(text) >= 32 and re.fullmatch(r"[\w\-.]+", text)
                                                         and not re.search(r"[/=]|\.ya?ml$", text))
-    return "<a value that looks like a secret, not shown>" if secret else text
+    return "<a value that looks like a secret, not shown>" if secret else _cut(text)
+
+
+def quoted(value) -> str:
+    """repr(value) as a message quotes it: at most MAX_QUOTED characters."""
+    return _cut(repr(value))
+
+
+MAX_QUOTED = 120
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_QUOTED else f"{text[:MAX_QUOTED]}... ({len(text):,} characters)"
 
 
 def _looks_like_variable_name(text: str) -> bool:
@@ -150,17 +163,17 @@ def check_value(key: str, value, source: str, names: dict | None = None):
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 if isinstance(value, (list, dict)):
                     noun = {"rewards": "reward", "image_controls": "control"}.get(key, "name")
-                    raise ConfigError(f"{where}: unknown {noun} {item!r}; allowed: {shown}{hint}")
-                raise ConfigError(f"{where} must be one of {shown}; got {item!r}{hint}")
+                    raise ConfigError(f"{where}: unknown {noun} {quoted(item)}; allowed: {shown}{hint}")
+                raise ConfigError(f"{where} must be one of {shown}; got {quoted(item)}{hint}")
     numbers = value.items() if isinstance(value, dict) else [(None, value)]
     for name, number in numbers:
         if isinstance(number, float) and not math.isfinite(number) and not (name is None and key in RANGES):
             shown_key = f"{key}.{name}" if name else key
-            raise ConfigError(f"{source}: key '{shown_key}' must be a finite number, got {number!r}")
+            raise ConfigError(f"{source}: key '{shown_key}' must be a finite number, got {quoted(number)}")
     if key in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not _in_range(value, RANGES[key]):
             why = f": {WHY[key]}" if key in WHY else ""
-            raise ConfigError(f"{where} must be {_describe(RANGES[key], value)}, got {value!r}{why}")
+            raise ConfigError(f"{where} must be {_describe(RANGES[key], value)}, got {quoted(value)}{why}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,9 +204,34 @@ def _construct_mapping(loader, node, deep=False):
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+# A config is a few kilobytes of a few hundred values. Past these, parsing would take minutes or all memory: PyYAML
+# reads a 100 MB mapping for many minutes, and nine levels of ten aliases (&a, *a) expand to 10^9 values.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many values the YAML node becomes once every alias is expanded, counted on the node graph (an alias is
+    the same node object again), each node once: linear in the text, whatever the expansion."""
+    if id(node) not in sizes:
+        children = node.value if isinstance(node.value, list) else []
+        flat = [c for child in children for c in (child if isinstance(child, tuple) else (child,))]
+        sizes[id(node)] = 1 + sum(_expanded_size(c, sizes) for c in flat)
+    return sizes[id(node)]
+
+
 def _parse_yaml(text: str, where: str, with_line: bool = True):
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text):,} characters, more than a config holds (at most {MAX_YAML_BYTES:,}): "
+                          "is it the right file?")
     try:
+        node = yaml.compose(text, Loader=_StrictLoader)
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: its aliases (&name, *name) expand to more than {MAX_YAML_VALUES:,} values, "
+                              "more than a config holds: write the values out")
         return yaml.load(text, Loader=_StrictLoader)
+    except RecursionError:  # nesting thousands of levels deep
+        raise ConfigError(f"{where}: nested thousands of levels deep: not a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f", line {mark.line + 1}" if with_line and mark is not None else ""
@@ -211,6 +249,9 @@ def _read_yaml_file(path: str):
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {_shown(path)}" + (" (a directory)" if os.path.isdir(path) else ""))
     try:
+        if os.path.getsize(path) > MAX_YAML_BYTES:  # before reading a file of any size into memory
+            raise ConfigError(f"{path}: {os.path.getsize(path):,} bytes, more than a config holds (at most "
+                              f"{MAX_YAML_BYTES:,}): is it the right file?")
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:

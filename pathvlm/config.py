@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from pathvlm.allowed import CHOICES, RANGES, ConfigError, _parse_yaml, _read_yaml_file, _shown, check_value
+from pathvlm.allowed import CHOICES, RANGES, ConfigError, _parse_yaml, _read_yaml_file, _shown, check_value, quoted
 
 
 @dataclass
@@ -64,12 +64,12 @@ def _coerce(value, tp, key: str, source: str):
                 return _coerce(value, arg, key, source)
             except ConfigError:
                 pass
-        raise ConfigError(f"{source}: key '{key}' must be {tp}, got {value!r}")
+        raise ConfigError(f"{source}: key '{key}' must be {tp}, got {quoted(value)}")
     if origin in (list, dict):
         if isinstance(value, str):
             value = _parse_yaml(value, f"{source}: key '{key}'", with_line=False)
         if not isinstance(value, origin):
-            raise ConfigError(f"{source}: key '{key}' must be a {origin.__name__}, got {value!r}")
+            raise ConfigError(f"{source}: key '{key}' must be a {origin.__name__}, got {quoted(value)}")
         args = typing.get_args(tp)
         if origin is list and args:  # list[str]: each item
             return [_coerce(item, args[0], f"{key}[{i}]", source) for i, item in enumerate(value)]
@@ -81,20 +81,20 @@ def _coerce(value, tp, key: str, source: str):
         try:
             return float(value)  # YAML 1.1 reads "3e-6" (no dot) as a string
         except ValueError:
-            raise ConfigError(f"{source}: key '{key}' must be a number, got {value!r}") from None
+            raise ConfigError(f"{source}: key '{key}' must be a number, got {quoted(value)}") from None
     if isinstance(value, str) and tp is not str:
         # command-line overrides arrive as strings; YAML's parser gives them their natural type
         value = _parse_yaml(value, f"{source}: key '{key}'", with_line=False)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{source}: key '{key}' must be true or false, got {value!r}")
+        raise ConfigError(f"{source}: key '{key}' must be true or false, got {quoted(value)}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{source}: key '{key}' must be an int, got {value!r}")
+        raise ConfigError(f"{source}: key '{key}' must be an int, got {quoted(value)}")
     if tp is str and not isinstance(value, str):
         value = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
     if not isinstance(value, tp):
-        raise ConfigError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{source}: key '{key}' must be {_type_name(tp)}, got {quoted(value)}")
     return value
 
 
@@ -238,6 +238,10 @@ class EvalConfig(JudgeConfig, SamplerConfig, ModelConfig):
     batch_size: int = 16
     max_new_tokens: int = 256
     limit: int = 0  # evaluate only the first N items of each set (0 = all)
+    # items whose prompt (image tokens included) is longer are skipped and counted, as training drops them, where a
+    # 50 MB question would exhaust memory. Ours: configs/eval.yaml's max_pixels allows 1,280 image tokens (1003520 /
+    # 28²), so 8192 leaves ~6,900 for the text
+    max_prompt_len: int = 8192
     run_name: str = ""  # label in reports; default: the output_dir's name
     # image-reliance controls, each answered beside the real images (evaluation.control_sets): blank (a
     # mid-grey image of the same size) and/or shuffled (another item's image of the set, seeded by seed).

@@ -37,14 +37,28 @@ def example_length(processor, record: Record, split_path: str, with_target: bool
     return n_prompt + len(processor.tokenizer(target_text(record))["input_ids"]) + 1
 
 
+# No tokenizer token spans more characters than this: a text longer than max_len times it is over max_len tokens
+# without being tokenised (a 50 MB question would take the tokenizer minutes)
+MAX_CHARS_PER_TOKEN = 64
+
+
+def split_by_length(records: list[Record], processor, max_len: int, split_path: str = "", with_target: bool = True
+                    ) -> tuple[list[Record], list[Record]]:
+    """-> (records of at most max_len tokens, the others), each in order."""
+    kept, dropped = [], []
+    for r in records:
+        text = len(r.question) + sum(map(len, r.options)) + (len(r.answer) + len(r.explanation)) * with_target
+        over = text > MAX_CHARS_PER_TOKEN * max_len or example_length(processor, r, split_path, with_target) > max_len
+        (dropped if over else kept).append(r)
+    return kept, dropped
+
+
 def load_examples(path: str, processor, max_len: int, with_target: bool = True, max_len_key: str = "max_len"
                   ) -> list[Record]:
     """The split's records (inputs.check_split has checked them and their images) without those longer
     than max_len tokens: dropped, counted and named on stdout, never cut."""
     records = load_split(path)
-    kept, dropped = [], []
-    for r in records:
-        (kept if example_length(processor, r, path, with_target) <= max_len else dropped).append(r)
+    kept, dropped = split_by_length(records, processor, max_len, path, with_target)
     if dropped:
         print(f"{path}: dropped {len(dropped)} examples longer than {max_len_key}={max_len} tokens (image tokens "
               f"included; truncating would cut them): {', '.join(r.id for r in dropped[:10])}"

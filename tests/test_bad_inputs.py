@@ -81,6 +81,14 @@ CASES = [
          args=[*SFT, "data={ws}/answer_not_an_option/split.jsonl"]),
     Case("fewer than 2 options", r"'r1': fewer than two options", script="train_grpo.py",
          args=[*GRPO, "data={ws}/one_option/split.jsonl"]),
+    Case("two options the same after Unicode normalisation ('brown', 'brown' + a zero-width space)", r"'r1': two "
+         r"options are the same text", script="train_sft.py", args=[*SFT, "data={ws}/same_options/split.jsonl"]),
+    Case("an option with a line break (the prompt would show a phantom option 'D) purple')", r"'r1': option A holds a "
+         r"line break or control character", script="train_grpo.py",
+         args=[*GRPO, "data={ws}/newline_option/split.jsonl"]),
+    Case("answer letter a Cyrillic look-alike of A", r"'r1': answer 'А' is not among the options: it is CYRILLIC "
+         r"CAPITAL LETTER A \(U\+0410\), which looks like the Latin A but is not", script="train_sft.py",
+         args=[*SFT, "data={ws}/lookalike_answer/split.jsonl"]),
     Case("empty question", r"'r1': empty question", script="train_sft.py",
          args=[*SFT, "data={ws}/empty_question/split.jsonl"]),
     Case("duplicate id", r"'r0': duplicate id", script="train_grpo.py",
@@ -239,6 +247,39 @@ CASES = [
          args=["{ws}/half_eval"]),
     Case("report.py --out naming a file", r"^error: --out <tmp>/a_file\.txt is a file: give a directory",
          script="tools/report.py", args=["{ws}/old_eval", "--out", "{ws}/a_file.txt"]),
+    # bounded inputs: sizes capped before the work that would take minutes or all memory
+    Case("YAML alias bomb (nine levels of ten aliases: 10^9 values)", r"^config error: <tmp>/alias_bomb\.yaml: its "
+         r"aliases \(&name, \*name\) expand to more than 100,000 values", script="train_sft.py",
+         args=["{ws}/alias_bomb.yaml"]),
+    Case("YAML of 3 MB (a mapping of 200,000 keys)", r"^config error: <tmp>/big\.yaml: [\d,]+ bytes, more than a config "
+         r"holds", script="train_sft.py", args=["{ws}/big.yaml"]),
+    Case("a 5,000-character value quoted in a message", r"^config error: command line: key 'lr' must be a number, got "
+         r"'x{119}\.\.\. \(5,002 characters\)$", script="train_sft.py", args=[*SFT, "lr=" + "x" * 5000]),
+    Case("eval: a question of 100,000 characters (a 50 MB one ran out of memory)", r"^note: t: 1 item\(s\) skipped, "
+         r"their prompt over max_prompt_len=8192 tokens: r1", outcome="skip", script="eval.py",
+         args=["configs/demo_eval.yaml", "sets=[t={ws}/huge_question/split.jsonl]", "max_new_tokens=4"]),
+    # held-out data (inputs.check_heldout_apart)
+    Case("eval_data is the training split (SFT's held-out loss)", r"^error: key 'eval_data': 4 of 4 records in "
+         r"<tmp>/good/split\.jsonl show an image that the training split <tmp>/good/split\.jsonl \(key 'data'\) also "
+         r"holds", script="train_sft.py", args=[*SFT, "data={ws}/good/split.jsonl", "eval_data={ws}/good/split.jsonl"]),
+    Case("eval_data holds a training image under another name (GRPO's curve)", r"^error: key 'eval_data': 1 of 4 "
+         r"records in <tmp>/renamed/split\.jsonl show an image that the training split <tmp>/good/split\.jsonl",
+         script="train_grpo.py", args=[*TINY_GRPO, "data={ws}/good/split.jsonl", "eval_data={ws}/renamed/split.jsonl",
+                                       "eval_every=1"]),
+    # the research tools, before their first stage
+    Case("ablate.py --seeds 0 0 (one model averaged twice)", r"^error: --seeds: 0 given twice: each seed is one "
+         r"trained model", script="tools/ablate.py", args=["configs/ablations/demo.yaml", "--seeds", "0", "0", "--out",
+                                                           "{out}"]),
+    Case("ablate.py --seeds -1 (failed only in the first script it reached)", r"^error: --seeds: key 'seed' must be an "
+         r"int between 0 and 2147483647, got -1", script="tools/ablate.py",
+         args=["configs/ablations/demo.yaml", "--seeds", "-1", "--out", "{out}"]),
+    Case("ablate.py: a variant's data file missing (every variant, every seed, before any run)", r"^error: "
+         r"<tmp>/ablate_missing\.yaml: files not found, before any run: .*train_grpo\.py data: <tmp>/nowhere\.jsonl "
+         r"\('other data'\)", script="tools/ablate.py", args=["{ws}/ablate_missing.yaml", "--seeds", "0", "--out",
+                                                              "{out}"]),
+    Case("audit_judge.py --items -1 (records[:-1] dropped the last item)", r"error: argument --items: must be at least "
+         r"1 \(the split's first N items\), got -1", script="tools/audit_judge.py",
+         args=["configs/demo_grpo.yaml", "judge=rule", "data={ws}/good/split.jsonl", "--items", "-1"]),
     # judge
     Case("judge API key variable not set", r"^error: judge=api reads its key from the environment variable "
          r"PATHVLM_UNSET_KEY, which is not set", script="train_grpo.py",
@@ -313,6 +354,9 @@ def make_workspace(ws: str):
     write_split(f"{ws}/answer_not_an_option", records(answer="D"))
     write_split(f"{ws}/one_option", records(options=["brown"]))
     write_split(f"{ws}/empty_question", records(question=" "))
+    write_split(f"{ws}/same_options", records(options=["brown", "brown\u200b", "blue"]))
+    write_split(f"{ws}/newline_option", records(options=["brown\nD) purple", "blue", "mixed"]))
+    write_split(f"{ws}/lookalike_answer", records(answer="\u0410"))
     write_split(f"{ws}/duplicate_id", records(id="r0"))
     write_split(f"{ws}/latin1", records(question="Which stain dominates this café-au-lait patch?"), encoding="latin-1")
     write_split(f"{ws}/long_prompt", records(question="Which stain dominates this patch? " * 60))
@@ -325,6 +369,19 @@ def make_workspace(ws: str):
     os.mkfifo(f"{ws}/fifo.jsonl")
     os.symlink(f"{ws}/loop.jsonl", f"{ws}/loop.jsonl")
     make_model_files(ws)
+    write_split(f"{ws}/huge_question", records(question="Which stain dominates this patch? " * 3000))
+    write_split(f"{ws}/renamed", [{**r, "id": f"h{i}", "image": f"images/h{i}.png"} for i, r in enumerate(records())])
+    for i, colour in enumerate([(20, 200, 90), (90, 20, 200), (200, 200, 20)], 1):  # h0 keeps write_split's image,
+        Image.new("RGB", (112, 112), colour).save(f"{ws}/renamed/images/h{i}.png")  # good's under another name
+    Path(f"{ws}/alias_bomb.yaml").write_text('a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+                                             + "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n"
+                                                       for p, n in zip("abcdefgh", "bcdefghi")))
+    Path(f"{ws}/big.yaml").write_text("run_name:\n" + "".join(f"  k{i}: {i}\n" for i in range(200_000)))
+    Path(f"{ws}/ablate_missing.yaml").write_text(json.dumps({  # JSON is YAML
+        "variants": {"baseline": {}, "other data": {"data": f"{ws}/nowhere.jsonl"}},
+        "defaults": {"sft": {"model": "tiny", "data": f"{ws}/good/split.jsonl", "eval_data": None},
+                     "grpo": {"data": f"{ws}/good/split.jsonl", "eval_data": None},
+                     "eval": {"sets": [f"t={ws}/good/split.jsonl"]}}}))
     for name, text in [("old_eval", '{"accuracy": 0.5}'), ("half_eval", '{"sets": {"t": {"accuracy": 0.5')]:
         os.makedirs(f"{ws}/{name}")
         Path(f"{ws}/{name}/metrics.json").write_text(text)

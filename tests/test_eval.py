@@ -357,3 +357,17 @@ def test_curves_png(tmp_path):
     for png in ["curves.png", "cli.png"]:
         with Image.open(tmp_path / png) as im:
             assert im.format == "PNG"
+
+
+def test_a_prompt_over_max_prompt_len_is_skipped_and_counted(tiny, data, tmp_path):
+    """A question of ~100,000 characters (a 50 MB one ran out of memory): skipped before generation, counted in
+    metrics.json and named on the console; the other items are answered."""
+    rows = [json.loads(line) for line in open(data["pathmmu"])][:3]
+    rows[1]["question"] = "Which stain dominates this patch? " * 3000
+    split = os.path.join(os.path.dirname(data["pathmmu"]), "long_question.jsonl")
+    with open(split, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    metrics = run(eval_cfg({"long": split}, tmp_path / "out", max_prompt_len=512), *tiny)
+    assert metrics["sets"]["long"]["skipped_too_long"] == 1 and metrics["sets"]["long"]["n"] == 2
+    answered = [p["id"] for p in read_lines(tmp_path / "out" / "predictions.jsonl")]
+    assert answered == [rows[0]["id"], rows[2]["id"]]
