@@ -33,7 +33,7 @@ import yaml
 from pathvlm.checkpoint import claim_output_dir, release_output_dir
 from pathvlm.config import EvalConfig, parse_args, save_config
 from pathvlm.controls import control_name, control_sets
-from pathvlm.errors import run_script
+from pathvlm.errors import reading, run_script, writing
 from pathvlm.evaluation import (evaluate, format_kinds_table, format_table, kinds_note, load_sets, read_predictions,
                                 verdict_key)
 from pathvlm.inputs import check_inputs
@@ -56,15 +56,18 @@ def check_resumable(cfg, output_dir: str) -> dict:
     predictions = os.path.join(output_dir, "predictions.jsonl")
     if not (os.path.isfile(old_config) and os.path.isfile(predictions) and os.path.getsize(predictions)):
         return fingerprints
-    with open(old_config) as f:
-        old = yaml.safe_load(f) or {}
+    fix = "move the folder away (or delete it) to evaluate afresh"
+    with reading(old_config, "the earlier evaluation's config", fix):
+        with open(old_config) as f:
+            old = yaml.safe_load(f) or {}
     changed = [k for k in PREDICTION_KEYS if k in old and old[k] != getattr(cfg, k)]
     if changed:
         sys.exit(f"{output_dir} holds predictions made with other {', '.join(changed)} "
                  f"({', '.join(f'{k}={old[k]!r}' for k in changed)}): use a new output_dir")
     old_fingerprints_path = os.path.join(output_dir, "weights.json")
     if os.path.isfile(old_fingerprints_path):
-        with open(old_fingerprints_path) as f:
+        with reading(old_fingerprints_path, "the earlier evaluation's weights fingerprint", fix), \
+                open(old_fingerprints_path) as f:
             old_fingerprints = json.load(f)
         retrained = [k for k in fingerprints if old_fingerprints.get(k) != fingerprints[k]]
         if retrained:
@@ -130,13 +133,15 @@ def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Reco
     from pathvlm.verdicts import JudgeDown, parse_scores
     from rewards import PROCESS_KEYS, equivalence_request, parse_equivalence, process_request
 
+    with reading(out_path, "the judgements", "fix or delete that line (its item is judged again)"):
+        stored = read_predictions(out_path)
     predictions = {(p["set"], p["id"]): p for p in read_predictions(predictions_path)}
     # a stored verdict counts only for the record and answer it was given on: a corrected answer key, another
     # image or a new answer is judged again (evaluation.verdict_key)
     keys = {(name, r.id): verdict_key(r, predictions[(name, r.id)]["completion"])
             for name, records in records_by_set.items() for r in records}
     done = {}
-    for line in read_predictions(out_path):  # same cut-line repair; a later line (a retried call) wins
+    for line in stored:  # read_predictions' cut-line repair; a later line (a retried call) wins
         key = (line.get("set"), line.get("id"))
         if line.get("judge") == judge_label and line.get("for") == keys.get(key):  # else unused, left in the file
             done[key] = line
@@ -179,8 +184,9 @@ def judge_reasoning(judge, judge_label: str, records_by_set: dict[str, list[Reco
                 judge.stats.verdicts([not f for f, q in zip(failed, (reasoning_q, process_q, equivalence_q))
                                       if q is not None])
                 done[(name, r.id)] = line
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                f.flush()
+                with writing(out_path):
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    f.flush()
             if (i // chunk_size) % 10 == 9 or i + chunk_size >= len(todo):
                 log(f"  judged {i + len(batch)}/{len(todo)}, {time.time() - start:.1f}s")
             message = down(final=i + chunk_size >= len(todo))

@@ -61,10 +61,11 @@ def _file_errors() -> tuple:
     import pickle
     import zipfile
 
+    import yaml
     from safetensors import SafetensorError
 
     return (OSError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError, RuntimeError,
-            KeyError)
+            KeyError, yaml.YAMLError)
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
@@ -82,6 +83,18 @@ def reading(path: str, what: str, fix: str):
         raise
     except _file_errors() as e:
         raise BadInput(f"{what} {path} cannot be read ({first_line(e)}): {fix}") from None
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """An OSError while the enclosed code writes to the open file `path` names it: Python's own says only "File
+    too large" or "No space left on device", without the file."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = path
+        raise
 
 
 # what to do about a failed read or write, by errno

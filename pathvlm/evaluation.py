@@ -12,6 +12,7 @@ import time
 
 from pathvlm import openqa
 from pathvlm.answers import THINK_RE, canonical, is_well_formed, parse_answer, parse_open_answer
+from pathvlm.errors import reading, writing
 from pathvlm.images import open_image
 from pathvlm.records import KINDS, LETTERS, Record, image_path, load_split, prompt_messages
 
@@ -129,7 +130,8 @@ def resumed_predictions(path: str, records_by_set: dict[str, list[Record]], writ
     (the answer key may have been corrected since) and dropped where what the model was shown has changed
     (prompt_key), so it is answered again. The file is rewritten with them, whole and then renamed (a kill
     leaves the old file or the new one), where `write`; lines of other records stay. -> {(set, id): prediction}"""
-    stored = {(p["set"], p["id"]): p for p in read_predictions(path)}
+    with reading(path, "the predictions", "fix or delete that line (its item is answered again)"):
+        stored = {(p["set"], p["id"]): p for p in read_predictions(path)}
     kept, changed = {}, 0
     for name, records in records_by_set.items():
         stale = rescored = 0
@@ -254,8 +256,9 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
                     pred = shares[k % procs.world_size][k // procs.world_size]
                     done[(name, pred["id"])] = pred
                     if out:
-                        out.write(json.dumps(pred, ensure_ascii=False) + "\n")
-                        out.flush()
+                        with writing(predictions_path):
+                            out.write(json.dumps(pred, ensure_ascii=False) + "\n")
+                            out.flush()
                 if (i // step) % 10 == 0 or i + step >= len(todo):
                     log(f"  {name}: {min(i + step, len(todo))}/{len(todo)} generated, {time.time() - start:.1f}s")
             seconds = time.time() - start
@@ -264,7 +267,8 @@ def evaluate(model, processor, records_by_set: dict[str, list[Record]], batch_si
             results[name]["generated"] = len(todo)
     finally:
         if out:
-            out.close()
+            with writing(predictions_path):  # closing flushes what a failed write left in the buffer: fails too
+                out.close()
         model.train(was_training)
     return results
 

@@ -152,8 +152,10 @@ def check_tiny_cache(model: str, seed: int):
         os.makedirs(cache_dir(), exist_ok=True)
         tempfile.TemporaryFile(dir=cache_dir()).close()
     except OSError as e:
+        why = path_problem(cache_dir(), "directory") if os.path.exists(cache_dir()) else None
         raise BadInput(f"model={model} is built once into {cache_dir()} (PATHVLM_CACHE, default ~/.cache/pathvlm-r1), "
-                       f"which cannot be written ({e.strerror}): set PATHVLM_CACHE to a writable folder") from None
+                       f"which {why or f'cannot be written ({e.strerror})'}: set PATHVLM_CACHE to a writable folder"
+                       ) from None
 
 
 def check_output_dir(path: str):
@@ -224,5 +226,7 @@ def check_adapter(key: str, path: str | None, full_model_ok: bool = False):
             return
         raise MissingInput(f"key '{key}': {path} holds a whole model, not a LoRA adapter: give it as model={path}")
     what = path_problem(path, "directory") or "has no adapter_config.json"
+    if os.path.isfile(os.path.join(path, "model", "adapter_config.json")):  # a checkpoint: its adapter is in model/
+        what += f"; it is a checkpoint, whose adapter is {os.path.join(path, 'model')}: give that"
     raise MissingInput(f"key '{key}': {path} {what} (give the output_dir of a finished train_sft.py / "
                        "train_grpo.py run)")

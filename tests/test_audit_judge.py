@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from data.pathmmu import prepare as pathmmu
+from pathvlm.errors import InputError
 from pathvlm.records import load_split
 from rewards import process_request
 from tools import audit_judge
@@ -190,7 +191,7 @@ def test_api_without_key_and_no_judge_stop_with_a_message(demo_data, monkeypatch
                      f"data={demo_data}/rl.jsonl")
     assert result.returncode != 0 and "PATHVLM_TEST_UNSET_KEY" in result.stderr
     assert "Traceback" not in result.stderr
-    with pytest.raises(audit_judge.InputError, match="judge=none"):
+    with pytest.raises(InputError, match="judge=none"):
         main(["configs/demo_grpo.yaml", f"data={demo_data}/rl.jsonl"])
 
 

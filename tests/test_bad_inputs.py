@@ -247,6 +247,21 @@ CASES = [
          args=["{ws}/half_eval"]),
     Case("report.py --out naming a file", r"^error: --out <tmp>/a_file\.txt is a file: give a directory",
          script="tools/report.py", args=["{ws}/old_eval", "--out", "{ws}/a_file.txt"]),
+    Case("eval resumed into a folder whose config.yaml is damaged", r"^error: the earlier evaluation's config "
+         r"<tmp>/eval_bad_config/config\.yaml cannot be read \(ParserError", script="eval.py",
+         args=[*EVAL, "sets=[t={ws}/good/split.jsonl]", "output_dir={ws}/eval_bad_config"]),
+    Case("eval resumed into a folder whose predictions.jsonl has a damaged line", r"^error: the predictions "
+         r"<tmp>/eval_bad_line/predictions\.jsonl cannot be read \(ValueError: .*:1: not valid JSON\): fix or delete",
+         script="eval.py", args=["configs/demo_eval.yaml", "model=tiny", "sets=[t={ws}/good/split.jsonl]",
+                                 "output_dir={ws}/eval_bad_line"]),
+    Case("PATHVLM_CACHE names a file", r"^error: model=tiny is built once into <tmp>/a_file\.txt \(PATHVLM_CACHE.*which "
+         r"is a file, not a directory", script="train_sft.py", args=[*SFT, "data={ws}/good/split.jsonl", "model=tiny"],
+         subprocess=True, env={"PATHVLM_CACHE": "{ws}/a_file.txt"}),
+    Case("adapter is a checkpoint folder (its adapter is in model/)", r"^error: key 'adapter': <tmp>/a_checkpoint has no "
+         r"adapter_config\.json; it is a checkpoint, whose adapter is <tmp>/a_checkpoint/model: give that",
+         script="eval.py", args=[*EVAL, "sets=[t={ws}/good/split.jsonl]", "adapter={ws}/a_checkpoint"]),
+    Case("report.py given one evaluation twice", r"^error: <tmp>/old_eval/ is given twice: give each evaluation once",
+         script="tools/report.py", args=["{ws}/old_eval", "{ws}/old_eval/"]),
     # bounded inputs: sizes capped before the work that would take minutes or all memory
     Case("YAML alias bomb (nine levels of ten aliases: 10^9 values)", r"^config error: <tmp>/alias_bomb\.yaml: its "
          r"aliases \(&name, \*name\) expand to more than 100,000 values", script="train_sft.py",
@@ -376,6 +391,13 @@ def make_workspace(ws: str):
     Path(f"{ws}/alias_bomb.yaml").write_text('a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
                                              + "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n"
                                                        for p, n in zip("abcdefgh", "bcdefghi")))
+    os.makedirs(f"{ws}/eval_bad_config")
+    Path(f"{ws}/eval_bad_config/config.yaml").write_text("model: [tiny\n")  # cut inside a list
+    Path(f"{ws}/eval_bad_config/predictions.jsonl").write_text('{"id": "r0"}\n')
+    os.makedirs(f"{ws}/eval_bad_line")
+    Path(f"{ws}/eval_bad_line/config.yaml").write_text("{}\n")
+    Path(f"{ws}/eval_bad_line/predictions.jsonl").write_text('{"id": "r0", "se\n{"id": "r1"}\n')
+    shutil.copytree(f"{ws}/tiny_adapter", f"{ws}/a_checkpoint/model")
     Path(f"{ws}/big.yaml").write_text("run_name:\n" + "".join(f"  k{i}: {i}\n" for i in range(200_000)))
     Path(f"{ws}/ablate_missing.yaml").write_text(json.dumps({  # JSON is YAML
         "variants": {"baseline": {}, "other data": {"data": f"{ws}/nowhere.jsonl"}},

@@ -169,3 +169,24 @@ def test_a_signal_during_the_final_save_waits_for_it(tmp_path):
     with pytest.raises(OSError):
         move_in(fails_midway, str(broken))
     assert not (broken / "config.json").exists()
+
+
+def test_a_file_size_limit_hit_while_predictions_are_written_is_one_message(demo_data, tmp_path):
+    """eval.py under `ulimit -f` (as on a full disk): the write that fails is named, with what to do, exit 1, no
+    traceback; the answers written before it are kept and the same command goes on from them."""
+    from pathvlm.tiny import resolve_model_path
+
+    resolve_model_path("tiny")  # built now: under the limit its weights could not be written
+    out = str(tmp_path / "eval")
+    args = [sys.executable, "eval.py", "configs/demo_eval.yaml", "model=tiny", f"sets=[demo={demo_data}/test.jsonl]",
+            "batch_size=2", "max_new_tokens=8", f"output_dir={out}"]
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+    failed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert f"error: {out}/predictions.jsonl: File too large (a file-size limit was reached (ulimit -f): raise it)" \
+        in failed.stderr
+    kept = sum(1 for _ in open(os.path.join(out, "predictions.jsonl")))
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and sum(1 for _ in open(os.path.join(out, "predictions.jsonl"))) == 24 > kept

@@ -307,6 +307,10 @@ def main(argv: list[str] | None = None):
     for d in args.train:
         if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
             sys.exit(f"--train {d}: no metrics.jsonl there (is it a train_sft.py / train_grpo.py output_dir?)")
+    real = [os.path.realpath(d) for d in args.runs]
+    twice = next((d for i, d in enumerate(args.runs) if real[i] in real[:i]), None)
+    if twice:  # a run against itself: every McNemar p 1, every row doubled
+        raise BadInput(f"{twice} is given twice: give each evaluation once")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BadInput(f"--out {args.out} is a file: give a directory for report.md and its pictures")
     path = write_report(args.runs, args.out, tuple(args.train))
