@@ -82,6 +82,8 @@ def reading(path: str, what: str, fix: str):
     except InputError:
         raise
     except _file_errors() as e:
+        if "OutOfMemory" in type(e).__name__:  # torch.cuda.OutOfMemoryError is a RuntimeError: not the file's fault
+            raise
         raise BadInput(f"{what} {path} cannot be read ({first_line(e)}): {fix}") from None
 
 

@@ -133,7 +133,10 @@ def build_mmu_files(root) -> dict:
 
 
 def run_pathmmu(files, out, *extra) -> dict:
-    return pathmmu.main(["--data-json", files["data_json"], "--images", files["zip"], "--out", str(out), *extra])
+    """The preparer on the fixture; val 3 unless given (the default, 150 of a paper-sized test, is 1 here, and
+    the fixture's test images have two or three questions each: nothing would be carved)."""
+    val = [] if "--val-size" in extra else ["--val-size", "3"]
+    return pathmmu.main(["--data-json", files["data_json"], "--images", files["zip"], "--out", str(out), *val, *extra])
 
 
 def split_ids(out) -> dict:
@@ -152,9 +155,9 @@ def test_pathmmu_counts_and_report(mmu_files, tmp_path):
     report = run_pathmmu(mmu_files, tmp_path / "out")
     # 46 pooled items: 46 * 3000 / 5385 = 25.6 -> 26 sft, 46 * 1000 / 5385 = 8.5 -> 9 rl; the 6 broken
     # take no slot. Whole images are dealt: with seed 0 the last image that fits rl leaves it one short,
-    # so test holds the other 40 - 34 = 6. val takes 26 * 250 / 3000 = 2.2 -> 2 of sft's 26, whole images.
-    assert report["planned_sizes"] == {"sft": 24, "rl": 9, "test": 11, "val": 2}
-    assert report["counts"] == {"sft": 24, "rl": 8, "test": 6, "val": 2}
+    # so test holds the other 40 - 34 = 6. val (--val-size 3, run_pathmmu's) takes 2 of them: whole images.
+    assert report["planned_sizes"] == {"sft": 26, "rl": 9, "test": 8, "val": 3}
+    assert report["counts"] == {"sft": 26, "rl": 8, "test": 4, "val": 2}
     assert (report["split_by"], report["images"], report["images_merged_by_content"]) == ("image", 21, 1)
     assert report["images_in_several_splits"] == 0
     assert skipped_reasons(report) == {
@@ -200,31 +203,32 @@ def test_pathmmu_reads_an_extracted_images_folder_like_the_zip(mmu_files, tmp_pa
         z.extractall(tmp_path / "extracted")
     run_pathmmu(mmu_files, tmp_path / "from_zip")
     report = pathmmu.main(["--data-json", mmu_files["data_json"], "--images", str(tmp_path / "extracted"),
-                           "--out", str(tmp_path / "from_folder")])
+                           "--out", str(tmp_path / "from_folder"), "--val-size", "3"])
     assert split_ids(tmp_path / "from_folder") == split_ids(tmp_path / "from_zip")
     assert report["skipped"] == 6
 
 
 @pytest.mark.parametrize("split_by", ["image", "question"])
-def test_pathmmu_val_is_carved_out_of_sft_by_image(mmu_files, tmp_path, split_by):
-    """val takes whole images out of sft: rl and test hold what they hold without val, and val shares no
-    image, by content, with any other split."""
-    with_val = run_pathmmu(mmu_files, tmp_path / "val", "--split-by", split_by, "--val-size", "500")
+def test_pathmmu_val_is_carved_out_of_test_by_image(mmu_files, tmp_path, split_by):
+    """val takes whole images out of test: sft and rl keep the paper's sizes and hold what they hold without val,
+    and val shares no image, by content, with any other split."""
+    with_val = run_pathmmu(mmu_files, tmp_path / "val", "--split-by", split_by, "--val-size", "3")
     without = run_pathmmu(mmu_files, tmp_path / "none", "--split-by", split_by, "--val-size", "0")
     assert "val" not in without["counts"] and without["empty_splits"] == []
     ids, before = split_ids(tmp_path / "val"), prepared_splits(tmp_path / "none")
-    assert ids["rl"] == [r.id for r in before["rl"]] and ids["test"] == [r.id for r in before["test"]]
-    assert sorted(ids["sft"] + ids["val"]) == sorted(r.id for r in before["sft"])
-    assert with_val["counts"]["val"] >= 2  # 500 of 3000: 26 * 500 / 3000 = 4.3 -> 4 planned, whole images
+    assert ids["sft"] == [r.id for r in before["sft"]] and ids["rl"] == [r.id for r in before["rl"]]
+    assert sorted(ids["test"] + ids["val"]) == sorted(r.id for r in before["test"])
+    assert 1 <= with_val["counts"]["val"] <= 3  # whole images: 3 or a few under
     hashes = image_hashes(tmp_path / "val")
-    assert all(not hashes["val"] & hashes[split] for split in ("sft", "rl", "test"))
+    if split_by == "image":  # the per-question deal puts an image's questions in several splits by design
+        assert all(not hashes["val"] & hashes[split] for split in ("sft", "rl", "test"))
 
 
 def test_pathmmu_size_flags(mmu_files, tmp_path):
     report = run_pathmmu(mmu_files, tmp_path / "out", "--sft-size", "10", "--rl-size", "5")
-    # val: 10 * 250 / 3000 = 0.8 -> 1 question, but every image of sft has two or more: none is carved, and
-    # the empty split is said (a run that names val.jsonl would stop), not written
-    assert report["counts"] == {"sft": 10, "rl": 5, "test": 25} and report["empty_splits"] == ["val"]
+    # sft and rl as asked; val (25 left for test * 150 / 1385 = 2.7 -> 3 planned) comes out of test alone
+    assert report["counts"]["sft"] == 10 and report["counts"]["rl"] == 5
+    assert report["counts"]["test"] + report["counts"].get("val", 0) == 25
 
 
 def prepared_splits(out) -> dict:
@@ -271,12 +275,11 @@ def test_pathmmu_split_by_question_is_the_old_deal(mmu_files, tmp_path, seed, si
     random.Random(int(seed)).shuffle(items)
     broken = {i for i, reason in skipped_reasons(report).items() if reason != "duplicate id"}
     dealt = [i for i in dict.fromkeys(item["id"] for item in items) if i not in broken]
-    # val is carved out of what the old deal gives sft
-    n_sft = report["planned_sizes"]["sft"] + report["planned_sizes"]["val"]
-    n_rl = report["planned_sizes"]["rl"]
+    # val is carved out of what the old deal gives test
+    n_sft, n_rl = report["planned_sizes"]["sft"], report["planned_sizes"]["rl"]
     ids = split_ids(tmp_path / "out")
-    assert sorted(ids["sft"] + ids["val"], key=dealt.index) == dealt[:n_sft]
-    assert (ids["rl"], ids["test"]) == (dealt[n_sft:n_sft + n_rl], dealt[n_sft + n_rl:])
+    assert (ids["sft"], ids["rl"]) == (dealt[:n_sft], dealt[n_sft:n_sft + n_rl])
+    assert sorted(ids["test"] + ids["val"], key=dealt.index) == dealt[n_sft + n_rl:]
     assert report["split_by"] == "question"
 
 

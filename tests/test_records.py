@@ -452,7 +452,7 @@ def test_pathmmu_warns_of_an_empty_rl_split(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert ("warning: split 'rl' is empty: no rl.jsonl was written, and a run given it will stop. The sizes planned "
-            "were {'sft': 4, 'rl': 0, 'test': 2}, of 6 questions in --subsets PubMed EduContent") in result.stderr
+            "were {'sft': 4, 'rl': 0, 'test': 2, 'val': 0}, of 6 questions in --subsets PubMed EduContent") in result.stderr
     assert "raise --sft-size / --rl-size" in result.stderr
 
 

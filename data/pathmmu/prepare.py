@@ -20,10 +20,11 @@ As the paper does, we keep PubMed and EduContent (5,385 questions, their images 
 their splits. PathMMU often asks several questions about one image, and some images exist under two file
 names with identical bytes, so we deal whole images, grouped by a hash of their bytes, by seed into sft
 3,000 / rl 1,000 / test the rest (1,385), as close to those sizes as the images allow: no image is in two
-splits. Then val (--val-size, by default 250 of sft's 3,000, fewer in proportion when sft is smaller) is
-carved out of sft, whole images at a time (data/common.carve_by_image): the training-time curves read it
-(configs/sft*.yaml eval_data), so they never score the test set. sft is then 2,750, not the paper's 3,000
-(--val-size 0 keeps 3,000 and writes no val); rl and test hold the same items as without val.
+splits. Then val (--val-size, by default 150 of the ~1,385 left for test, in that proportion when fewer are
+left) is carved out of test, whole images at a time (data/common.carve_by_image): the training-time curves
+read it (configs/sft*.yaml eval_data), so they never score the test set. sft and rl keep the paper's 3,000
+and 1,000 items; test, the rest (ours: the paper gives no test size for its pooled split), is ~1,235
+(--val-size 0 keeps all of it and writes no val).
 `--split-by question` deals single questions instead, as earlier versions did (for comparison: an image's
 questions then land in training and in test). --images may be images.zip, read in place, or the
 folder it extracts to. report.json lists what was left out and why, the sizes reached, the number of
@@ -50,7 +51,7 @@ from pathvlm.records import Record, SplitWriter, check_fields, check_record  # n
 PAPER_SUBSETS = ["PubMed", "EduContent"]
 SPLITS = ["sft", "rl", "test", "val"]
 PAPER_SFT, PAPER_RL, PAPER_TOTAL = 3000, 1000, 5385
-VAL_SIZE = 250  # ours: out of sft, for the training curves (configs/sft*.yaml: eval_items 128 of it)
+VAL_SIZE = 150  # ours: out of test, for the training curves (configs/sft*.yaml: eval_items 128 of it)
 TRAIN_SHARE = (PAPER_SFT + PAPER_RL) / PAPER_TOTAL  # 74.3% trains, 25.7% (1,385) is kept for test
 DATA_SHAPE = '{subset: {split: [item]}}, an item {"No": 1, "img": ..., "question": ..., "options": [...], ...}'
 OPTION_PREFIX = re.compile(r"^\s*[A-Z]\)\s*")  # "B) Skeletal muscle" -> "Skeletal muscle"
@@ -90,10 +91,10 @@ def main(argv=None) -> dict:
         dealt = deal_questions(records, sizes)
     else:
         dealt = deal_images(image_groups(records, image_of), sizes, rng)
-    # val after the deal, out of sft alone: rl and test hold what they would without it
-    sizes["val"] = val_size(args, sizes["sft"])
-    dealt["sft"], dealt["val"] = carve_by_image(dealt["sft"], lambda r: image_of[r.image], sizes["val"], rng)
-    sizes["sft"] -= sizes["val"]
+    # val after the deal, out of test (the rest) alone: sft and rl keep the paper's sizes and the same items
+    sizes["val"] = val_size(args, len(dealt["test"]))
+    dealt["test"], dealt["val"] = carve_by_image(dealt["test"], lambda r: image_of[r.image], sizes["val"], rng)
+    sizes["test"] -= sizes["val"]
     for split in SPLITS:
         for record in dealt[split]:
             writer.add(split, record)
@@ -115,20 +116,21 @@ def parse_args(argv):
     p.add_argument("--sft-size", type=int, default=PAPER_SFT)
     p.add_argument("--rl-size", type=int, default=PAPER_RL)
     p.add_argument("--val-size", type=int, default=None,
-                   help=f"carved out of sft, whole images at a time, for the training curves (0: no val); default "
-                        f"{VAL_SIZE} of the paper's {PAPER_SFT} sft, in that proportion to --sft-size")
+                   help=f"carved out of test, whole images at a time, for the training curves (0: no val); default "
+                        f"{VAL_SIZE} of the ~{PAPER_TOTAL - PAPER_SFT - PAPER_RL} left for test, in that proportion "
+                        "when fewer are left")
     p.add_argument("--subsets", nargs="+", default=PAPER_SUBSETS)
     p.add_argument("--split-by", choices=["image", "question"], default="image",
                    help="deal whole images (default: no image in two splits) or single questions (the old deal)")
     return p.parse_args(argv)
 
 
-def val_size(args, sft: int) -> int:
-    """How many of sft's `sft` questions (as split_sizes planned them) val takes: --val-size scaled as sft was
-    when there are fewer items than asked for; by default VAL_SIZE / PAPER_SFT of them."""
+def val_size(args, test: int) -> int:
+    """How many of the `test` questions dealt to test val takes: --val-size (at most all of them); by default
+    VAL_SIZE of the paper-sized pool's test, in proportion for a smaller one (a fixture, a partial download)."""
     if args.val_size is None:
-        return round(sft * VAL_SIZE / PAPER_SFT)
-    return min(sft, round(args.val_size * sft / args.sft_size)) if args.sft_size else 0
+        return round(test * VAL_SIZE / (PAPER_TOTAL - PAPER_SFT - PAPER_RL))
+    return min(test, max(0, args.val_size))
 
 
 def check_shape(data, path: str):
