@@ -292,6 +292,11 @@ CASES = [
          r"<tmp>/ablate_missing\.yaml: files not found, before any run: .*train_grpo\.py data: <tmp>/nowhere\.jsonl "
          r"\('other data'\)", script="tools/ablate.py", args=["{ws}/ablate_missing.yaml", "--seeds", "0", "--out",
                                                               "{out}"]),
+    Case("ablate.py --power --shared 1.5 (a correlation; a math domain error deep in the simulator)", r"^error: "
+         r"--power: --shared must be between 0 and 1, got 1\.5", script="tools/ablate.py",
+         args=["--power", "--shared", "1.5"]),
+    Case("ablate.py --power --sims 0 (every power nan)", r"^error: --power: --sims must be between 1 and 1000000, "
+         r"got 0", script="tools/ablate.py", args=["--power", "--sims", "0"]),
     Case("audit_judge.py --items -1 (records[:-1] dropped the last item)", r"error: argument --items: must be at least "
          r"1 \(the split's first N items\), got -1", script="tools/audit_judge.py",
          args=["configs/demo_grpo.yaml", "judge=rule", "data={ws}/good/split.jsonl", "--items", "-1"]),

@@ -35,6 +35,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import scipy.stats
 
+from pathvlm.errors import BadInput
+
 
 # ----------------------------------------------------------------------------------------------
 # Student's t and McNemar's test, from scipy.stats
@@ -253,6 +255,13 @@ def power_report(diff: float, given: dict, estimated: dict, source: str, sims: i
             if value is not None:
                 settings[key], origin[key] = value, said
                 break
+    bounds = {"--diff": (diff, -100, 100), "--seed-sd": (settings["seed_sd"], 0, 100),
+              "--shared": (settings["shared"], 0, 1), "--items": (settings["items"], 1, 10**6),
+              "--item-sd": (settings["item_sd"], 0, 20), "--seed-item-sd": (settings["sft_item_sd"], 0, 20), "--sims": (sims, 1, 10**6),
+              "--max-seeds": (max_seeds, 2, 1000)}
+    for option, (value, low, high) in bounds.items():  # else nan powers, or a math domain error deep in simulate
+        if not (isinstance(value, (int, float)) and low <= value <= high):
+            raise BadInput(f"--power: {option} must be between {low} and {high}, got {value}")
     needed, tried = seeds_needed(diff, settings["seed_sd"], settings["items"], sims=sims, max_seeds=max_seeds,
                                  shared=settings["shared"], item_sd=settings["item_sd"],
                                  sft_item_sd=settings["sft_item_sd"])
