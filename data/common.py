@@ -4,14 +4,13 @@ text to its letter, and a report that keeps items left out on purpose ("filtered
 ("skipped", by records.SplitWriter) and says when a split comes out empty."""
 
 import argparse
-import hashlib
 import io
 import json
 import os
 import sys
 from collections import Counter
 
-from pathvlm.images import image_problem
+from pathvlm.images import file_sha256, image_problem
 from pathvlm.records import LETTERS, SplitWriter
 
 NOT_AN_OPTION = "answer not among the options"
@@ -104,8 +103,7 @@ def save_image(out_dir: str, image: str, data: bytes):
 
 def file_hash(path: str) -> str:
     """sha256 of a file's bytes: two file names with the same hash are the same image."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return file_sha256(path)
 
 
 def carve_by_image(records: list, image_of, size: int, rng) -> tuple[list, list]:

@@ -5,7 +5,8 @@ answers is tools/stats.py's.
 Nothing here imports torch until a model is asked for answers.
 """
 
-import functools
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -13,7 +14,7 @@ import time
 from pathvlm import openqa
 from pathvlm.answers import THINK_RE, canonical, is_well_formed, parse_answer, parse_open_answer
 from pathvlm.errors import reading, writing
-from pathvlm.images import open_image
+from pathvlm.images import file_sha256, open_image
 from pathvlm.records import KINDS, LETTERS, Record, image_path, load_split, prompt_messages
 
 
@@ -91,38 +92,21 @@ def read_predictions(path: str) -> list[dict]:
     return read_jsonl(path)
 
 
-def file_digest(path: str) -> str:
-    """sha256 of a file's bytes, computed once per version of the file (questions share images)."""
-    st = os.stat(path)
-    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=None)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-
-
 def prompt_key(record: Record) -> str:
     """What the model is shown for a record, hashed: question, options and the image's bytes. A stored answer
     is kept only while this is unchanged; the answer key is not in it, so a corrected gold letter rescores the
     stored answers instead of asking the model again."""
-    import hashlib
-
-    shown = json.dumps([record.question, record.options, file_digest(record.image)], ensure_ascii=False)
-    return hashlib.sha256(shown.encode()).hexdigest()[:16]
+    return _shown_key(record.question, record.options, file_sha256(record.image))
 
 
 def verdict_key(record: Record, completion: str) -> str:
     """What a judge is shown of an answer, hashed: the whole record (its answer key, reference and image facts
     too), the image's bytes and the completion. A stored verdict is reused only while this is unchanged."""
-    import dataclasses
-    import hashlib
+    return _shown_key(dataclasses.asdict(record), file_sha256(record.image), completion)
 
-    shown = json.dumps([dataclasses.asdict(record), file_digest(record.image), completion], ensure_ascii=False)
-    return hashlib.sha256(shown.encode()).hexdigest()[:16]
+
+def _shown_key(*shown) -> str:
+    return hashlib.sha256(json.dumps(shown, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def resumed_predictions(path: str, records_by_set: dict[str, list[Record]], write: bool, log=print) -> dict:

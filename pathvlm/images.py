@@ -3,6 +3,8 @@ as 8-bit RGB), one check for the preparers and the input checks (image_problem).
 """
 
 import functools
+import hashlib
+import os
 
 # Qwen2.5-VL's image processor refuses an image whose long side is over 200 times its short side
 # (transformers' qwen2_vl smart_resize: "absolute aspect ratio must be smaller than 200").
@@ -62,3 +64,16 @@ def file_image_problem(path: str, size: int, mtime_ns: int, name: str) -> str | 
     """image_problem of a file, once per version of the file: a preparer checks a record twice (before
     dealing and when writing), and questions share images."""
     return image_problem(path, name)
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes, read once per version of the file (its size and mtime): questions share images,
+    and the preparers' deal, the held-out check and eval's resume each ask for an image's identity."""
+    st = os.stat(path)
+    return _sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -3,7 +3,6 @@ minutes of loading) is a run lost. The scripts print an InputError's message alo
 path, and a traceback would only bury it. The model name itself is checked by model.check_model.
 """
 
-import hashlib
 import os
 import sys
 from collections import Counter
@@ -12,6 +11,7 @@ from pathvlm import openqa
 from pathvlm.config import EvalConfig, GRPOConfig, SFTConfig
 from pathvlm.errors import InputError  # noqa: F401  (where tests and older scripts import it from)
 from pathvlm.errors import BadInput, MissingInput, path_problem
+from pathvlm.images import file_sha256
 
 
 def check_inputs(cfg) -> dict[str, dict[str, int]]:
@@ -119,8 +119,7 @@ def content_hashes(paths: list[str], others: list[str]) -> dict[str, str]:
     hashes = {}
     for path in dict.fromkeys(paths):
         if os.path.getsize(path) in sizes:
-            with open(path, "rb") as f:
-                hashes[path] = hashlib.sha256(f.read()).hexdigest()
+            hashes[path] = file_sha256(path)
     return hashes
 
 
