@@ -247,8 +247,9 @@ def run(cfg: EvalConfig, model=None, processor=None) -> dict:
         if dropped and procs.main:
             print(f"note: {name}: {len(dropped)} item(s) skipped, their prompt over max_prompt_len="
                   f"{cfg.max_prompt_len} tokens: {', '.join(sorted(too_long[name])[:5])}")
-    controls = {key: [r for r in records if r.id not in too_long[key.split("[")[0]]]
-                for key, records in controls.items()}
+    for name in records_by_set:  # each control of a set shows the same items
+        for key in (control_name(name, c) for c in cfg.image_controls if control_name(name, c) in controls):
+            controls[key] = [r for r in controls[key] if r.id not in too_long[name]]
 
     # 2. greedy answers, set by set, appended to predictions.jsonl as they come. The image controls go to
     #    controls/predictions.jsonl under their own set names ("demo[blank]") and resume the same way;

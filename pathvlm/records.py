@@ -15,7 +15,6 @@ A split may mix both kinds. How a completion's answer is read against a record i
 import difflib
 import json
 import os
-import random
 import string
 import typing
 import unicodedata
@@ -90,39 +89,6 @@ def target_text(record: Record) -> str:
     """The SFT target: the paper's format with the record's explanation as the reasoning."""
     answer = f"{record.answer}) {record.answer_text()}" if record.options else record.answer.strip()
     return f"<think>{record.explanation.strip()}</think><answer>{answer}</answer>"
-
-
-# ----------------------------------------------------------------------------------------------
-# The training-time curve's items
-
-CURVE_SEED = 0  # fixed, not the run's seed: every run, seed and resume of a split draws the same curve items
-
-
-def curve_stratum(record: Record) -> str:
-    """What the curve's sample keeps in proportion: a closed question's answer letter, else the kind. A
-    model that favours one letter reads high or low on a subset where that letter is over- or under-
-    represented (the first N items of a split are whatever order it was written in); open questions have no
-    letter, and their difficulty differs from a multiple choice's, so they are one stratum of their own."""
-    return f"closed {record.answer}" if record.options else "open"
-
-
-def curve_sample(records: list[Record], n: int, seed: int = CURVE_SEED) -> list[Record]:
-    """n of the records (all when n <= 0 or n >= their number), drawn as a stratified sample: each stratum
-    (curve_stratum) gets its share of n by largest remainder, its items drawn by `seed`; returned in the
-    split's order. Fixed by the seed and the split alone, so a resumed run scores the same items."""
-    if n <= 0 or n >= len(records):
-        return list(records)
-    strata: dict[str, list[int]] = {}
-    for index, record in enumerate(records):
-        strata.setdefault(curve_stratum(record), []).append(index)
-    exact = {key: n * len(members) / len(records) for key, members in strata.items()}
-    share = {key: int(value) for key, value in exact.items()}
-    # the seats left go to the largest remainders; ties by stratum name, so the draw does not hang on dict order
-    for key in sorted(exact, key=lambda k: (share[k] - exact[k], k))[:n - sum(share.values())]:
-        share[key] += 1
-    rng = random.Random(seed)
-    chosen = [i for key in sorted(strata) for i in rng.sample(strata[key], share[key])]
-    return [records[i] for i in sorted(chosen)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ train_sft.py and train_grpo.py import these; neither imports the other.
 
 import math
 import os
+import random
 import resource
 import sys
 import warnings
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from pathvlm.errors import BadInput
-from pathvlm.records import Record, curve_sample, image_path, load_split, prompt_messages, target_text
+from pathvlm.records import Record, image_path, load_split, prompt_messages, target_text
 
 # optimizer=paged_adamw_8bit on the CPU: bitsandbytes falls back to the unpaged AdamW8bit (paging moves optimizer
 # state between GPU and CPU memory; on a CPU there is nothing to page) and warns at every parameter's first step.
@@ -68,9 +69,39 @@ def load_examples(path: str, processor, max_len: int, with_target: bool = True, 
     return kept
 
 
+CURVE_SEED = 0  # fixed, not the run's seed: every run, seed and resume of a split draws the same curve items
+
+
+def curve_stratum(record: Record) -> str:
+    """What the curve's sample keeps in proportion: a closed question's answer letter, else the kind. A
+    model that favours one letter reads high or low on a subset where that letter is over- or under-
+    represented (the first N items of a split are whatever order it was written in); open questions have no
+    letter, and their difficulty differs from a multiple choice's, so they are one stratum of their own."""
+    return f"closed {record.answer}" if record.options else "open"
+
+
+def curve_sample(records: list[Record], n: int, seed: int = CURVE_SEED) -> list[Record]:
+    """n of the records (all when n <= 0 or n >= their number), drawn as a stratified sample: each stratum
+    (curve_stratum) gets its share of n by largest remainder, its items drawn by `seed`; returned in the
+    split's order. Fixed by the seed and the split alone, so a resumed run scores the same items."""
+    if n <= 0 or n >= len(records):
+        return list(records)
+    strata: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        strata.setdefault(curve_stratum(record), []).append(index)
+    exact = {key: n * len(members) / len(records) for key, members in strata.items()}
+    share = {key: int(value) for key, value in exact.items()}
+    # the seats left go to the largest remainders; ties by stratum name, so the draw does not hang on dict order
+    for key in sorted(exact, key=lambda k: (share[k] - exact[k], k))[:n - sum(share.values())]:
+        share[key] += 1
+    rng = random.Random(seed)
+    chosen = [i for key in sorted(strata) for i in rng.sample(strata[key], share[key])]
+    return [records[i] for i in sorted(chosen)]
+
+
 def curve_items(path: str, records: list[Record], n: int, procs_main: bool = True) -> list[Record]:
     """The held-out items the training-time curve scores (eval_items of them, 0 or fewer: all): a fixed,
-    seeded sample stratified by answer letter (records.curve_sample), the same on every run and resume of
+    seeded sample stratified by answer letter (curve_sample), the same on every run and resume of
     the split, never its first N. A split named test*.jsonl gets a note: a curve on the test set, read to
     choose a checkpoint, tunes the model to the test set the paper's table reports."""
     if procs_main and os.path.basename(path).startswith("test"):

@@ -1,6 +1,6 @@
 """The held-out split a training run measures itself on: never the training data (inputs.check_heldout_apart,
 in both loops, by image content and by question text), and the curve's items a fixed, stratified sample of
-it (records.curve_sample, training.curve_items), with a note when it is the test split."""
+it (training.curve_sample, training.curve_items), with a note when it is the test split."""
 
 import json
 import os
@@ -13,8 +13,8 @@ import pytest
 import train_grpo
 import train_sft
 from pathvlm.inputs import InputError, check_heldout_apart
-from pathvlm.records import Record, curve_sample, curve_stratum, load_split
-from pathvlm.training import curve_items
+from pathvlm.records import Record, load_split
+from pathvlm.training import curve_items, curve_sample, curve_stratum
 
 SFT = ["configs/demo_sft.yaml", "model=tiny", "max_steps=1", "batch_size=4"]
 GRPO = ["configs/demo_grpo.yaml", "model=tiny", "init_adapter=none", "reference=base", "max_steps=1",
